@@ -1,0 +1,55 @@
+"""The ``pcav`` command: one Typer app, each command group in its own module.
+
+``main`` turns a ``UserError`` from anywhere in the engine into one red line and exit
+status 1; any other exception is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from pcavmae_cli import __version__
+from pcavmae_cli.cli import recipes_cmd
+from pcavmae_cli.cli.console import console, error_line
+from pcavmae_cli.engine.errors import UserError
+
+app = typer.Typer(
+    name="pcav",
+    help=(
+        "PCAV-MAE from data to explanations: download and preprocess audio-visual clips, "
+        "pre-train, fine-tune, evaluate, visualise and explain, driven by YAML recipes.\n\n"
+        "Start with `pcav demo` (the whole pipeline on a small built-in corpus) and "
+        "`pcav recipes list`."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"pcav {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """Root options."""
+
+
+app.add_typer(recipes_cmd.app, name="recipes")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except UserError as exc:
+        error_line(str(exc))
+        sys.exit(1)

@@ -1,0 +1,1 @@
+"""The engine: everything the ``pcav`` commands call. Importable without Typer or Rich."""

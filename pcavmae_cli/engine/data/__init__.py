@@ -1,0 +1,1 @@
+"""Data: demo corpus, download, preprocessing, manifests, fbank features and datasets."""
