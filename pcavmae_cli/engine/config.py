@@ -98,13 +98,13 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 index: Any = int(part)
             elif isinstance(node, dict):
                 index = part
-            else:
+            else:  # node is a scalar
                 raise UserError(f"override {text!r}: '{'.'.join(parts[:depth])}' is a value, not a section")
             if last:
                 node[index] = value
             else:
-                if isinstance(node, dict) and not isinstance(node.get(index), (dict, list)):
-                    node[index] = {}
+                if isinstance(node, dict) and index not in node:
+                    node[index] = {}  # a section the recipe left out; validation checks the key
                 node = node[index]
     return out
 

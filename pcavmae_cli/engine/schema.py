@@ -23,7 +23,7 @@ class FbankConfig:
     dither: float
     use_energy: bool
     htk_compat: bool
-    remove_dc_offset: bool  # subtract the waveform mean first, as CAV-MAE does
+    subtract_waveform_mean: bool  # remove the clip's mean sample value first, as CAV-MAE does
     mean: float  # corpus mean of the log-Mel values (`pcav stats` computes it)
     std: float  # corpus standard deviation of the log-Mel values
     std_scale: float  # normalised = (x - mean) / (std * std_scale); CAV-MAE and AST use 2

@@ -1,0 +1,107 @@
+"""The dataset every training and evaluation command reads: manifest in, tensors out.
+
+A sample is a dict:
+    ``fbank``:  ``(target_frames, num_mel_bins)`` normalised log-Mel (``fbank.model_input``)
+    ``frames``: ``(3, S, S)`` one frame, or ``(n_frames, 3, S, S)`` when all frames are asked for
+    ``label``:  multi-hot float ``(num_classes,)`` or a class index (long), when labels are known
+    ``index``:  position in the manifest (for prototype assignments and embeddings)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch.utils.data import Dataset
+
+from pcavmae_cli.engine.data import fbank as fb
+from pcavmae_cli.engine.data.audio_io import read_wav
+from pcavmae_cli.engine.data.frames import load_frame
+from pcavmae_cli.engine.data.manifest import ClipRecord, LabelSet, read_label_csv, read_manifest
+from pcavmae_cli.engine.errors import UserError
+from pcavmae_cli.engine.schema import DataConfig
+
+FrameChoice = Literal["random", "middle", "all"] | int
+
+
+class AudioVisualDataset(Dataset):
+    """Clips of one manifest, with the frame policy of training or of evaluation.
+
+    Args:
+        manifest: path of a ``manifest.jsonl``.
+        cfg: the recipe's ``data`` section.
+        frames: ``"random"`` (training: one random frame per visit), ``"middle"``, ``"all"``
+            (evaluation: every frame, for averaging predictions) or a frame index.
+        labels: the corpus's label set; ``None`` yields no ``label`` (pre-training).
+    """
+
+    def __init__(self, manifest: str | Path, cfg: DataConfig, frames: FrameChoice, labels: LabelSet | None = None):
+        self.root = Path(manifest).parent
+        self.records: list[ClipRecord] = read_manifest(manifest)
+        self.cfg = cfg
+        self.frames = frames
+        self.labels = labels
+        self._label_index = labels.index() if labels else {}
+        if labels is not None:
+            for record in self.records:  # fail at start-up, not in the middle of an epoch
+                self._label_target(record)
+
+    @classmethod
+    def for_split(cls, cfg: DataConfig, split: Literal["train", "eval"]) -> "AudioVisualDataset":
+        """The recipe's train or eval manifest with that split's frame policy."""
+        manifest = cfg.train_manifest if split == "train" else cfg.eval_manifest
+        if manifest is None:
+            raise UserError(f"key 'data.{split}_manifest' is not set in the recipe")
+        policy: FrameChoice = cfg.loader.train_frame if split == "train" else cfg.loader.eval_frames
+        labels = read_label_csv(cfg.label_csv) if cfg.label_csv else None
+        return cls(manifest, cfg, policy, labels)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _frame_indices(self, record: ClipRecord) -> list[int]:
+        n = record.n_frames
+        if n < 1:
+            raise UserError(f"clip {record.id}: manifest lists no frames")
+        if self.frames == "all":
+            # Clips with fewer frames than the recipe asks for repeat their last frame.
+            return [min(k, n - 1) for k in range(self.cfg.video.n_frames)]
+        if self.frames == "random":
+            return [int(torch.randint(n, ()).item())]
+        if self.frames == "middle":
+            return [n // 2]
+        return [min(int(self.frames), n - 1)]
+
+    def _label_target(self, record: ClipRecord) -> torch.Tensor:
+        unknown = [m for m in record.labels if m not in self._label_index]
+        if unknown:
+            raise UserError(f"clip {record.id}: label {unknown[0]!r} is not in the label CSV")
+        if self.cfg.label_mode == "single":
+            if len(record.labels) != 1:
+                raise UserError(
+                    f"clip {record.id}: label_mode 'single' needs exactly one label, found {len(record.labels)}"
+                )
+            return torch.tensor(self._label_index[record.labels[0]], dtype=torch.long)
+        target = torch.zeros(len(self._label_index), dtype=torch.float32)
+        for mid in record.labels:
+            target[self._label_index[mid]] = 1.0
+        return target
+
+    def audio(self, record: ClipRecord) -> torch.Tensor:
+        """Normalised fbank of a clip: ``(target_frames, num_mel_bins)``."""
+        rate = self.cfg.audio.sample_rate
+        waveform = read_wav(record.audio_path(self.root), rate)
+        return fb.model_input(waveform, rate, self.cfg.audio.fbank)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        record = self.records[index]
+        pictures = [load_frame(record.frame_path(self.root, k), self.cfg.video) for k in self._frame_indices(record)]
+        sample = {
+            "fbank": self.audio(record),
+            "frames": torch.stack(pictures) if self.frames == "all" else pictures[0],
+            "index": torch.tensor(index, dtype=torch.long),
+        }
+        if self.labels is not None:
+            sample["label"] = self._label_target(record)
+        return sample
