@@ -11,7 +11,7 @@ import sys
 import typer
 
 from pcavmae_cli import __version__
-from pcavmae_cli.cli import recipes_cmd
+from pcavmae_cli.cli import demo_cmd, demo_data_cmd, download_cmd, preprocess_cmd, recipes_cmd, stats_cmd
 from pcavmae_cli.cli.console import console, error_line
 from pcavmae_cli.engine.errors import UserError
 
@@ -43,7 +43,12 @@ def _root(
     """Root options."""
 
 
+app.command("demo")(demo_cmd.demo)
+app.command("demo-data")(demo_data_cmd.demo_data)
 app.add_typer(recipes_cmd.app, name="recipes")
+app.command("download")(download_cmd.download)
+app.command("preprocess")(preprocess_cmd.preprocess)
+app.command("stats")(stats_cmd.stats)
 
 
 def main() -> None:

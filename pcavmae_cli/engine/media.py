@@ -78,12 +78,23 @@ def _last_error_line(stderr: str) -> str:
     return lines[-1] if lines else "ffmpeg failed without a message"
 
 
+_MP4_BOXES = {b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"pdin", b"styp", b"uuid"}
+
+
+def _looks_like_mp4(path: Path) -> bool:
+    """True when the file starts with an ISO-BMFF box header (size, then a known type)."""
+    with path.open("rb") as fh:
+        head = fh.read(8)
+    return len(head) == 8 and head[4:8] in _MP4_BOXES
+
+
 def probe(path: str | Path) -> MediaInfo:
     """Read duration and streams of ``path``.
 
     Raises:
         ProbeError: ``empty_file``, ``truncated`` (the MP4 index is missing, as in a cut
-            download) or ``undecodable`` (not a media file ffmpeg can read).
+            download) or ``undecodable`` (not a media file ffmpeg can read, e.g. text
+            named ``.mp4``).
     """
     path = Path(path)
     if path.stat().st_size == 0:
@@ -96,6 +107,8 @@ def probe(path: str | Path) -> MediaInfo:
     )
     text = proc.stderr
     if "moov atom not found" in text:
+        if not _looks_like_mp4(path):  # ffmpeg says the same of any file named .mp4
+            raise ProbeError("undecodable", "not an MP4 file: it does not start with an MP4 box")
         raise ProbeError("truncated", "MP4 index (moov atom) missing: the file is incomplete")
     if "Stream #" not in text:
         raise ProbeError("undecodable", _last_error_line(text))

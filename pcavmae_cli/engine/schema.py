@@ -80,3 +80,84 @@ class Recipe:
     description: str
     seed: int
     data: DataConfig
+
+
+@dataclass
+class ModelConfig:
+    """PCAV-MAE sizes (METHOD_NOTES, Backbone). One code path from a test-sized model to ViT-B."""
+
+    embed_dim: int  # encoder width (768 in the paper); a multiple of 4 (2-D sin-cos positions)
+    depth_modality: int  # blocks of each modality-specific encoder (11)
+    depth_joint: int  # shared joint blocks after them (1)
+    num_heads: int  # encoder attention heads (12)
+    mlp_ratio: float  # encoder MLP width / embed_dim (4)
+    decoder_dim: int  # joint decoder width (384); a multiple of 4
+    decoder_depth: int  # (4)
+    decoder_heads: int  # (6)
+    decoder_mlp_dim: int  # (1536)
+    patch_size: int  # square patches of both modalities (16)
+    audio_frames: int  # fbank time frames the model takes; must equal data.audio.fbank.target_frames
+    mel_bins: int  # must equal data.audio.fbank.num_mel_bins
+    image_size: int  # must equal data.video.crop_size
+    mask_ratio_audio: float  # fraction of audio tokens masked in pre-training (0.5)
+    mask_ratio_video: float  # (0.75)
+    proj_dim: int  # width of the shared contrastive space of z_a, z_v, zd_a, zd_v
+    momentum: float  # EMA coefficient of the momentum encoder (e.g. 0.999)
+    norm_pix_loss: bool  # reconstruction targets normalised per patch (MAE)
+    # "per_modality": CAV-MAE's joint layer, one LayerNorm pair per stream (audio+video, audio,
+    # video) around shared attention/MLP weights; "shared": one pair for every stream.
+    joint_norms: Literal["per_modality", "shared"]
+    layer_norm_eps: float  # CAV-MAE uses torch's 1e-5, MAE 1e-6
+    proj_hidden_dim: int | None = None  # None: projection heads are one Linear; else Linear-GELU-Linear
+
+
+@dataclass
+class PrototypeConfig:
+    """The E-step (METHOD_NOTES, Prototypes): clusters of the joint clip embedding, and eq. 2.
+
+    ``kmeans`` needs ``num_clusters``; ``density_peaks`` needs ``granularities``,
+    ``max_points_exact`` and ``overcluster_k``. One set of prototypes per list item.
+    """
+
+    method: Literal["kmeans", "density_peaks"]
+    kmeans_iters: int  # Lloyd iterations (k-means, and the density-peaks over-clustering) (20)
+    beta: float  # eq. 2 smoothing, PCL's alpha (10)
+    tau: float  # gammas are rescaled to this mean (0.1)
+    gamma_percentiles: list[float]  # [low, high]: gammas clamped to these percentiles (10, 90)
+    warmup_epochs: int  # instance-InfoNCE-only epochs before the first E-step
+    seed: int  # clustering seed; each epoch and granularity derives its own from it
+    num_clusters: list[int] | None = None  # kmeans: K_1..K_M
+    granularities: list[float] | None = None  # density_peaks: sigma = mean pair distance / g
+    max_points_exact: int | None = None  # density_peaks: exact O(N^2) up to this many samples
+    overcluster_k: int | None = None  # density_peaks above that: micro-clusters of k-means
+
+    def __post_init__(self) -> None:
+        from pcavmae_cli.engine.errors import UserError
+
+        if self.method == "kmeans" and not self.num_clusters:
+            raise UserError("prototypes: method 'kmeans' needs a non-empty 'num_clusters' list")
+        if self.method == "density_peaks":
+            for key in ("granularities", "max_points_exact", "overcluster_k"):
+                if not getattr(self, key):
+                    raise UserError(f"prototypes: method 'density_peaks' needs '{key}'")
+            if any(g <= 0 for g in self.granularities or []):
+                raise UserError("prototypes: every granularity must be > 0")
+        if len(self.gamma_percentiles) != 2 or not 0 <= self.gamma_percentiles[0] <= self.gamma_percentiles[1] <= 100:
+            raise UserError("prototypes: 'gamma_percentiles' must be [low, high] with 0 <= low <= high <= 100")
+        if any(k <= 0 for k in self.num_clusters or []):
+            raise UserError("prototypes: every entry of 'num_clusters' must be > 0")
+
+
+@dataclass
+class LossConfig:
+    """Loss weights and settings of the M-step (METHOD_NOTES, Losses); see engine/losses.py.
+
+    The reconstruction target normalisation (norm_pix_loss) is ``model.norm_pix_loss``.
+    """
+
+    w_pje: float  # eq. 1 (1)
+    w_pcpe: float  # eq. 3 (1; 0 in the encoder-only stage)
+    w_r: float  # eq. 4 (1; 0 in the encoder-only stage)
+    w_infonce: float  # CAV-MAE's instance cross-modal InfoNCE (1)
+    infonce_temperature: float  # (0.1, METHOD_NOTES' tau)
+    num_negatives: int | None = None  # r, PCL's sampled negative prototypes; null or 0: all
