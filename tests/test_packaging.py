@@ -42,3 +42,14 @@ def test_ci_runs_the_readme_test_command():
 def test_pinned_torch_stack():
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     assert {"torch==2.9.1", "torchvision==0.24.1", "torchaudio==2.9.1"} <= set(deps)
+
+
+def test_cli_help_does_not_import_torch():
+    """`pcav --help` must stay instant: torch is imported inside the commands that need it."""
+    import subprocess
+    import sys
+
+    code = "import sys, pcavmae_cli.cli.app; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"

@@ -12,7 +12,6 @@ from pcavmae_cli.cli import options
 from pcavmae_cli.cli.console import console, progress_bar
 from pcavmae_cli.engine import config
 from pcavmae_cli.engine.data.manifest import atomic_write_text, read_manifest
-from pcavmae_cli.engine.data.stats import fbank_stats
 
 
 def stats(
@@ -28,6 +27,8 @@ def stats(
 
     Example: pcav stats data/train/manifest.jsonl --max-clips 2000
     """
+    from pcavmae_cli.engine.data.stats import fbank_stats  # imports torch: not needed for --help
+
     cfg = config.load_recipe(recipe, overrides or []).data
     n_clips = len(read_manifest(manifest))
     total = n_clips if max_clips is None else min(max_clips, n_clips)
