@@ -1,0 +1,84 @@
+"""Pre-norm Transformer blocks (timm's ``Block``/``Attention`` layout, fused SDPA).
+
+One ``Block`` class serves the modality encoders, the joint layer and the decoder. The joint
+layer of CAV-MAE runs the *same* attention and MLP weights on three input streams (the
+audio+video sequence, audio alone, video alone) but gives each stream its own LayerNorms; a
+block therefore holds one LayerNorm per stream in a ``ModuleDict`` and ``forward`` picks the
+pair by name, so no code path switches on a modality.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection.
+
+    Args:
+        dim: token width; a multiple of ``num_heads``.
+        num_heads: attention heads, each ``dim // num_heads`` wide.
+    """
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)  # with bias, as ViT/MAE/CAV-MAE (checkpoint import)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: ``(B, N, C)`` -> ``(B, N, C)``."""
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # (B, nh, N, hd) each
+        x = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(hd)) v, fused kernel
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class Mlp(nn.Module):
+    """Linear -> GELU -> Linear.
+
+    Args:
+        dim: token width.
+        hidden_dim: inner width (``mlp_ratio * dim`` in the encoders, 1536 in the paper's decoder).
+    """
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: ``(B, N, C)`` -> ``(B, N, C)``."""
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``.
+
+    Args:
+        dim: token width.
+        num_heads: attention heads.
+        mlp_dim: MLP inner width.
+        eps: LayerNorm epsilon.
+        streams: names of the inputs this block sees; each gets its own ``norm1``/``norm2``
+            while ``attn`` and ``mlp`` are shared. Plain blocks have the single stream ``"x"``;
+            CAV-MAE's joint block has ``("av", "a", "v")``.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_dim: int, eps: float, streams: Sequence[str] = ("x",)):
+        super().__init__()
+        self.norm1 = nn.ModuleDict({s: nn.LayerNorm(dim, eps=eps) for s in streams})
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.ModuleDict({s: nn.LayerNorm(dim, eps=eps) for s in streams})
+        self.mlp = Mlp(dim, mlp_dim)
+
+    def forward(self, x: torch.Tensor, stream: str = "x") -> torch.Tensor:
+        """x: ``(B, N, C)`` tokens of input ``stream`` -> ``(B, N, C)``."""
+        x = x + self.attn(self.norm1[stream](x))
+        return x + self.mlp(self.norm2[stream](x))
