@@ -142,8 +142,9 @@ class PrototypeConfig:
                     raise UserError(f"prototypes: method 'density_peaks' needs '{key}'")
             if any(g <= 0 for g in self.granularities or []):
                 raise UserError("prototypes: every granularity must be > 0")
-        if len(self.gamma_percentiles) != 2 or not 0 <= self.gamma_percentiles[0] <= self.gamma_percentiles[1] <= 100:
-            raise UserError("prototypes: 'gamma_percentiles' must be [low, high] with 0 <= low <= high <= 100")
+        bounds = self.gamma_percentiles
+        if len(bounds) != 2 or not 0 <= bounds[0] <= bounds[1] <= 100:
+            raise UserError("prototypes: 'gamma_percentiles' must be [low, high], 0 <= low <= high <= 100")
         if any(k <= 0 for k in self.num_clusters or []):
             raise UserError("prototypes: every entry of 'num_clusters' must be > 0")
 
