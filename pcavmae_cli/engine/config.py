@@ -140,9 +140,10 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             if type(None) in args:
                 return None
             raise wrong
-        for arg in args:
-            if arg is type(None):
-                continue
+        options = [arg for arg in args if arg is not type(None)]
+        if len(options) == 1:  # "X | None": X's own error is the precise one
+            return _convert(value, options[0], key)
+        for arg in options:
             try:
                 return _convert(value, arg, key)
             except UserError:

@@ -74,15 +74,6 @@ class DataConfig:
 
 
 @dataclass
-class Recipe:
-    """A whole recipe. ``extends: NAME`` in the YAML merges this recipe over another."""
-
-    description: str
-    seed: int
-    data: DataConfig
-
-
-@dataclass
 class ModelConfig:
     """PCAV-MAE sizes (METHOD_NOTES, Backbone). One code path from a test-sized model to ViT-B."""
 
@@ -162,3 +153,64 @@ class LossConfig:
     w_infonce: float  # CAV-MAE's instance cross-modal InfoNCE (1)
     infonce_temperature: float  # (0.1, METHOD_NOTES' tau)
     num_negatives: int | None = None  # r, PCL's sampled negative prototypes; null or 0: all
+
+
+# The parts of the model a stage can train (``PCAVMAE.parts``); the others are frozen.
+Part = Literal["encoder_a", "encoder_v", "joint", "proj", "decoder", "dproj"]
+
+
+@dataclass
+class StageConfig:
+    """One stage of pre-training (sec. 3.2: "400 epochs for the PJE and 200 for the decoder").
+
+    Stages run in order; each names its epochs, its loss weights and the parts it trains.
+    """
+
+    name: str
+    epochs: int
+    trainable: list[Part]
+    loss: LossConfig
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up then cosine decay, stepped per optimiser step."""
+
+    lr: float  # peak learning rate (2e-4 in the paper)
+    betas: list[float]  # AdamW betas (0.9, 0.95)
+    weight_decay: float  # decoupled weight decay on weights (not on norms, biases, embeddings)
+    effective_batch: int  # samples per optimiser step; reached by gradient accumulation (512)
+    warmup_epochs: float  # linear warm-up from 0 to lr
+    min_lr: float  # the cosine ends here
+    grad_clip: float | None = None  # max global gradient norm; null: no clipping
+
+
+@dataclass
+class TrainConfig:
+    """Where a run lives and how it runs."""
+
+    run_dir: str  # runs/<name>: config.yaml, metrics.jsonl, checkpoints/, prototypes/, plots/
+    device: Literal["auto", "cpu", "cuda"]  # auto: cuda when available
+    precision: Literal["auto", "bf16", "fp32"]  # auto: bf16 autocast where the device supports it
+    log_every: int  # optimiser steps between metrics lines
+    save_every_epochs: int  # checkpoint period; `last` is always written at the end of a stage
+    resume: bool  # continue from checkpoints/last in run_dir
+    max_steps_per_epoch: int | None = None  # cap for smoke runs; null: the whole manifest
+
+
+@dataclass
+class Recipe:
+    """A whole recipe. ``extends: NAME`` in the YAML merges this recipe over another.
+
+    Only ``data`` is needed by data commands; pre-training also needs ``model``, ``optim``,
+    ``stages`` and ``train`` (and ``prototypes`` unless every stage has ``w_pje = w_pcpe = 0``).
+    """
+
+    description: str
+    seed: int
+    data: DataConfig
+    model: ModelConfig | None = None
+    prototypes: PrototypeConfig | None = None
+    optim: OptimConfig | None = None
+    stages: list[StageConfig] | None = None
+    train: TrainConfig | None = None
