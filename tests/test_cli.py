@@ -7,7 +7,7 @@ import yaml
 
 from tests.cli_helpers import pcav
 
-COMMANDS = ["demo", "demo-data", "download", "preprocess", "stats", "recipes"]
+COMMANDS = ["demo", "demo-data", "download", "preprocess", "stats", "pretrain", "recipes"]
 SUBCOMMANDS = [[c] for c in COMMANDS] + [["recipes", s] for s in ("list", "show", "copy")]
 
 

@@ -12,12 +12,22 @@ from tests.cli_helpers import pcav
 
 def test_demo_runs_every_available_stage(tmp_path):
     out = tmp_path / "demo"
-    args = ["demo", str(out), "--classes", "2", "--clips-per-class", "3", "--eval-per-class", "1"]
+    args = ["demo", str(out), "--classes", "2", "--clips-per-class", "3", "--eval-per-class", "1",
+            "stages.0.epochs=3", "stages.1.epochs=1", "prototypes.warmup_epochs=1"]  # fmt: skip
     result = pcav(*args)
     assert result.returncode == 0, result.stderr
-    for stage in ("demo data", "preprocess train", "preprocess eval", "fbank stats", "loader pass"):
+    for stage in ("demo data", "preprocess train", "preprocess eval", "fbank stats", "pretrain"):
         assert f"done {stage}" in result.stdout
     assert "not in this version yet" in result.stdout
+    assert not [line for line in result.stdout.splitlines() if "pretrain" in line and "not in this version" in line]
+
+    run = out / "runs" / "pretrain"
+    assert (run / "checkpoints/last/model.safetensors").is_file() and (run / "config.yaml").is_file()
+    epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    epochs = [e for e in epochs if e["kind"] == "epoch"]
+    assert [e["prototypes"] for e in epochs] == [False, True, True, True]
+    assert epochs[1]["num_prototypes"] == [2, 4]  # the demo's clusters follow its 2 classes
+    assert f"loss {epochs[0]['loss_total']:.3f} (epoch 1) -> {epochs[-1]['loss_total']:.3f} (epoch 4)" in result.stdout
 
     train = read_manifest(out / "data/train/manifest.jsonl")
     held_out = read_manifest(out / "data/eval/manifest.jsonl")
@@ -31,10 +41,12 @@ def test_demo_runs_every_available_stage(tmp_path):
     # The demo's fbank statistics are the corpus's own, not the recipe's AudioSet numbers.
     assert recipe["data"]["audio"]["fbank"]["mean"] != -5.081
 
-    # A second run reuses the corpus and the preprocessed clips.
+    # A second run reuses the corpus and the preprocessed clips, and resumes the finished run.
+    lines = (run / "metrics.jsonl").read_text()
     again = pcav(*args)
     assert again.returncode == 0, again.stderr
     assert read_manifest(out / "data/train/manifest.jsonl") == train
+    assert "done pretrain" in again.stdout and (run / "metrics.jsonl").read_text() == lines
 
 
 def test_demo_with_a_bad_override_fails_before_any_work(tmp_path):

@@ -11,7 +11,15 @@ import sys
 import typer
 
 from pcavmae_cli import __version__
-from pcavmae_cli.cli import demo_cmd, demo_data_cmd, download_cmd, preprocess_cmd, recipes_cmd, stats_cmd
+from pcavmae_cli.cli import (
+    demo_cmd,
+    demo_data_cmd,
+    download_cmd,
+    preprocess_cmd,
+    pretrain_cmd,
+    recipes_cmd,
+    stats_cmd,
+)
 from pcavmae_cli.cli.console import console, error_line
 from pcavmae_cli.engine.errors import UserError
 
@@ -49,6 +57,7 @@ app.add_typer(recipes_cmd.app, name="recipes")
 app.command("download")(download_cmd.download)
 app.command("preprocess")(preprocess_cmd.preprocess)
 app.command("stats")(stats_cmd.stats)
+app.command("pretrain")(pretrain_cmd.pretrain)
 
 
 def main() -> None:

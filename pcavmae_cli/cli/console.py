@@ -25,11 +25,14 @@ def error_line(message: str) -> None:
 
 
 @contextlib.contextmanager
-def progress_bar(description: str, total: int) -> Iterator[Callable[..., None]]:
-    """A Rich progress bar; yields ``advance(n=1, note='')`` for engine callbacks."""
+def progress_bar(description: str, total: int, *, bar_width: int | None = 40) -> Iterator[Callable[..., None]]:
+    """A Rich progress bar; yields ``advance(n=1, note='')`` for engine callbacks.
+
+    ``bar_width=None`` lets the bar take only the room the other columns leave (long notes).
+    """
     with Progress(
         TextColumn("[bold]{task.description}"),
-        BarColumn(),
+        BarColumn(bar_width=bar_width),
         MofNCompleteColumn(),
         TextColumn("{task.fields[note]}", style="dim"),
         TimeElapsedColumn(),

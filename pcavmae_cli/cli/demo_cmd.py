@@ -9,14 +9,14 @@ import typer
 from rich.table import Table
 
 from pcavmae_cli.cli import options
-from pcavmae_cli.cli.console import console, progress_bar
+from pcavmae_cli.cli.console import console, err_console, progress_bar
 
 
 class RichReporter:
     """Shows each demo stage as a progress bar, then a line when it is done."""
 
     def progress(self, description: str, total: int):
-        return progress_bar(description, total)
+        return progress_bar(description, total, bar_width=None)  # room for pre-training's loss notes
 
     def stage_done(self, result) -> None:
         console.print(f"[green]done[/] {result.name} in {result.seconds:.1f} s: {result.summary}", highlight=False)
@@ -31,19 +31,28 @@ def demo(
     clips_per_class: int = typer.Option(10, "--clips-per-class", help="Clips per class (train + eval)."),
     eval_per_class: int = typer.Option(2, "--eval-per-class", help="Held-out clips per class."),
 ) -> None:
-    """Run the main job on a small built-in corpus: demo data -> preprocess -> fbank stats -> loader.
+    """Run the main job on a small built-in corpus: demo data -> preprocess -> fbank stats -> pretrain.
 
-    Everything is written under OUT; the resolved recipe goes to OUT/recipe.yaml. Stages this
-    version does not have yet are listed at the end.
+    Everything is written under OUT; the resolved recipe goes to OUT/recipe.yaml, the
+    pre-training run to OUT/runs/pretrain. Running it again reuses what is there (and resumes a
+    stopped pre-training). Stages this version does not have yet are listed at the end.
 
     Example: pcav demo ./pcav-demo
     """
     from pcavmae_cli.engine.demo import run_demo
+    from pcavmae_cli.engine.train.stop import Interrupted
 
-    result = run_demo(
-        out, recipe=recipe, overrides=overrides or [], seed=seed, classes=classes,
-        clips_per_class=clips_per_class, eval_per_class=eval_per_class, reporter=RichReporter(),
-    )
+    try:
+        result = run_demo(
+            out, recipe=recipe, overrides=overrides or [], seed=seed, classes=classes,
+            clips_per_class=clips_per_class, eval_per_class=eval_per_class, reporter=RichReporter(),
+        )
+    except Interrupted as stop:
+        err_console.print(
+            f"[yellow]stopped[/] ({stop.reason}) at step {stop.step}; run the same command again to continue",
+            highlight=False,
+        )
+        raise typer.Exit(130) from None
     table = Table(title="pcav demo", show_header=True, header_style="bold")
     table.add_column("stage")
     table.add_column("seconds", justify="right")

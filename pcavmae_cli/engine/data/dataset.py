@@ -5,6 +5,11 @@ A sample is a dict:
     ``frames``: ``(3, S, S)`` one frame, or ``(n_frames, 3, S, S)`` when all frames are asked for
     ``label``:  multi-hot float ``(num_classes,)`` or a class index (long), when labels are known
     ``index``:  position in the manifest (for prototype assignments and embeddings)
+
+A sample is asked for by its manifest position, or by a pair ``(index, seed)``: the random
+training frame is then drawn from a generator seeded with ``seed`` instead of the global RNG,
+so the trainer's sampler (``engine/train/data.py``) makes it a function of (recipe seed, epoch,
+clip), whatever process or worker loads the clip, and a resumed run sees the same frames.
 """
 
 from __future__ import annotations
@@ -60,7 +65,7 @@ class AudioVisualDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def _frame_indices(self, record: ClipRecord) -> list[int]:
+    def _frame_indices(self, record: ClipRecord, generator: torch.Generator | None = None) -> list[int]:
         n = record.n_frames
         if n < 1:
             raise UserError(f"clip {record.id}: manifest lists no frames")
@@ -68,7 +73,7 @@ class AudioVisualDataset(Dataset):
             # Clips with fewer frames than the recipe asks for repeat their last frame.
             return [min(k, n - 1) for k in range(self.cfg.video.n_frames)]
         if self.frames == "random":
-            return [int(torch.randint(n, ()).item())]
+            return [int(torch.randint(n, (), generator=generator).item())]
         if self.frames == "middle":
             return [n // 2]
         return [min(int(self.frames), n - 1)]
@@ -94,9 +99,13 @@ class AudioVisualDataset(Dataset):
         waveform = read_wav(record.audio_path(self.root), rate)
         return fb.model_input(waveform, rate, self.cfg.audio.fbank)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        """Sample ``key``: a manifest position, or ``(position, seed)`` for a seeded random frame."""
+        index, seed = (int(key[0]), int(key[1])) if isinstance(key, (tuple, list)) else (int(key), None)
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
         record = self.records[index]
-        pictures = [load_frame(record.frame_path(self.root, k), self.cfg.video) for k in self._frame_indices(record)]
+        indices = self._frame_indices(record, generator)
+        pictures = [load_frame(record.frame_path(self.root, k), self.cfg.video) for k in indices]
         sample = {
             "fbank": self.audio(record),
             "frames": torch.stack(pictures) if self.frames == "all" else pictures[0],

@@ -1,0 +1,72 @@
+"""``pcav pretrain --recipe R [key=value ...]``: PCAV-MAE pre-training (or the cavmae baseline)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from pcavmae_cli.cli import options
+from pcavmae_cli.cli.console import console, err_console, progress_bar
+from pcavmae_cli.engine import config
+
+
+class RichReporter:
+    """One Rich progress bar per epoch (and per E-step): stage, epoch, loss parts, samples/s."""
+
+    def progress(self, description: str, total: int):
+        return progress_bar(description, total, bar_width=None)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def summary_table(result) -> Table:
+    """First and last epoch of the run, one column per loss part (``-``: not computed)."""
+    table = Table(title="pcav pretrain", show_header=True, header_style="bold")
+    for name in ("epoch", "stage", "total", "infonce", "r", "pje", "pcpe", "samples/s"):
+        table.add_column(name, justify="left" if name == "stage" else "right")
+    rows = result.epochs[:1] + result.epochs[-1:] if len(result.epochs) > 1 else result.epochs
+    for row in rows:
+        table.add_row(
+            str(row["epoch"] + 1), row["stage"],
+            *(_fmt(row[f"loss_{p}"]) for p in ("total", "infonce", "r", "pje", "pcpe")),
+            f"{row['samples_per_s']:.1f}",
+        )  # fmt: skip
+    return table
+
+
+def pretrain(
+    recipe: str = options.Recipe,
+    overrides: Optional[list[str]] = options.Overrides,
+) -> None:
+    """Pre-train PCAV-MAE with a recipe: stages, prototype E-step, checkpoints in train.run_dir.
+
+    The run folder gets config.yaml, metrics.jsonl, checkpoints/last and best, prototypes/.
+    Ctrl-C (or SIGTERM) stops after writing checkpoints/last; train.resume=true continues it.
+
+    Example: pcav pretrain --recipe demo data.train_manifest=pcav-demo/data/train/manifest.jsonl train.run_dir=runs/demo
+    """
+    from pcavmae_cli.engine.train.pretrain import pretrain as run  # imports torch: not for --help
+    from pcavmae_cli.engine.train.stop import Interrupted
+
+    cfg = config.load_recipe(recipe, overrides or [])
+    try:
+        result = run(cfg, RichReporter())
+    except Interrupted as stop:
+        where = f"wrote {stop.checkpoint} at step {stop.step}" if stop.checkpoint else "nothing written"
+        err_console.print(
+            f"[yellow]stopped[/] ({stop.reason}): {where}; continue with train.resume=true", highlight=False
+        )
+        raise typer.Exit(130) from None
+    if result.epochs:
+        console.print(summary_table(result))
+    minutes = result.seconds / 60
+    console.print(
+        f"run folder: [bold]{result.run_dir}[/]  ({result.steps} steps, {minutes:.1f} min this run, "
+        f"{result.device}, {result.precision})",
+        highlight=False,
+    )
+    console.print(f"checkpoints: {result.last} (last), {result.best} (best); metrics: {result.log}", highlight=False)

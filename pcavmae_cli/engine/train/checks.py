@@ -1,0 +1,121 @@
+"""Start-up checks of a pre-training recipe, before any work: each failure names the key.
+
+Also the numbers derived from the recipe that the loop needs (accumulation steps, stage of an
+epoch), so that they are computed in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pcavmae_cli.engine.errors import UserError
+from pcavmae_cli.engine.model import check_config
+from pcavmae_cli.engine.schema import Recipe, StageConfig
+
+SECTIONS = ("model", "optim", "stages", "train")
+
+
+@dataclass
+class Plan:
+    """What the recipe implies for the loop."""
+
+    accum_steps: int  # micro-batches per optimiser step: effective_batch / (batch_size * world)
+    total_epochs: int  # all stages
+
+
+def check_recipe(cfg: Recipe, world_size: int = 1) -> Plan:
+    """Refuse a recipe that cannot pre-train, naming the key; return the derived numbers."""
+    for section in SECTIONS:
+        if getattr(cfg, section) is None:
+            raise UserError(f"pre-training needs the recipe section '{section}'")
+    m, fb, video, loader = cfg.model, cfg.data.audio.fbank, cfg.data.video, cfg.data.loader
+    for key, got, want_key, want in (
+        ("model.audio_frames", m.audio_frames, "data.audio.fbank.target_frames", fb.target_frames),
+        ("model.mel_bins", m.mel_bins, "data.audio.fbank.num_mel_bins", fb.num_mel_bins),
+        ("model.image_size", m.image_size, "data.video.crop_size", video.crop_size),
+    ):
+        if got != want:
+            raise UserError(f"key '{key}' ({got}) must equal '{want_key}' ({want})")
+    check_config(m)
+    if cfg.data.train_manifest is None:
+        raise UserError("key 'data.train_manifest' is not set in the recipe")
+    if not cfg.stages:
+        raise UserError("key 'stages' must list at least one stage")
+    for i, stage in enumerate(cfg.stages):
+        check_stage(cfg, i, stage)
+    if len(cfg.optim.betas) != 2:
+        raise UserError(f"key 'optim.betas' expects two numbers, got {len(cfg.optim.betas)}")
+    positive = [
+        ("data.loader.batch_size", loader.batch_size),
+        ("optim.effective_batch", cfg.optim.effective_batch),
+        ("train.log_every", cfg.train.log_every),
+        ("train.save_every_epochs", cfg.train.save_every_epochs),
+        ("train.max_steps_per_epoch", cfg.train.max_steps_per_epoch),
+    ]
+    for key, value in positive:
+        if value is not None and value < 1:
+            raise UserError(f"key '{key}' must be >= 1, got {value}")
+    if loader.num_workers < 0:
+        raise UserError(f"key 'data.loader.num_workers' must be >= 0, got {loader.num_workers}")
+    per_step = loader.batch_size * world_size
+    if cfg.optim.effective_batch % per_step:
+        across = f" x {world_size} processes" if world_size > 1 else ""
+        raise UserError(
+            f"key 'optim.effective_batch' ({cfg.optim.effective_batch}) must be a multiple of "
+            f"'data.loader.batch_size' ({loader.batch_size}{across})"
+        )
+    if cfg.optim.lr < 0 or cfg.optim.min_lr < 0 or cfg.optim.warmup_epochs < 0:
+        raise UserError("keys 'optim.lr', 'optim.min_lr' and 'optim.warmup_epochs' must be >= 0")
+    return Plan(accum_steps=cfg.optim.effective_batch // per_step, total_epochs=sum(s.epochs for s in cfg.stages))
+
+
+def check_stage(cfg: Recipe, i: int, stage: StageConfig) -> None:
+    key = f"stages.{i}"
+    if stage.epochs < 1:
+        raise UserError(f"key '{key}.epochs' must be >= 1, got {stage.epochs}")
+    if not stage.trainable:
+        raise UserError(f"key '{key}.trainable' must name at least one model part")
+    w = stage.loss
+    if cfg.prototypes is None and (w.w_pje != 0 or w.w_pcpe != 0):
+        raise UserError(
+            f"key 'prototypes' is null, but stage '{stage.name}' ({key}.loss) has w_pje = {w.w_pje} "
+            f"and w_pcpe = {w.w_pcpe}; the prototype losses need a 'prototypes' section"
+        )
+    if w.w_infonce == 0 and w.w_r == 0:
+        if w.w_pje == 0 and w.w_pcpe == 0:
+            raise UserError(f"key '{key}.loss': every loss weight of stage '{stage.name}' is 0")
+        first = sum(s.epochs for s in cfg.stages[:i])
+        if cfg.prototypes is not None and first < cfg.prototypes.warmup_epochs:
+            raise UserError(
+                f"key '{key}.loss': stage '{stage.name}' starts during 'prototypes.warmup_epochs' "
+                f"({cfg.prototypes.warmup_epochs}) but has only prototype losses (w_infonce = w_r = 0)"
+            )
+
+
+def check_clusters(cfg: Recipe, n_clips: int) -> None:
+    """k-means cannot make more clusters than there are training clips."""
+    protos = cfg.prototypes
+    if protos is None or protos.method != "kmeans":
+        return
+    largest = max(protos.num_clusters or [0])
+    if largest > n_clips:
+        raise UserError(
+            f"key 'prototypes.num_clusters' asks for {largest} clusters but 'data.train_manifest' "
+            f"has {n_clips} clips"
+        )
+
+
+def stage_of(cfg: Recipe, epoch: int) -> tuple[int, StageConfig]:
+    """The stage (index and settings) that global epoch ``epoch`` (0-based) belongs to."""
+    first = 0
+    for i, stage in enumerate(cfg.stages or []):
+        if epoch < first + stage.epochs:
+            return i, stage
+        first += stage.epochs
+    raise IndexError(f"epoch {epoch} is past the last stage")
+
+
+def is_stage_end(cfg: Recipe, epoch: int) -> bool:
+    """Whether ``epoch`` is the last epoch of its stage."""
+    i, _ = stage_of(cfg, epoch)
+    return epoch + 1 == sum(s.epochs for s in (cfg.stages or [])[: i + 1])

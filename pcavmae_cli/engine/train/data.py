@@ -1,0 +1,113 @@
+"""Data for pre-training: the training order, per-sample seeds, and the two loaders.
+
+Exact resume needs every random choice of the data path to be a function of the run, not of
+the process that happens to make it:
+
+- the order of an epoch is a permutation drawn from a generator seeded with (seed, epoch);
+- the random training frame of a clip is drawn from a generator seeded with
+  (seed, epoch, clip index): the sampler hands the dataset ``(index, sample_seed)`` pairs
+  (``AudioVisualDataset.__getitem__``), so neither the global RNG nor the worker that loads the
+  clip matters, and persistent workers need no ``set_epoch`` of their dataset copy;
+- a resumed epoch starts at the batch where the checkpoint stopped (``set_epoch(epoch, start)``).
+
+Distributed training will shard each epoch's permutation by rank here (as DistributedSampler).
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from pcavmae_cli.engine.schema import LoaderConfig
+from pcavmae_cli.engine.train.runtime import Runtime
+
+_MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant: distinct (seed, epoch, index) give distinct seeds
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Seed of epoch ``epoch``'s training order."""
+    return (seed * _MIX + epoch) % 2**63
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """Seed of the random choices (the training frame) of clip ``index`` in epoch ``epoch``."""
+    return (epoch_seed(seed, epoch) * _MIX + index + 1) % 2**63
+
+
+class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Batches of ``(clip index, sample seed)`` in a seeded random order per epoch.
+
+    Args:
+        n: clips in the manifest.
+        batch_size: clips per batch; the last batch of an epoch may be smaller.
+        seed: the recipe's seed.
+        max_batches: at most this many batches per epoch (``train.max_steps_per_epoch`` times
+            the accumulation steps); ``None``: all.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, max_batches: int | None = None):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        full = math.ceil(n / batch_size)
+        self.batches_per_epoch = full if max_batches is None else min(full, max_batches)
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Iterate over epoch ``epoch`` from its batch ``start`` (a resumed epoch skips the done ones)."""
+        self.epoch, self.start = epoch, start
+
+    def order(self, epoch: int) -> torch.Tensor:
+        """The clip order of ``epoch``: a permutation of ``range(n)``."""
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(epoch_seed(self.seed, epoch)))
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        order = self.order(self.epoch).tolist()
+        for b in range(self.start, self.batches_per_epoch):
+            chunk = order[b * self.batch_size : (b + 1) * self.batch_size]
+            yield [(i, sample_seed(self.seed, self.epoch, i)) for i in chunk]
+
+    def __len__(self) -> int:
+        return max(0, self.batches_per_epoch - self.start)
+
+
+def _ignore_ctrl_c(_worker_id: int) -> None:
+    """Loader workers leave Ctrl-C (sent to the whole terminal group) to the main process, which
+    stops cleanly. SIGTERM keeps its default: it is how workers are shut down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _loader_kwargs(cfg: LoaderConfig, rt: Runtime) -> dict:
+    workers = cfg.num_workers
+    return dict(
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=rt.device.type == "cuda",
+        worker_init_fn=_ignore_ctrl_c if workers > 0 else None,
+        # Its own generator: making an iterator then never draws from the global RNG.
+        generator=torch.Generator().manual_seed(0),
+    )
+
+
+def train_loader(dataset: Dataset, sampler: EpochBatchSampler, cfg: LoaderConfig, rt: Runtime) -> DataLoader:
+    """The training loader over ``sampler``'s batches (call ``sampler.set_epoch`` before each epoch)."""
+    return DataLoader(dataset, batch_sampler=sampler, **_loader_kwargs(cfg, rt))
+
+
+def embed_loader(dataset: Dataset, cfg: LoaderConfig, rt: Runtime) -> DataLoader:
+    """The E-step's loader: every clip once, in manifest order, so row i of the embeddings is clip i."""
+    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, **_loader_kwargs(cfg, rt))
+
+
+def close_loader(loader: DataLoader | None) -> None:
+    """Stop a loader's persistent worker processes now, rather than whenever it is collected.
+
+    torch has no public call for this; dropping the loader's iterator is what its ``__del__`` does.
+    """
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+    if loader is not None:
+        loader._iterator = None

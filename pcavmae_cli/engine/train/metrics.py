@@ -1,0 +1,90 @@
+"""``metrics.jsonl``: one JSON object per logged optimiser step and per epoch.
+
+Every line has ``kind`` (``"step"`` or ``"epoch"``), ``step`` (optimiser steps done so far),
+``epoch`` (0-based, global across stages), ``stage``, ``lr``, ``samples_per_s``,
+``prototypes`` (whether the prototype losses were on) and one key per loss part:
+``loss_total``, ``loss_infonce``, ``loss_r`` (= ``loss_r_a + loss_r_v``, eq. 4), ``loss_r_a``,
+``loss_r_v``, ``loss_pje`` (eq. 1), ``loss_pcpe`` (eq. 3). A part that was not computed -- the
+prototype losses during warm-up or without prototypes, L_r and L_PCPE in a stage that gives them
+weight 0 -- is ``null``, never 0. Values are unweighted means over the samples since the
+previous line (``loss_total`` is the weighted sum that was optimised). Epoch lines add
+``seconds``, ``estep_seconds`` and ``num_prototypes`` (clusters per granularity, or ``null``).
+
+On resume the lines past the checkpoint's step are dropped first, so a run that crashed after
+its last checkpoint does not log the replayed steps twice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from pcavmae_cli.engine.data.manifest import atomic_write_text
+
+LOSS_PARTS = ("total", "infonce", "r", "r_a", "r_v", "pje", "pcpe")
+
+
+class Meter:
+    """Sample-weighted running means of the loss parts; a part never added stays ``None``."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.samples = 0
+
+    def add(self, parts: dict[str, float], n: int) -> None:
+        for name, value in parts.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value * n
+        self.samples += n
+
+    def means(self) -> dict[str, float | None]:
+        return {p: (self.sums[p] / self.samples if p in self.sums and self.samples else None) for p in LOSS_PARTS}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sums": dict(self.sums), "samples": self.samples}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sums, self.samples = dict(state["sums"]), int(state["samples"])
+
+
+def loss_fields(means: dict[str, float | None]) -> dict[str, float | None]:
+    return {f"loss_{p}": means.get(p) for p in LOSS_PARTS}
+
+
+def format_losses(means: dict[str, float | None]) -> str:
+    """``loss 1.23 nce 0.50 r 0.70 pje 0.41`` for progress bars: the parts computed, 2 decimals."""
+    short = {"total": "loss", "infonce": "nce", "r": "r", "pje": "pje", "pcpe": "pcpe"}
+    return " ".join(f"{label} {means[p]:.2f}" for p, label in short.items() if means.get(p) is not None)
+
+
+class MetricsLog:
+    """Appends lines to ``path``; a no-op on processes other than the main one.
+
+    Args:
+        keep_until_step: ``None`` starts a new file; a step keeps the existing lines up to it.
+    """
+
+    def __init__(self, path: str | Path, *, enabled: bool = True, keep_until_step: int | None = None):
+        self.path = Path(path)
+        self.enabled = enabled
+        if not enabled:
+            return
+        kept = [] if keep_until_step is None else [r for r in read_metrics(self.path) if r["step"] <= keep_until_step]
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(clean) + "\n")
+
+
+def read_metrics(path: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
+    """The lines of a ``metrics.jsonl`` (of one ``kind`` if given); none if the file is missing."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [r for r in rows if kind is None or r.get("kind") == kind]

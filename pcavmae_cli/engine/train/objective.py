@@ -1,0 +1,80 @@
+"""The M-step objective of one batch: the loss parts a stage asks for, and their weighted sum.
+
+A part is computed only when it counts: InfoNCE when ``w_infonce != 0``; L_r (eq. 4, audio term
++ video term) when ``w_r != 0``; L_PJE (eq. 1) and L_PCPE (eq. 3) when their weight is non-zero
+*and* prototypes exist for this epoch (after ``prototypes.warmup_epochs``). The decoder runs only
+when L_r or L_PCPE is computed, so the encoder-only stage never touches it. Parts that are not
+computed are absent from the result (and ``null`` in ``metrics.jsonl``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from pcavmae_cli.engine.losses import infonce, loss_weights, pcpe_loss, pje_loss, reconstruction_loss, total_loss
+from pcavmae_cli.engine.model import PCAVMAE
+from pcavmae_cli.engine.prototypes import Prototypes
+from pcavmae_cli.engine.schema import LossConfig
+from pcavmae_cli.engine.train.runtime import Runtime
+
+
+def decodes(loss: LossConfig, prototypes_on: bool) -> bool:
+    """Whether a batch of this stage needs the decoder (L_r, or L_PCPE once prototypes exist)."""
+    return loss.w_r != 0 or (loss.w_pcpe != 0 and prototypes_on)
+
+
+def batch_losses(
+    model: PCAVMAE,
+    batch: dict[str, Tensor],
+    loss: LossConfig,
+    protos: Sequence[Prototypes] | None,
+    rt: Runtime,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Forward one batch and compute its losses.
+
+    Args:
+        batch: ``fbank`` (B, T, F), ``frames`` (B, 3, S, S), ``index`` (B,) manifest rows, on device.
+        loss: the stage's loss weights and settings.
+        protos: this epoch's prototypes (one per granularity), or ``None`` (warm-up, no prototypes).
+
+    Returns:
+        the weighted total to back-propagate, and the detached parts to log (``total`` included;
+        ``r_a`` and ``r_v`` next to their sum ``r``).
+    """
+    on = protos is not None
+    with rt.autocast():
+        out = model(batch["fbank"], batch["frames"], decode=decodes(loss, on))
+    index = batch["index"]
+    parts: dict[str, Tensor] = {}
+    extra: dict[str, Tensor] = {}
+    if loss.w_infonce != 0:
+        parts["infonce"] = infonce(out.z_a, out.z_v, loss.infonce_temperature)
+    if loss.w_r != 0:
+        extra["r_a"] = reconstruction_loss(out.pred_a, out.target_a, out.mask_a)
+        extra["r_v"] = reconstruction_loss(out.pred_v, out.target_v, out.mask_v)
+        parts["r"] = extra["r_a"] + extra["r_v"]
+    if on and loss.w_pje != 0:
+        parts["pje"] = pje_loss(out.z_a, out.z_v, protos, index, loss.num_negatives)
+    if on and loss.w_pcpe != 0:
+        parts["pcpe"] = pcpe_loss(out.zd_a, out.zd_v, protos, index, loss.num_negatives)
+    total, logged = total_loss(parts, loss_weights(loss))
+    logged.update({k: v.detach().float() for k, v in extra.items()})
+    return total, logged
+
+
+def loss_values(logged: dict[str, Tensor]) -> dict[str, float]:
+    """The logged parts as Python floats, read from the device in one transfer."""
+    names = list(logged)
+    return dict(zip(names, torch.stack([logged[n] for n in names]).tolist()))
+
+
+def first_non_finite(values: dict[str, float]) -> tuple[str, float] | None:
+    """The first loss part (``total`` last) that is NaN or infinite, with its value."""
+    for name in sorted(values, key=lambda n: n == "total"):
+        if not math.isfinite(values[name]):
+            return name, values[name]
+    return None

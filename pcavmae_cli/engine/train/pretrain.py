@@ -1,0 +1,397 @@
+"""The pre-training loop of PCAV-MAE: stages, E-step, M-step, checkpoints, resume.
+
+``pretrain(cfg, reporter)`` runs a recipe's stages in order (sec. 3.2). Each epoch (global,
+0-based, across stages): the stage's parts are made trainable (``PCAVMAE.set_trainable``); from
+``prototypes.warmup_epochs`` on, the E-step finds this epoch's prototypes (``estep.run_estep``);
+then the M-step runs over the epoch's batches (``objective.batch_losses``), accumulating
+gradients to ``optim.effective_batch`` before each AdamW step, after which the learning rate
+follows ``schedule.Schedule`` and the momentum encoder moves towards the model.
+
+Resume (``train.resume=true``) restores weights, optimiser, step, epoch, the position inside the
+epoch, the RNG states and the running means from ``checkpoints/last`` and goes on as if nothing
+had happened: the data order and per-clip randomness are functions of (seed, epoch, clip)
+(``data.py``), the masks come from the restored global RNG, and a mid-epoch resume reloads that
+epoch's prototypes from ``prototypes/`` instead of recomputing them from moved weights.
+
+Everything here is written for one process; the places where DDP fits are ``Runtime.rank``
+(only rank 0 writes), ``EpochBatchSampler`` (sharding), and the backward of non-final
+micro-batches (``no_sync``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ContextManager, Protocol
+
+import torch
+
+from pcavmae_cli.engine import config
+from pcavmae_cli.engine.data.dataset import AudioVisualDataset
+from pcavmae_cli.engine.data.manifest import atomic_write_text
+from pcavmae_cli.engine.errors import UserError
+from pcavmae_cli.engine.model import PCAVMAE, MomentumEncoder
+from pcavmae_cli.engine.prototypes import Prototypes, load_prototypes, prototypes_active
+from pcavmae_cli.engine.schema import Recipe, StageConfig
+from pcavmae_cli.engine.train import checkpoint as ckpt
+from pcavmae_cli.engine.train.checks import check_clusters, check_recipe, is_stage_end, stage_of
+from pcavmae_cli.engine.train.data import EpochBatchSampler, close_loader, embed_loader, train_loader
+from pcavmae_cli.engine.train.estep import run_estep
+from pcavmae_cli.engine.train.metrics import Meter, MetricsLog, format_losses, loss_fields, read_metrics
+from pcavmae_cli.engine.train.objective import batch_losses, first_non_finite, loss_values
+from pcavmae_cli.engine.train.optim import build_optimizer, set_lr
+from pcavmae_cli.engine.train.runtime import capture_rng, resolve_runtime, restore_rng, seed_everything
+from pcavmae_cli.engine.train.schedule import Schedule
+from pcavmae_cli.engine.train.stop import ForcedStop, Interrupted, StopRequests
+
+STATE_FORMAT = 1
+
+
+class ProgressReporter(Protocol):
+    """How the loop shows progress (the CLI implements it with Rich; ``pcav demo``'s reporter fits)."""
+
+    def progress(self, description: str, total: int) -> ContextManager[Callable[..., None]]: ...
+
+
+class SilentReporter:
+    @contextlib.contextmanager
+    def progress(self, description: str, total: int) -> Iterator[Callable[..., None]]:
+        yield lambda n=1, note="": None
+
+
+class TrainingDiverged(UserError):
+    """A loss part became NaN or infinite; the message names the step, the part and the last checkpoint."""
+
+
+@dataclass
+class StepInfo:
+    """What the loop passes to ``on_step`` after each optimiser step."""
+
+    step: int  # optimiser steps done, this one included
+    epoch: int
+    position: int  # batches of this epoch done
+    stage: str
+    lr: float
+    losses: dict[str, float | None]  # means since the last step line
+
+
+@dataclass
+class PretrainResult:
+    run_dir: Path
+    epochs: list[dict[str, Any]]  # the epoch lines of metrics.jsonl, resumed parts included
+    steps: int  # optimiser steps of the whole run
+    seconds: float  # wall time of this call
+    last: Path | None
+    best: Path | None
+    device: str
+    precision: str
+    resumed_from_step: int | None = None
+    log: Path = field(default_factory=Path)
+
+
+@dataclass
+class TrainState:
+    """Where the run is; saved with every checkpoint (``state.pt``)."""
+
+    step: int = 0  # optimiser steps done
+    epoch: int = 0  # the epoch in progress (global, 0-based)
+    position: int = 0  # batches of that epoch done (always a whole number of optimiser steps)
+    best_metric: float | None = None  # lowest epoch-mean total loss of the current comparison
+    best_epoch: int | None = None
+    best_regime: list[int] | None = None  # [stage index, prototypes on]: totals compare only within one
+
+
+def pretrain(
+    cfg: Recipe, reporter: ProgressReporter | None = None, *, on_step: Callable[[StepInfo], None] | None = None
+) -> PretrainResult:
+    """Pre-train with recipe ``cfg``; returns the run's epoch summaries and checkpoint folders.
+
+    Raises ``UserError`` (before any work) for a recipe that cannot run, ``TrainingDiverged`` for a
+    non-finite loss, and ``Interrupted`` after writing ``checkpoints/last`` when stopped by Ctrl-C,
+    SIGTERM or a ``KeyboardInterrupt`` (from ``on_step``, say).
+    """
+    return Trainer(cfg, reporter or SilentReporter(), on_step).run()
+
+
+class Trainer:
+    """One pre-training run; ``run`` executes it. Built in start-up order: checks first."""
+
+    def __init__(self, cfg: Recipe, reporter: ProgressReporter, on_step: Callable[[StepInfo], None] | None):
+        self.started = time.perf_counter()
+        self.cfg, self.reporter, self.on_step = cfg, reporter, on_step
+        self.plan = check_recipe(cfg)
+        self.rt = resolve_runtime(cfg.train)
+        self.run_dir = Path(cfg.train.run_dir)
+        resume_from = self._check_run_dir()
+        data, loader_cfg = cfg.data, cfg.data.loader
+        self.dataset = AudioVisualDataset(data.train_manifest, data, frames=loader_cfg.train_frame)
+        check_clusters(cfg, len(self.dataset))
+
+        self.sampler = EpochBatchSampler(
+            len(self.dataset), loader_cfg.batch_size, cfg.seed,
+            max_batches=None if cfg.train.max_steps_per_epoch is None
+            else cfg.train.max_steps_per_epoch * self.plan.accum_steps,
+        )  # fmt: skip
+        self.loader = train_loader(self.dataset, self.sampler, loader_cfg, self.rt)
+        self.embed_loader = None
+        if cfg.prototypes is not None:
+            middle = AudioVisualDataset(data.train_manifest, data, frames="middle")
+            self.embed_loader = embed_loader(middle, loader_cfg, self.rt)
+        steps_per_epoch = -(-self.sampler.batches_per_epoch // self.plan.accum_steps)
+        self.schedule = Schedule(steps_per_epoch, self.plan.total_epochs, cfg.optim)
+
+        seed_everything(cfg.seed)
+        self.model = PCAVMAE(cfg.model).to(self.rt.device)
+        self.momentum = MomentumEncoder(self.model).to(self.rt.device)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.state = TrainState()
+        self.epoch_meter, self.window_meter = Meter(), Meter()
+        self.resumed_from_step = None
+        if resume_from is not None:
+            self._resume(resume_from)
+        self.config_text = config.dump_yaml(cfg)
+        if self.rt.is_main:
+            atomic_write_text(self.run_dir / "config.yaml", self.config_text)
+        self.metrics = MetricsLog(
+            self.run_dir / "metrics.jsonl", enabled=self.rt.is_main, keep_until_step=self.resumed_from_step
+        )
+        self.boundary = self._snapshot()
+        self.last_saved: tuple[Path, int] | None = (resume_from, self.state.step) if resume_from else None
+
+    # ------------------------------------------------------------------ start-up
+
+    def _check_run_dir(self) -> Path | None:
+        existing = ckpt.find_checkpoint(self.run_dir, "last")
+        if self.cfg.train.resume:
+            if existing is None:
+                raise UserError(f"key 'train.resume' is true but {self.run_dir} holds no checkpoints/last to resume")
+            return existing
+        if existing is not None:
+            raise UserError(
+                f"{self.run_dir} already holds a run ({existing}); set train.resume=true to continue it "
+                "or choose another train.run_dir"
+            )
+        return None
+
+    def _resume(self, folder: Path) -> None:
+        saved = ckpt.load_state(folder)
+        if saved.get("format") != STATE_FORMAT:
+            raise UserError(f"{folder / 'state.pt'}: unknown training-state format {saved.get('format')!r}")
+        mine = dataclasses.asdict(self.cfg.model)
+        for key, value in saved["model_config"].items():
+            if mine.get(key) != value:
+                raise UserError(
+                    f"key 'train.resume': model.{key} is {mine.get(key)!r} in the recipe but {value!r} "
+                    f"in {folder}; resume with the recipe of the run"
+                )
+        if saved["train"]["position"] and saved["batch_size"] != self.cfg.data.loader.batch_size:
+            raise UserError(
+                f"key 'data.loader.batch_size' is {self.cfg.data.loader.batch_size} but {folder} stopped "
+                f"mid-epoch with batches of {saved['batch_size']}; resume with the same batch size"
+            )
+        ckpt.load_weights(folder, self.model, self.momentum, self.rt.device)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.state = TrainState(**saved["train"])
+        self.epoch_meter.load_state_dict(saved["epoch_meter"])
+        self.window_meter.load_state_dict(saved["window_meter"])
+        restore_rng(saved["rng"], self.rt.device)
+        self.resumed_from_step = self.state.step
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _snapshot(self) -> dict[str, Any]:
+        """The small part of the state at an optimiser-step boundary (weights are unchanged in between)."""
+        return {
+            "train": dataclasses.asdict(self.state),
+            "rng": capture_rng(self.rt.device),
+            "epoch_meter": self.epoch_meter.state_dict(),
+            "window_meter": self.window_meter.state_dict(),
+        }
+
+    def _save(self, name: str) -> Path | None:
+        """Write checkpoint ``name`` from the last boundary (rank 0 only)."""
+        if not self.rt.is_main:
+            return None
+        state = {
+            "format": STATE_FORMAT,
+            **self.boundary,
+            "optimizer": self.optimizer.state_dict(),
+            "batch_size": self.cfg.data.loader.batch_size,
+            "model_config": dataclasses.asdict(self.cfg.model),
+        }
+        path = ckpt.save_checkpoint(
+            self.run_dir, name, model=self.model, momentum=self.momentum, state=state, config_text=self.config_text
+        )
+        if name == "last":
+            self.last_saved = (path, self.boundary["train"]["step"])
+        return path
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> PretrainResult:
+        with StopRequests() as stop:
+            try:
+                try:
+                    while self.state.epoch < self.plan.total_epochs:
+                        self._epoch(stop)
+                except RuntimeError:  # e.g. loader workers killed by the SIGTERM the loop was sent too
+                    if stop.reason is None:
+                        raise
+                    raise KeyboardInterrupt(stop.reason) from None
+            except ForcedStop:
+                raise
+            except KeyboardInterrupt as exc:
+                reason = str(exc) or "KeyboardInterrupt"
+                path = self._save("last")
+                step, epoch = self.boundary["train"]["step"], self.boundary["train"]["epoch"]
+                raise Interrupted(path, step, epoch, reason) from None
+            finally:
+                close_loader(self.loader)
+                close_loader(self.embed_loader)
+        return PretrainResult(
+            run_dir=self.run_dir,
+            epochs=read_metrics(self.metrics.path, "epoch"),
+            steps=self.state.step,
+            seconds=time.perf_counter() - self.started,
+            last=ckpt.find_checkpoint(self.run_dir, "last"),
+            best=ckpt.find_checkpoint(self.run_dir, "best"),
+            device=str(self.rt.device),
+            precision=self.rt.precision,
+            resumed_from_step=self.resumed_from_step,
+            log=self.metrics.path,
+        )
+
+    def _prototypes(self, epoch: int, stage: StageConfig, stop: StopRequests) -> list[Prototypes] | None:
+        """This epoch's prototypes: ``None`` in warm-up, without prototypes, or if the stage uses none."""
+        protos_cfg = self.cfg.prototypes
+        uses = stage.loss.w_pje != 0 or stage.loss.w_pcpe != 0
+        if protos_cfg is None or not uses or not prototypes_active(epoch, protos_cfg):
+            return None
+        folder = self.run_dir / "prototypes"
+        if self.state.position > 0:  # resumed mid-epoch: the weights moved on since this epoch's E-step
+            return [p.to(self.rt.device) for p in load_prototypes(folder, epoch, self.rt.device)]
+        with self.reporter.progress(f"E-step {epoch + 1}/{self.plan.total_epochs}", len(self.embed_loader)) as advance:
+            protos = run_estep(
+                self.momentum, self.embed_loader, protos_cfg, epoch, self.rt, folder, advance, stop.check
+            )
+        return [p.to(self.rt.device) for p in protos]
+
+    def _epoch(self, stop: StopRequests) -> None:
+        cfg, st = self.cfg, self.state
+        epoch = st.epoch
+        stage_index, stage = stage_of(cfg, epoch)
+        self.model.set_trainable(stage.trainable)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if st.position == 0:
+            self.epoch_meter, self.window_meter = Meter(), Meter()
+        started = time.perf_counter()
+        protos = self._prototypes(epoch, stage, stop)
+        estep_seconds = time.perf_counter() - started
+
+        accum, n_batches = self.plan.accum_steps, self.sampler.batches_per_epoch
+        self.sampler.set_epoch(epoch, st.position)
+        total_steps_here = self.schedule.steps_per_epoch
+        title = f"{stage.name} {epoch + 1}/{self.plan.total_epochs}"
+        lr = self.schedule.lr(st.step)
+        window_start, epoch_start, epoch_samples = time.perf_counter(), time.perf_counter(), 0
+        with self.reporter.progress(title, total_steps_here) as advance:
+            advance(st.position // accum, "")
+            in_group = 0
+            for batch in self.loader:
+                stop.check()
+                batch = {k: v.to(self.rt.device, non_blocking=True) for k, v in batch.items()}
+                total, logged = batch_losses(self.model, batch, stage.loss, protos, self.rt)
+                values = loss_values(logged)
+                bad = first_non_finite(values)
+                if bad is not None:
+                    raise self._diverged(bad, stage)
+                group = min(accum, n_batches - st.position)
+                (total / group).backward()
+                n = batch["fbank"].shape[0]
+                self.epoch_meter.add(values, n)
+                self.window_meter.add(values, n)
+                epoch_samples += n
+                in_group += 1
+                if in_group < group:
+                    continue
+                in_group = 0
+                lr = self._optimizer_step(trainable)
+                st.position += group
+                st.step += 1
+                self.boundary = self._snapshot()
+                means = self.window_meter.means()
+                if st.step % cfg.train.log_every == 0:
+                    rate = self.window_meter.samples / max(time.perf_counter() - window_start, 1e-9)
+                    self._log("step", epoch, stage, lr, means, rate, prototypes=protos is not None)
+                    self.window_meter, window_start = Meter(), time.perf_counter()
+                    self.boundary["window_meter"] = self.window_meter.state_dict()
+                if self.on_step is not None:
+                    self.on_step(StepInfo(st.step, epoch, st.position, stage.name, lr, means))
+                rate = epoch_samples / max(time.perf_counter() - epoch_start, 1e-9)
+                advance(1, f"{format_losses(self.epoch_meter.means())} {rate:.0f}/s")
+        seconds = time.perf_counter() - epoch_start
+        self._end_epoch(epoch, stage_index, stage, lr, protos, seconds, estep_seconds, epoch_samples)
+
+    def _optimizer_step(self, trainable: list[torch.nn.Parameter]) -> float:
+        """Clip, step AdamW at the scheduled rate, clear gradients, move the momentum encoder."""
+        if self.cfg.optim.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(trainable, self.cfg.optim.grad_clip)
+        lr = self.schedule.lr(self.state.step)
+        set_lr(self.optimizer, lr)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.momentum.update(self.model, self.cfg.model.momentum)
+        return lr
+
+    def _end_epoch(
+        self, epoch: int, stage_index: int, stage: StageConfig, lr: float,
+        protos: list[Prototypes] | None, seconds: float, estep_seconds: float, samples: int,
+    ) -> None:  # fmt: skip
+        st = self.state
+        means = self.epoch_meter.means()
+        extra = {
+            "seconds": round(seconds, 3),
+            "estep_seconds": round(estep_seconds, 3),
+            "num_prototypes": None if protos is None else [int(p.centroids.shape[0]) for p in protos],
+        }
+        self._log("epoch", epoch, stage, lr, means, samples / max(seconds, 1e-9), prototypes=protos is not None, **extra)
+        regime = [stage_index, int(protos is not None)]
+        metric = means["total"]
+        improved = metric is not None and (
+            st.best_regime != regime or st.best_metric is None or metric < st.best_metric
+        )
+        if improved:
+            st.best_metric, st.best_epoch, st.best_regime = metric, epoch, regime
+        st.epoch, st.position = epoch + 1, 0
+        self.epoch_meter, self.window_meter = Meter(), Meter()
+        self.boundary = self._snapshot()
+        final = st.epoch == self.plan.total_epochs
+        if (epoch + 1) % self.cfg.train.save_every_epochs == 0 or is_stage_end(self.cfg, epoch) or final:
+            self._save("last")
+        if improved:
+            self._save("best")
+
+    def _log(
+        self, kind: str, epoch: int, stage: StageConfig, lr: float, means: dict, rate: float, *,
+        prototypes: bool, **extra: Any,
+    ) -> None:  # fmt: skip
+        self.metrics.write({
+            "kind": kind, "step": self.state.step, "epoch": epoch, "stage": stage.name, "lr": lr,
+            **loss_fields(means), "samples_per_s": round(rate, 2), "prototypes": prototypes,
+            "time": round(time.time(), 3), **extra,
+        })  # fmt: skip
+
+    def _diverged(self, bad: tuple[str, float], stage: StageConfig) -> TrainingDiverged:
+        part, value = bad
+        if self.last_saved is None:
+            where = "no checkpoint was written yet"
+        else:
+            where = f"the last good checkpoint is {self.last_saved[0]} (step {self.last_saved[1]})"
+        return TrainingDiverged(
+            f"loss part '{part}' is {value} at step {self.state.step + 1} (epoch {self.state.epoch}, "
+            f"stage '{stage.name}'); the run stopped, {where}"
+        )

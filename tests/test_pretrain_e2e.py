@@ -1,0 +1,54 @@
+"""``pcav pretrain`` end to end through the real entry point: the demo recipe on a small corpus."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pcavmae_cli.engine.data import demo_corpus as demo
+from pcavmae_cli.engine.train.metrics import LOSS_PARTS, read_metrics
+from tests.cli_helpers import pcav
+
+pytestmark = pytest.mark.e2e
+
+
+def test_pretrain_demo_recipe_end_to_end(tmp_path):
+    corpus = demo.make_demo_corpus(tmp_path / "corpus", classes=2, clips_per_class=5, eval_per_class=1, seed=0, jobs=2)
+    data = tmp_path / "data"
+    prep = pcav("preprocess", str(corpus.segment_csvs["train"]), str(data), "--videos", str(corpus.videos), "-j", "2")
+    assert prep.returncode == 0, prep.stderr
+
+    run = tmp_path / "runs" / "demo"
+    overrides = [
+        f"data.train_manifest={data / 'manifest.jsonl'}", f"train.run_dir={run}",
+        "data.loader.batch_size=4", "optim.effective_batch=4", "prototypes.num_clusters=[2, 4]",
+        "prototypes.warmup_epochs=2", "stages.0.epochs=5", "stages.1.epochs=2",
+    ]  # fmt: skip
+    result = pcav("pretrain", "--recipe", "demo", *overrides)
+    assert result.returncode == 0, result.stderr
+    assert "pcav pretrain" in result.stdout and f"run folder: {run}" in result.stdout
+
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "metrics.jsonl", "prototypes"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best", "last"]
+    last = run / "checkpoints" / "last"
+    assert {"model.safetensors", "momentum.safetensors", "state.pt", "config.yaml"} <= {p.name for p in last.iterdir()}
+    assert torch.load(last / "state.pt", weights_only=True)["train"]["epoch"] == 7
+    # Prototypes exist for every epoch after the 2 warm-up epochs, and only for those.
+    expected = [f"prototypes-epoch{e:04d}.safetensors" for e in range(2, 7)]
+    assert sorted(p.name for p in (run / "prototypes").iterdir()) == expected
+
+    lines = read_metrics(run / "metrics.jsonl")
+    assert all({f"loss_{p}" for p in LOSS_PARTS} <= set(line) for line in lines)
+    epochs = [line for line in lines if line["kind"] == "epoch"]
+    assert [e["epoch"] for e in epochs] == list(range(7))
+    assert [e["stage"] for e in epochs] == ["joint"] * 5 + ["encoders"] * 2
+    assert [e["prototypes"] for e in epochs] == [False, False] + [True] * 5
+    first, last_joint, final = epochs[0], epochs[4], epochs[-1]
+    assert final["loss_total"] < first["loss_total"]
+    # Within the first stage, the parts that train from the start fall too.
+    assert last_joint["loss_r"] < first["loss_r"] and last_joint["loss_infonce"] < first["loss_infonce"]
+
+    again = pcav("pretrain", "--recipe", "demo", *overrides)
+    assert again.returncode == 1
+    assert "already holds a run" in again.stderr and "train.resume=true" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1
