@@ -1,4 +1,4 @@
-"""Evaluation as pure functions on scores and embeddings (docs/method_evaluate.md).
+"""Evaluation as pure functions on scores and embeddings (docs/method.md, "Evaluation").
 
 - ``metrics``: mAP / mean AUC / d' (multi-label), top-1 / top-5 (single-label), per-class rows.
 - ``retrieval``: CAV-MAE's audio<->video retrieval, R@1/5/10 and median rank.

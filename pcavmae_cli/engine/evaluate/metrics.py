@@ -9,7 +9,7 @@ Shapes, with N clips and C classes:
   (N,) integer class indices in [0, C) (VGGSound). These are the two forms
   ``engine.data.dataset`` yields.
 
-Choices (docs/method_evaluate.md):
+Choices (docs/method.md, "Evaluation"):
 - AP and AUC are sklearn's ``average_precision_score`` and ``roc_auc_score`` per class. A class
   with no positive in ``targets`` has neither and is left out of mAP and mean AUC; a class with
   no negative has no AUC and is left out of mean AUC. Both are counted in the summary.
