@@ -123,7 +123,7 @@ class EncoderOutput:
 
     tokens_a: torch.Tensor  # (B, K_a, D) audio encoder output, before the joint layer
     tokens_v: torch.Tensor  # (B, K_v, D)
-    joint: torch.Tensor  # (B, K_a + K_v, D) joint layer on the concatenated sequence, audio first
+    joint: torch.Tensor | None  # (B, K_a + K_v, D) joint layer on the concatenated sequence, audio first; None when skipped
     mask_a: torch.Tensor  # (B, N_a) 1 = masked
     mask_v: torch.Tensor  # (B, N_v)
     ids_restore_a: torch.Tensor  # (B, N_a)
@@ -156,7 +156,8 @@ class Backbone(nn.Module):
         self.proj_v = projection_head(cfg.embed_dim, cfg)
 
     def forward_encoder(
-        self, audio: torch.Tensor, frames: torch.Tensor, mask_ratio_a: float, mask_ratio_v: float
+        self, audio: torch.Tensor, frames: torch.Tensor, mask_ratio_a: float, mask_ratio_v: float,
+        with_joint: bool = True,
     ) -> EncoderOutput:
         """Mask each modality, encode the visible tokens, run the joint layer on their concatenation.
 
@@ -164,11 +165,13 @@ class Backbone(nn.Module):
             audio: ``(B, T, F)`` normalised fbank.
             frames: ``(B, 3, S, S)`` normalised RGB.
             mask_ratio_a, mask_ratio_v: fraction of tokens masked per modality.
+            with_joint: ``False`` skips the audio+video joint pass (``joint`` is ``None``); only
+                the decoder reads it, so the encoder-only stage need not pay for it.
         """
         a, mask_a, ids_a = random_masking(self.encoder_a.embed(audio_image(audio)), mask_ratio_a)
         v, mask_v, ids_v = random_masking(self.encoder_v.embed(frames), mask_ratio_v)
         a, v = self.encoder_a(a), self.encoder_v(v)
-        joint = self.joint(torch.cat([a, v], dim=1), "av")
+        joint = self.joint(torch.cat([a, v], dim=1), "av") if with_joint else None
         return EncoderOutput(a, v, joint, mask_a, mask_v, ids_a, ids_v)
 
     def clip_embeddings(self, tokens_a: torch.Tensor, tokens_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

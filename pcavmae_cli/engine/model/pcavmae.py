@@ -105,10 +105,11 @@ class PCAVMAE(nn.Module):
             nn.init.normal_(p, std=INIT_STD)
 
     def forward_encoder(
-        self, audio: torch.Tensor, frames: torch.Tensor, mask_ratio_a: float, mask_ratio_v: float
+        self, audio: torch.Tensor, frames: torch.Tensor, mask_ratio_a: float, mask_ratio_v: float,
+        with_joint: bool = True,
     ) -> EncoderOutput:
         """audio ``(B, T, F)``, frames ``(B, 3, S, S)`` -> visible tokens, joint tokens, masks; see ``Backbone``."""
-        return self.backbone.forward_encoder(audio, frames, mask_ratio_a, mask_ratio_v)
+        return self.backbone.forward_encoder(audio, frames, mask_ratio_a, mask_ratio_v, with_joint)
 
     def clip_embeddings(self, tokens_a: torch.Tensor, tokens_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens ``(B, K_a, D)``, ``(B, K_v, D)`` -> z_a, z_v ``(B, proj_dim)`` unit norm; see ``Backbone``."""
@@ -145,7 +146,7 @@ class PCAVMAE(nn.Module):
                 a flag rather than a separate method so that DDP's forward hooks still run.
         """
         cfg = self.cfg
-        enc = self.forward_encoder(audio, frames, cfg.mask_ratio_audio, cfg.mask_ratio_video)
+        enc = self.forward_encoder(audio, frames, cfg.mask_ratio_audio, cfg.mask_ratio_video, with_joint=decode)
         z_a, z_v = self.clip_embeddings(enc.tokens_a, enc.tokens_v)
         out = PCAVMAEOutput(z_a, z_v, enc.mask_a, enc.mask_v)
         if decode:
