@@ -63,3 +63,37 @@ def demo_corpus(tmp_path_factory) -> demo.DemoCorpusReport:
     """2 classes x 2 clips of 10 s (one train + one eval clip per class), seed 0."""
     out = tmp_path_factory.mktemp("demo_corpus")
     return demo.make_demo_corpus(out, classes=2, clips_per_class=2, eval_per_class=1, seed=0, seconds=10.0, jobs=2)
+
+
+@pytest.fixture(scope="session")
+def trained_demo_run(tmp_path_factory):
+    """A small demo corpus (3 classes x 6 clips, one per class held out) pre-trained with the
+    ``demo`` recipe for 12 + 2 epochs of 3-4 steps, laid out as ``pcav demo`` lays it out; made
+    once per session and shared by the tests that need a trained run (~40 s on 2 CPU cores)."""
+    from types import SimpleNamespace
+
+    from pcavmae_cli.engine import config
+    from pcavmae_cli.engine.data.preprocess import preprocess
+    from pcavmae_cli.engine.data.stats import fbank_stats
+    from pcavmae_cli.engine.train.pretrain import pretrain
+
+    out = tmp_path_factory.mktemp("demo_run")
+    corpus = demo.make_demo_corpus(out / "corpus", classes=3, clips_per_class=6, eval_per_class=1, seed=0, jobs=2)
+    cfg = config.load_recipe("demo")
+    manifests = {
+        split: preprocess(corpus.segment_csvs[split], out / "data" / split, cfg.data, videos=corpus.videos, jobs=2).manifest
+        for split in ("train", "eval")
+    }
+    stats = fbank_stats(manifests["train"], cfg.data)
+    run_dir = out / "runs" / "pretrain"
+    overrides = [
+        f"train.run_dir={run_dir}", f"data.train_manifest={manifests['train']}",
+        f"data.eval_manifest={manifests['eval']}", f"data.label_csv={corpus.label_csv}",
+        f"data.audio.fbank.mean={stats.mean:.6f}", f"data.audio.fbank.std={stats.std:.6f}",
+        "prototypes.num_clusters=[3, 6]", "prototypes.warmup_epochs=2", "stages.0.epochs=12", "stages.1.epochs=2",
+        "data.loader.batch_size=4", "optim.effective_batch=4",
+    ]  # fmt: skip
+    cfg = config.load_recipe("demo", overrides)
+    pretrain(cfg)
+    return SimpleNamespace(out=out, run_dir=run_dir, train_manifest=manifests["train"],
+                           eval_manifest=manifests["eval"], label_csv=corpus.label_csv, overrides=overrides)  # fmt: skip

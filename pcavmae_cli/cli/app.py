@@ -15,10 +15,14 @@ from pcavmae_cli.cli import (
     demo_cmd,
     demo_data_cmd,
     download_cmd,
+    evaluate_cmd,
+    explain_cmd,
+    finetune_cmd,
     preprocess_cmd,
     pretrain_cmd,
     recipes_cmd,
     stats_cmd,
+    visualize_cmd,
 )
 from pcavmae_cli.cli.console import console, error_line
 from pcavmae_cli.engine.errors import UserError
@@ -58,6 +62,10 @@ app.command("download")(download_cmd.download)
 app.command("preprocess")(preprocess_cmd.preprocess)
 app.command("stats")(stats_cmd.stats)
 app.command("pretrain")(pretrain_cmd.pretrain)
+app.command("finetune")(finetune_cmd.finetune)
+app.command("evaluate")(evaluate_cmd.evaluate)
+app.add_typer(visualize_cmd.app, name="visualize")
+app.command("explain")(explain_cmd.explain)
 
 
 def main() -> None:

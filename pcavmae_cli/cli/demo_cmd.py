@@ -10,6 +10,7 @@ from rich.table import Table
 
 from pcavmae_cli.cli import options
 from pcavmae_cli.cli.console import console, err_console, progress_bar
+from pcavmae_cli.cli.metrics_view import format_metric
 
 
 class RichReporter:
@@ -26,16 +27,24 @@ def demo(
     out: Path = typer.Argument(Path("pcav-demo"), help="Folder for everything the demo writes."),
     recipe: str = typer.Option("demo", "--recipe", "-r", help=options.RECIPE_HELP, metavar="NAME|PATH"),
     overrides: Optional[list[str]] = options.Overrides,
+    finetune_overrides: Optional[list[str]] = typer.Option(
+        None, "--finetune-override", "-f", metavar="KEY=VALUE", show_default=False,
+        help="Override of the fine-tuning recipe (finetune_demo), e.g. finetune.epochs=5; repeatable. "
+        "Plain overrides go to the pre-training recipe (and model.*/data.* ones to both).",
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of the demo corpus."),
     classes: int = typer.Option(6, "--classes", help="Classes in the demo corpus."),
     clips_per_class: int = typer.Option(10, "--clips-per-class", help="Clips per class (train + eval)."),
     eval_per_class: int = typer.Option(2, "--eval-per-class", help="Held-out clips per class."),
 ) -> None:
-    """Run the main job on a small built-in corpus: demo data -> preprocess -> fbank stats -> pretrain.
+    """Run the main job on a small built-in corpus: demo data -> preprocess -> fbank stats ->
+    pretrain -> fine-tune -> evaluate on held-out clips -> figures, ending with a metrics table
+    and the paths of the figures.
 
-    Everything is written under OUT; the resolved recipe goes to OUT/recipe.yaml, the
-    pre-training run to OUT/runs/pretrain. Running it again reuses what is there (and resumes a
-    stopped pre-training). Stages this version does not have yet are listed at the end.
+    Everything is written under OUT: the resolved recipes (OUT/recipe.yaml,
+    OUT/finetune_recipe.yaml), the runs (OUT/runs/pretrain, OUT/runs/finetune) and their eval/
+    folders. Running it again reuses what is there (and resumes stopped runs). Stages this
+    version does not have yet are listed at the end.
 
     Example: pcav demo ./pcav-demo
     """
@@ -44,7 +53,8 @@ def demo(
 
     try:
         result = run_demo(
-            out, recipe=recipe, overrides=overrides or [], seed=seed, classes=classes,
+            out, recipe=recipe, overrides=overrides or [], finetune_overrides=finetune_overrides or [],
+            seed=seed, classes=classes,
             clips_per_class=clips_per_class, eval_per_class=eval_per_class, reporter=RichReporter(),
         )
     except Interrupted as stop:
@@ -62,4 +72,18 @@ def demo(
     for name in result.not_yet:
         table.add_row(name, "-", "[yellow]not in this version yet[/]")
     console.print(table)
-    console.print(f"everything is under [bold]{result.out}[/]; resolved recipe: [bold]{result.recipe_path}[/]")
+    if result.metrics:
+        scores = Table(title="demo metrics (held-out clips)", show_header=True, header_style="bold")
+        for name in ("model", "metric", "value"):
+            scores.add_column(name, justify="right" if name == "value" else "left")
+        for row in result.metrics:
+            scores.add_row(row.what, row.metric, format_metric(row.metric, row.value))
+        console.print(scores)
+    if result.figures:
+        console.print("figures:")
+        for path in result.figures:
+            console.print(f"  {path}", highlight=False, soft_wrap=True)
+    console.print(
+        f"everything is under [bold]{result.out}[/]; resolved recipes: [bold]{result.recipe_path}[/], "
+        f"[bold]{result.finetune_recipe_path}[/]"
+    )

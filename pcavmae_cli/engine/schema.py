@@ -199,11 +199,61 @@ class TrainConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Classification fine-tuning (METHOD_NOTES, Downstream; docs/method.md ("Downstream")).
+
+    A head (LayerNorm + Linear) on the mean-pooled joint-layer output of the pre-trained
+    encoders; the loss follows ``data.label_mode`` (``multi_hot``: BCE, ``single``: CE) and the
+    optimiser, warm-up and run folder come from the ``optim`` and ``train`` sections.
+    """
+
+    # "av": the joint layer on audio+video; "a" / "v": one modality through the joint layer with
+    # its own norms; "sum": the pooled av, a and v stream outputs added (the paper: "perform similarly").
+    mode: Literal["a", "v", "av", "sum"]
+    epochs: int
+    head_lr_multiplier: float  # the head's lr is optim.lr x this (CAV-MAE's head_lr)
+    lr_schedule: Literal["cosine", "step"]  # cosine to optim.min_lr, or CAV-MAE's step decay per epoch
+    mixup: float  # probability that a training clip is mixed with another clip of its batch
+    mixup_alpha: float  # the mixing weight lambda ~ Beta(alpha, alpha) (CAV-MAE: 10)
+    label_smoothing: float  # targets y (1 - eps) + eps / C
+    freq_mask: int  # SpecAugment: one frequency mask of width < this many bins per clip; 0: none
+    time_mask: int  # one time mask of width < this many frames per clip; 0: none
+    audio_noise: bool  # CAV-MAE's fbank noise: + U(0, 1) x U(0, 0.1), rolled by up to 10 frames
+    balanced_sampling: bool  # draw clips with weights sum_c y_c / count_c, with replacement
+    eval_every_epochs: int  # validate on data.eval_manifest every this many epochs (and after the last)
+    init_from: str | None = None  # pre-training run folder or checkpoint folder; null: random init
+    layer_decay: float | None = None  # layer-wise lr decay (lr x decay^(depth - layer)); null: plain
+    step_start_epoch: int | None = None  # step: epochs before the first decay (CAV-MAE lrscheduler_start)
+    step_every_epochs: int | None = None  # step: epochs between decays (lrscheduler_step)
+    step_decay: float | None = None  # step: factor per decay (lrscheduler_decay)
+    average_from_epoch: int | None = None  # average the weights of epochs N..last (1-based; CAV-MAE wa)
+
+
+@dataclass
+class EvaluateConfig:
+    """Frozen-feature evaluation of a pre-training checkpoint (``pcav evaluate --task
+    retrieval|linear-probe|knn``); see docs/method.md ("Evaluation", "Downstream")."""
+
+    # Probe features: "joint" (pooled audio+video stream, what an av head reads), "audio" /
+    # "video" (each modality's pooled stream, before projection), "audio+video" (both, concatenated).
+    features: Literal["joint", "audio", "video", "audio+video"]
+    frames: Literal["middle", "all"]  # frames per clip: the middle one (CAV-MAE's retrieval) or all, averaged
+    retrieval_ks: list[int]  # R@k cut-offs (1, 5, 10)
+    linear_weight_decay: float  # L2 on the probe's weights
+    linear_max_iter: int  # L-BFGS iterations
+    knn_k: int  # neighbours
+    knn_weighting: Literal["uniform", "similarity"]
+    knn_temperature: float  # exp(s / T) weights of "similarity"
+
+
+@dataclass
 class Recipe:
     """A whole recipe. ``extends: NAME`` in the YAML merges this recipe over another.
 
     Only ``data`` is needed by data commands; pre-training also needs ``model``, ``optim``,
-    ``stages`` and ``train`` (and ``prototypes`` unless every stage has ``w_pje = w_pcpe = 0``).
+    ``stages`` and ``train`` (and ``prototypes`` unless every stage has ``w_pje = w_pcpe = 0``);
+    fine-tuning needs ``model``, ``optim``, ``train`` and ``finetune``; ``pcav evaluate`` reads
+    ``evaluate`` (from ``base`` when a checkpoint's recipe has none).
     """
 
     description: str
@@ -214,3 +264,5 @@ class Recipe:
     optim: OptimConfig | None = None
     stages: list[StageConfig] | None = None
     train: TrainConfig | None = None
+    finetune: FinetuneConfig | None = None
+    evaluate: EvaluateConfig | None = None

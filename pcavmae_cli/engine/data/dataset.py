@@ -93,6 +93,15 @@ class AudioVisualDataset(Dataset):
             target[self._label_index[mid]] = 1.0
         return target
 
+    def targets(self) -> torch.Tensor:
+        """Every clip's label target, stacked: ``(N, num_classes)`` multi-hot or ``(N,)`` indices.
+
+        From the manifest alone (no media is read): balanced sampling and the probes use it.
+        """
+        if self.labels is None:
+            raise UserError("this dataset was opened without a label set (data.label_csv)")
+        return torch.stack([self._label_target(r) for r in self.records])
+
     def audio(self, record: ClipRecord) -> torch.Tensor:
         """Normalised fbank of a clip: ``(target_frames, num_mel_bins)``."""
         rate = self.cfg.audio.sample_rate

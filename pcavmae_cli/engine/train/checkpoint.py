@@ -1,6 +1,6 @@
 """Checkpoints of a run: ``run_dir/checkpoints/last/`` and ``run_dir/checkpoints/best/``.
 
-A checkpoint is a folder:
+A pre-training checkpoint is a folder (``FILES``):
 
 - ``model.safetensors``: the whole PCAV-MAE (encoders, joint layer, projections, decoder);
 - ``momentum.safetensors``: the momentum encoder's backbone;
@@ -8,6 +8,11 @@ A checkpoint is a folder:
   best metric), plain tensors and Python containers only, so it loads with
   ``torch.load(..., weights_only=True)``;
 - ``config.yaml``: the resolved recipe the weights belong to.
+
+A fine-tuning checkpoint (``FINETUNE_FILES``) has no momentum encoder: ``model.safetensors`` is
+the classifier (encoders, joint layer, head); it may add ``average.safetensors``, the running
+sum of the weights being averaged (``finetune.average_from_epoch``). ``save_files`` writes any
+such set of weight files; ``save_checkpoint`` is its pre-training form.
 
 Writes are atomic: everything goes to a temporary sibling folder first, which then replaces
 the old one by renames (old -> ``.NAME.old``, new -> ``NAME``, then the old one is removed). A
@@ -29,6 +34,9 @@ from torch import nn
 from pcavmae_cli.engine.errors import UserError
 
 FILES = ("model.safetensors", "momentum.safetensors", "state.pt", "config.yaml")
+FINETUNE_FILES = ("model.safetensors", "state.pt", "config.yaml")
+
+Weights = nn.Module | dict[str, torch.Tensor]
 
 
 def checkpoints_root(run_dir: str | Path) -> Path:
@@ -43,19 +51,28 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
+def _tensors(weights: Weights) -> dict[str, torch.Tensor]:
+    items = weights.state_dict().items() if isinstance(weights, nn.Module) else weights.items()
+    return {k: v.detach().to("cpu").contiguous() for k, v in items}
+
+
+def write_files(folder: Path, weights: dict[str, Weights], state: dict[str, Any], config_text: str) -> None:
+    """Write ``STEM.safetensors`` for each entry of ``weights``, ``state.pt`` and ``config.yaml``
+    into the (new, empty) ``folder``."""
+    folder.mkdir(parents=True)
+    names = []
+    for stem, tensors in weights.items():
+        st.save_file(_tensors(tensors), str(folder / f"{stem}.safetensors"))
+        names.append(f"{stem}.safetensors")
+    torch.save(state, folder / "state.pt")
+    (folder / "config.yaml").write_text(config_text, encoding="utf-8")
+    for name in (*names, "state.pt", "config.yaml"):
+        _fsync(folder / name)
 
 
 def write_folder(folder: Path, model: nn.Module, momentum: nn.Module, state: dict[str, Any], config_text: str) -> None:
-    """Write the four files of a checkpoint into the (new, empty) ``folder``."""
-    folder.mkdir(parents=True)
-    st.save_file(_tensors(model), str(folder / "model.safetensors"))
-    st.save_file(_tensors(momentum), str(folder / "momentum.safetensors"))
-    torch.save(state, folder / "state.pt")
-    (folder / "config.yaml").write_text(config_text, encoding="utf-8")
-    for name in FILES:
-        _fsync(folder / name)
+    """Write the four files of a pre-training checkpoint into the (new, empty) ``folder``."""
+    write_files(folder, {"model": model, "momentum": momentum}, state, config_text)
 
 
 def save_checkpoint(
@@ -67,13 +84,25 @@ def save_checkpoint(
     state: dict[str, Any],
     config_text: str,
 ) -> Path:
-    """Write checkpoint ``name`` (``last`` or ``best``) of ``run_dir`` atomically; returns its folder."""
+    """Write pre-training checkpoint ``name`` (``last`` or ``best``) of ``run_dir`` atomically."""
+    return save_files(run_dir, name, weights={"model": model, "momentum": momentum}, state=state, config_text=config_text)
+
+
+def save_files(
+    run_dir: str | Path,
+    name: str,
+    *,
+    weights: dict[str, Weights],
+    state: dict[str, Any],
+    config_text: str,
+) -> Path:
+    """Write checkpoint ``name`` of ``run_dir`` (weight files ``weights``) atomically; returns its folder."""
     root = checkpoints_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final, old, tmp = root / name, root / f".{name}.old", root / f".{name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        write_folder(tmp, model, momentum, state, config_text)
+        write_files(tmp, weights, state, config_text)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -85,12 +114,30 @@ def save_checkpoint(
     return final
 
 
-def find_checkpoint(run_dir: str | Path, name: str = "last") -> Path | None:
-    """The complete checkpoint folder ``name`` of ``run_dir``, or ``None`` if there is none."""
+def find_checkpoint(run_dir: str | Path, name: str = "last", files: tuple[str, ...] = FILES) -> Path | None:
+    """The complete checkpoint folder ``name`` of ``run_dir`` (holding ``files``), or ``None``."""
     root = checkpoints_root(run_dir)
     for folder in (root / name, root / f".{name}.old"):
-        if all((folder / f).is_file() for f in FILES):
+        if all((folder / f).is_file() for f in files):
             return folder
+    return None
+
+
+def resume_point(run_dir: str | Path, resume: bool, files: tuple[str, ...] = FILES) -> Path | None:
+    """``checkpoints/last`` to resume from (``train.resume``), or ``None`` for a new run.
+
+    A new run never overwrites an existing one, and a resume needs something to resume.
+    """
+    existing = find_checkpoint(run_dir, "last", files)
+    if resume:
+        if existing is None:
+            raise UserError(f"key 'train.resume' is true but {run_dir} holds no checkpoints/last to resume")
+        return existing
+    if existing is not None:
+        raise UserError(
+            f"{run_dir} already holds a run ({existing}); set train.resume=true to continue it "
+            "or choose another train.run_dir"
+        )
     return None
 
 
@@ -105,10 +152,14 @@ def load_state(folder: Path) -> dict[str, Any]:
 def load_weights(folder: Path, model: nn.Module, momentum: nn.Module, device: torch.device) -> None:
     """Load both weight files into ``model`` and ``momentum``, strictly (every key, every shape)."""
     for file, module in (("model.safetensors", model), ("momentum.safetensors", momentum)):
-        path = folder / file
-        try:
-            module.load_state_dict(st.load_file(str(path), device=str(device)), strict=True)
-        except RuntimeError as exc:
-            first = str(exc).strip().splitlines()
-            detail = first[1].strip() if len(first) > 1 else first[0]
-            raise UserError(f"{path} does not fit the recipe's model ({detail})") from None
+        load_module(folder / file, module, device)
+
+
+def load_module(path: Path, module: nn.Module, device: torch.device) -> None:
+    """Load one safetensors file into ``module``, strictly; a mismatch is a ``UserError`` naming it."""
+    try:
+        module.load_state_dict(st.load_file(str(path), device=str(device)), strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        detail = first[1].strip() if len(first) > 1 else first[0]
+        raise UserError(f"{path} does not fit the recipe's model ({detail})") from None

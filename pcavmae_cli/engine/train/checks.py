@@ -1,4 +1,4 @@
-"""Start-up checks of a pre-training recipe, before any work: each failure names the key.
+"""Start-up checks of a pre-training or fine-tuning recipe, before any work: each failure names the key.
 
 Also the numbers derived from the recipe that the loop needs (accumulation steps, stage of an
 epoch), so that they are computed in one place.
@@ -13,6 +13,7 @@ from pcavmae_cli.engine.model import check_config
 from pcavmae_cli.engine.schema import Recipe, StageConfig
 
 SECTIONS = ("model", "optim", "stages", "train")
+FINETUNE_SECTIONS = ("model", "optim", "train", "finetune")
 
 
 @dataclass
@@ -28,7 +29,20 @@ def check_recipe(cfg: Recipe, world_size: int = 1) -> Plan:
     for section in SECTIONS:
         if getattr(cfg, section) is None:
             raise UserError(f"pre-training needs the recipe section '{section}'")
-    m, fb, video, loader = cfg.model, cfg.data.audio.fbank, cfg.data.video, cfg.data.loader
+    check_shapes(cfg)
+    if cfg.data.train_manifest is None:
+        raise UserError("key 'data.train_manifest' is not set in the recipe")
+    if not cfg.stages:
+        raise UserError("key 'stages' must list at least one stage")
+    for i, stage in enumerate(cfg.stages):
+        check_stage(cfg, i, stage)
+    accum = check_loop(cfg, world_size)
+    return Plan(accum_steps=accum, total_epochs=sum(s.epochs for s in cfg.stages))
+
+
+def check_shapes(cfg: Recipe) -> None:
+    """The model's input sizes must be the data's, and the model buildable."""
+    m, fb, video = cfg.model, cfg.data.audio.fbank, cfg.data.video
     for key, got, want_key, want in (
         ("model.audio_frames", m.audio_frames, "data.audio.fbank.target_frames", fb.target_frames),
         ("model.mel_bins", m.mel_bins, "data.audio.fbank.num_mel_bins", fb.num_mel_bins),
@@ -37,12 +51,11 @@ def check_recipe(cfg: Recipe, world_size: int = 1) -> Plan:
         if got != want:
             raise UserError(f"key '{key}' ({got}) must equal '{want_key}' ({want})")
     check_config(m)
-    if cfg.data.train_manifest is None:
-        raise UserError("key 'data.train_manifest' is not set in the recipe")
-    if not cfg.stages:
-        raise UserError("key 'stages' must list at least one stage")
-    for i, stage in enumerate(cfg.stages):
-        check_stage(cfg, i, stage)
+
+
+def check_loop(cfg: Recipe, world_size: int = 1) -> int:
+    """The ``optim``/``train``/loader settings every training loop shares; returns the accumulation steps."""
+    loader = cfg.data.loader
     if len(cfg.optim.betas) != 2:
         raise UserError(f"key 'optim.betas' expects two numbers, got {len(cfg.optim.betas)}")
     positive = [
@@ -66,7 +79,47 @@ def check_recipe(cfg: Recipe, world_size: int = 1) -> Plan:
         )
     if cfg.optim.lr < 0 or cfg.optim.min_lr < 0 or cfg.optim.warmup_epochs < 0:
         raise UserError("keys 'optim.lr', 'optim.min_lr' and 'optim.warmup_epochs' must be >= 0")
-    return Plan(accum_steps=cfg.optim.effective_batch // per_step, total_epochs=sum(s.epochs for s in cfg.stages))
+    return cfg.optim.effective_batch // per_step
+
+
+def check_finetune(cfg: Recipe, world_size: int = 1) -> Plan:
+    """Refuse a recipe that cannot fine-tune, naming the key; ``total_epochs`` is ``finetune.epochs``."""
+    for section in FINETUNE_SECTIONS:
+        if getattr(cfg, section) is None:
+            raise UserError(f"fine-tuning needs the recipe section '{section}'")
+    check_shapes(cfg)
+    for key in ("train_manifest", "label_csv"):
+        if getattr(cfg.data, key) is None:
+            raise UserError(f"key 'data.{key}' is not set in the recipe")
+    ft, m, fb = cfg.finetune, cfg.model, cfg.data.audio.fbank
+    rules = [
+        (ft.epochs >= 1, "finetune.epochs", "must be >= 1"),
+        (ft.eval_every_epochs >= 1, "finetune.eval_every_epochs", "must be >= 1"),
+        (ft.head_lr_multiplier > 0, "finetune.head_lr_multiplier", "must be > 0"),
+        (0 <= ft.mixup <= 1, "finetune.mixup", "is a probability, in [0, 1]"),
+        (ft.mixup_alpha > 0, "finetune.mixup_alpha", "must be > 0"),
+        (0 <= ft.label_smoothing < 1, "finetune.label_smoothing", "must lie in [0, 1)"),
+        (0 <= ft.freq_mask <= m.mel_bins, "finetune.freq_mask", f"must lie in [0, model.mel_bins = {m.mel_bins}]"),
+        (0 <= ft.time_mask <= fb.target_frames, "finetune.time_mask",
+         f"must lie in [0, data.audio.fbank.target_frames = {fb.target_frames}]"),
+        (ft.layer_decay is None or 0 < ft.layer_decay <= 1, "finetune.layer_decay", "must lie in (0, 1] or be null"),
+        (ft.average_from_epoch is None or 1 <= ft.average_from_epoch <= ft.epochs, "finetune.average_from_epoch",
+         f"must lie in [1, finetune.epochs = {ft.epochs}] or be null"),
+    ]  # fmt: skip
+    for ok, key, rule in rules:
+        if not ok:
+            raise UserError(f"key '{key}' {rule}, got {getattr(ft, key.split('.')[1])}")
+    if ft.lr_schedule == "step":
+        for key in ("step_start_epoch", "step_every_epochs", "step_decay"):
+            if getattr(ft, key) is None:
+                raise UserError(f"key 'finetune.lr_schedule' is 'step', which needs 'finetune.{key}'")
+        if ft.step_start_epoch < 0 or ft.step_every_epochs < 1 or not 0 < ft.step_decay <= 1:
+            raise UserError(
+                "keys 'finetune.step_start_epoch' (>= 0), 'finetune.step_every_epochs' (>= 1) and "
+                "'finetune.step_decay' (in (0, 1]) are out of range"
+            )
+    accum = check_loop(cfg, world_size)
+    return Plan(accum_steps=accum, total_epochs=ft.epochs)
 
 
 def check_stage(cfg: Recipe, i: int, stage: StageConfig) -> None:

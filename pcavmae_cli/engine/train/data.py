@@ -47,10 +47,18 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
         seed: the recipe's seed.
         max_batches: at most this many batches per epoch (``train.max_steps_per_epoch`` times
             the accumulation steps); ``None``: all.
+        weights: ``(n,)`` sampling weights (balanced sampling, ``finetune.balanced_sampling``):
+            an epoch is then ``n`` clips drawn with replacement with probability proportional
+            to the weights, as torch's ``WeightedRandomSampler``; ``None``: a permutation.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, max_batches: int | None = None):
+    def __init__(
+        self, n: int, batch_size: int, seed: int, max_batches: int | None = None, weights: torch.Tensor | None = None
+    ):
         self.n, self.batch_size, self.seed = n, batch_size, seed
+        if weights is not None and weights.shape != (n,):
+            raise ValueError(f"weights must be ({n},), got {tuple(weights.shape)}")
+        self.weights = None if weights is None else weights.double()
         full = math.ceil(n / batch_size)
         self.batches_per_epoch = full if max_batches is None else min(full, max_batches)
         self.epoch, self.start = 0, 0
@@ -60,14 +68,21 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
         self.epoch, self.start = epoch, start
 
     def order(self, epoch: int) -> torch.Tensor:
-        """The clip order of ``epoch``: a permutation of ``range(n)``."""
-        return torch.randperm(self.n, generator=torch.Generator().manual_seed(epoch_seed(self.seed, epoch)))
+        """The clip order of ``epoch``: a permutation of ``range(n)``, or ``n`` weighted draws."""
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
+        if self.weights is not None:
+            return torch.multinomial(self.weights, self.n, replacement=True, generator=generator)
+        return torch.randperm(self.n, generator=generator)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         order = self.order(self.epoch).tolist()
         for b in range(self.start, self.batches_per_epoch):
-            chunk = order[b * self.batch_size : (b + 1) * self.batch_size]
-            yield [(i, sample_seed(self.seed, self.epoch, i)) for i in chunk]
+            first = b * self.batch_size
+            chunk = order[first : first + self.batch_size]
+            if self.weights is None:
+                yield [(i, sample_seed(self.seed, self.epoch, i)) for i in chunk]
+            else:  # a clip may be drawn twice: seed by position, so its two visits differ
+                yield [(i, sample_seed(self.seed, self.epoch, first + j)) for j, i in enumerate(chunk)]
 
     def __len__(self) -> int:
         return max(0, self.batches_per_epoch - self.start)
@@ -111,3 +126,24 @@ def close_loader(loader: DataLoader | None) -> None:
         iterator._shutdown_workers()
     if loader is not None:
         loader._iterator = None
+
+
+def balanced_weights(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Sampling weights from label frequencies (CAV-MAE's ``gen_weight_file``): ``(N,)`` float64.
+
+    Clip i weighs ``sum_c y_ic / count_c``: the sum, over its labels, of one over the number of
+    training clips with that label. Every class then contributes the same expected number of
+    draws per epoch (a multi-label clip counts for each of its classes). CAV-MAE's
+    ``1000 / (count + 0.01)`` is this up to a factor, which sampling ignores. A clip without
+    labels weighs 0 and is never drawn.
+
+    Args:
+        targets: ``(N, C)`` multi-hot, or ``(N,)`` class indices (single-label).
+    """
+    if targets.dim() == 1:
+        y = torch.nn.functional.one_hot(targets.long(), num_classes).double()
+    else:
+        y = targets.double()
+    counts = y.sum(dim=0)
+    per_class = torch.where(counts > 0, 1.0 / counts.clamp_min(1), torch.zeros_like(counts))
+    return y @ per_class

@@ -27,9 +27,14 @@ LOSS_PARTS = ("total", "infonce", "r", "r_a", "r_v", "pje", "pcpe")
 
 
 class Meter:
-    """Sample-weighted running means of the loss parts; a part never added stays ``None``."""
+    """Sample-weighted running means of the loss parts; a part never added stays ``None``.
 
-    def __init__(self) -> None:
+    Args:
+        parts: the names ``means`` reports (pre-training's ``LOSS_PARTS`` by default).
+    """
+
+    def __init__(self, parts: tuple[str, ...] = LOSS_PARTS) -> None:
+        self.parts = parts
         self.sums: dict[str, float] = {}
         self.samples = 0
 
@@ -39,7 +44,7 @@ class Meter:
         self.samples += n
 
     def means(self) -> dict[str, float | None]:
-        return {p: (self.sums[p] / self.samples if p in self.sums and self.samples else None) for p in LOSS_PARTS}
+        return {p: (self.sums[p] / self.samples if p in self.sums and self.samples else None) for p in self.parts}
 
     def state_dict(self) -> dict[str, Any]:
         return {"sums": dict(self.sums), "samples": self.samples}

@@ -1,4 +1,4 @@
-"""AdamW with decoupled weight decay on weight matrices only.
+"""AdamW with decoupled weight decay on weight matrices only (pre-training and fine-tuning).
 
 No weight decay on LayerNorm weights, biases, the learnt modality embeddings and the decoder's
 mask token (MAE/timm convention: 1-D parameters and embeddings are not decayed). Positional
@@ -34,5 +34,40 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's rate to ``lr`` times the group's ``lr_scale`` (1 when it has none)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def build_finetune_optimizer(
+    model: nn.Module,
+    cfg: OptimConfig,
+    *,
+    head_lr_multiplier: float,
+    layer_decay: float | None,
+) -> torch.optim.AdamW:
+    """AdamW for fine-tuning: parameter groups by learning-rate scale and weight decay.
+
+    The head (parameters named ``head.*``) runs at ``head_lr_multiplier`` x the scheduled rate
+    (CAV-MAE's ``head_lr``). With ``layer_decay`` null every other parameter runs at the
+    scheduled rate (CAV-MAE's plain setting); with a decay d, parameter ``name`` runs at
+    ``d ** (model.num_layers + 1 - model.layer_id(name))`` of it (BEiT / MAE fine-tuning), so the
+    embeddings are scaled most and the joint layer's final norms not at all. Each group
+    carries ``lr_scale``, which ``set_lr`` applies.
+    """
+    groups: dict[tuple[float, bool], dict] = {}
+    depth = getattr(model, "num_layers", 0)
+    for name, param in model.named_parameters():
+        if name.startswith("head."):
+            scale = head_lr_multiplier
+        elif layer_decay is None:
+            scale = 1.0
+        else:
+            scale = layer_decay ** (depth + 1 - model.layer_id(name))
+        decay = decays(name, param)
+        group = groups.setdefault((scale, decay), {
+            "params": [], "lr_scale": scale, "weight_decay": cfg.weight_decay if decay else 0.0,
+        })  # fmt: skip
+        group["params"].append(param)
+    beta1, beta2 = cfg.betas
+    return torch.optim.AdamW(list(groups.values()), lr=cfg.lr, betas=(beta1, beta2))

@@ -165,17 +165,7 @@ class Trainer:
     # ------------------------------------------------------------------ start-up
 
     def _check_run_dir(self) -> Path | None:
-        existing = ckpt.find_checkpoint(self.run_dir, "last")
-        if self.cfg.train.resume:
-            if existing is None:
-                raise UserError(f"key 'train.resume' is true but {self.run_dir} holds no checkpoints/last to resume")
-            return existing
-        if existing is not None:
-            raise UserError(
-                f"{self.run_dir} already holds a run ({existing}); set train.resume=true to continue it "
-                "or choose another train.run_dir"
-            )
-        return None
+        return ckpt.resume_point(self.run_dir, self.cfg.train.resume)
 
     def _resume(self, folder: Path) -> None:
         saved = ckpt.load_state(folder)

@@ -1,4 +1,5 @@
-"""The learning-rate schedule: linear warm-up, then cosine decay to ``optim.min_lr``.
+"""The learning-rate schedules: linear warm-up, then cosine decay to ``optim.min_lr`` (or, for
+fine-tuning, CAV-MAE's per-epoch step decay, ``StepSchedule``).
 
 One schedule spans the whole run, every stage included: the stages split the epochs
 (sec. 3.2: "400 epochs for the PJE and 200 epochs for the joint decoder") but the paper names a
@@ -57,3 +58,36 @@ class Schedule:
         return lr_at(
             step, total=self.total_steps, warmup=self.warmup_steps, peak=self.optim.lr, min_lr=self.optim.min_lr
         )
+
+
+@dataclass
+class StepSchedule:
+    """Fine-tuning's step decay (CAV-MAE's ``MultiStepLR`` stepped once per epoch), after a linear warm-up.
+
+    Epoch e (0-based) runs at ``lr x decay^k``, k = 0 before epoch ``start_epoch`` and
+    ``1 + (e - start_epoch) // every_epochs`` from it on: with start 5, every 1, decay 0.5 (AS-20K)
+    epochs 1..5 (1-based) run at lr, epoch 6 at lr / 2, epoch 7 at lr / 4. During the warm-up
+    (``optim.warmup_epochs``, in optimiser steps as ``Schedule``) that rate is scaled by n / W.
+    """
+
+    steps_per_epoch: int
+    epochs: int
+    optim: OptimConfig
+    start_epoch: int
+    every_epochs: int
+    decay: float
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.epochs
+
+    @property
+    def warmup_steps(self) -> int:
+        return min(self.total_steps, round(self.optim.warmup_epochs * self.steps_per_epoch))
+
+    def lr(self, step: int) -> float:
+        epoch = step // max(1, self.steps_per_epoch)
+        decays = 0 if epoch < self.start_epoch else 1 + (epoch - self.start_epoch) // self.every_epochs
+        rate = self.optim.lr * self.decay**decays
+        n = step + 1
+        return rate * n / self.warmup_steps if n <= self.warmup_steps else rate

@@ -1,0 +1,74 @@
+"""``pcav explain CLIP --checkpoint C``: nearest prototypes, their members, and the prediction's make-up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from pcavmae_cli.cli.console import console
+
+
+def _neighbour_table(level: int, row, assigned: int | None) -> Table:
+    own = f" (in training the clip belongs to P{assigned})" if assigned is not None else ""
+    table = Table(title=f"granularity {level}: nearest prototypes{own}", header_style="bold", title_justify="left")
+    for name in ("proto", "cos", "a/v cos", "p", "clips", "label make-up", "exemplars"):
+        table.add_column(name, justify="right" if name in ("cos", "a/v cos", "p", "clips") else "left")
+    for nb in row:
+        table.add_row(
+            f"P{nb.prototype}", f"{nb.similarity:.2f}", f"{nb.audio_similarity:.2f}/{nb.video_similarity:.2f}",
+            f"{nb.posterior:.2f}", str(nb.clips), ", ".join(f"{n} {s:.0%}" for n, s in nb.makeup[:2]) or "-",
+            " ".join(e.clip_id for e in nb.exemplars) or "-",
+        )  # fmt: skip
+    return table
+
+
+def explain(
+    clip: str = typer.Argument(..., help="A clip id of a manifest, or a video file (preprocessed on the fly)."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c",
+                                    help="A pre-training or fine-tuning run folder, or a checkpoint folder."),  # fmt: skip
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Manifest to find CLIP in (default: the run's)."),
+    prototypes: Optional[Path] = typer.Option(None, "--prototypes", help="Pre-training run whose prototypes explain "
+                                              "(default: the checkpoint's, or the run it was fine-tuned from)."),  # fmt: skip
+    top: int = typer.Option(3, "--top", help="Nearest prototypes shown per granularity."),
+    exemplars: int = typer.Option(3, "--exemplars", help="Member clips shown per prototype."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for explain.png/.html/.json "
+                                       "(default RUN/plots/explain/CLIP)."),  # fmt: skip
+    device: str = typer.Option("auto", "--device", help="auto (the GPU if there is one), cpu or cuda."),
+) -> None:
+    """Explain one clip: its nearest prototypes, their members and labels, and what drives the prediction.
+
+    At each granularity: the nearest prototypes (similarity, exemplar member clips, label
+    make-up); for a fine-tuned model also the predicted classes and how much each prototype
+    contributes to the top logit. Prints tables and writes a PNG, an HTML page and JSON.
+
+    Example: pcav explain demo0042_0 --checkpoint pcav-demo/runs/finetune
+    """
+    from pcavmae_cli.engine.viz.explain import Explainer
+    from pcavmae_cli.engine.viz.explain_report import decomposition_bars, render
+
+    explainer = Explainer(checkpoint, prototypes_run=prototypes, data=data, device=device, top=top, exemplars=exemplars)
+    ex = explainer.explain(clip)
+    labels = ", ".join(ex.labels) or "unlabelled"
+    console.print(f"[bold]{ex.clip_id}[/] ({labels}) from {ex.source}; prototypes of epoch {ex.epoch + 1} of {ex.run_dir}",
+                  highlight=False)  # fmt: skip
+    for level, row in enumerate(ex.neighbours):
+        console.print(_neighbour_table(level, row, ex.assigned[level]))
+    if ex.prediction is not None:
+        p = ex.prediction
+        console.print("prediction: " + ", ".join(f"{n} {v:.3f}" for n, v in p.classes), highlight=False)
+        for level, d in enumerate(p.decompositions):
+            table = Table(title=f"logit of '{p.top_class}' over granularity {level}: {d.logit:.3f}",
+                          header_style="bold", title_justify="left")  # fmt: skip
+            table.add_column("part")
+            table.add_column("value", justify="right")
+            for name, value in decomposition_bars(d):
+                table.add_row(name, f"{value:+.3f}")
+            console.print(table)
+    else:
+        console.print("[dim]a pre-training checkpoint: no prediction (give a fine-tuned one for the logit's make-up)[/]")
+    folder = Path(out) if out is not None else explainer.run.plots / "explain" / ex.clip_id
+    for path in render(ex, explainer.train_middle, folder):
+        console.print(f"wrote [bold]{path}[/]", highlight=False)

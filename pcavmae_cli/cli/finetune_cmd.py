@@ -1,0 +1,90 @@
+"""``pcav finetune --recipe R [key=value ...]``: classification fine-tuning from a pre-trained checkpoint."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from pcavmae_cli.cli import options
+from pcavmae_cli.cli.console import console, err_console, progress_bar
+from pcavmae_cli.cli.metrics_view import format_metric
+from pcavmae_cli.engine import config
+
+
+class RichReporter:
+    def progress(self, description: str, total: int):
+        return progress_bar(description, total, bar_width=None)
+
+
+def summary_table(result) -> Table:
+    """Every epoch: training loss and the validation metrics; then the averaged weights."""
+    metric = result.metric
+    shown = ["mAP", "mAUC", "d_prime"] if metric == "mAP" else ["top1", "top5"]
+    table = Table(title="pcav finetune", show_header=True, header_style="bold")
+    for name in ("epoch", "loss", "lr", *(f"val {m}" for m in shown)):
+        table.add_column(name, justify="right")
+    for row in result.epochs:
+        table.add_row(
+            str(row["epoch"] + 1), "-" if row["loss"] is None else f"{row['loss']:.4f}", f"{row['lr']:.2e}",
+            *(format_metric(m, row.get(f"val_{m}")) for m in shown),
+        )  # fmt: skip
+    if result.averaged is not None:
+        first, last = result.averaged["averaged_epochs"]
+        table.add_row(f"avg {first}-{last}", "-", "-", *(format_metric(m, result.averaged.get(f"val_{m}")) for m in shown))
+    return table
+
+
+def finetune(
+    recipe: str = typer.Option("finetune_demo", "--recipe", "-r", help=options.RECIPE_HELP, metavar="NAME|PATH"),
+    init_from: Optional[str] = typer.Option(
+        None, "--init-from", help="Pre-training run folder or checkpoint folder (sets finetune.init_from).",
+        metavar="PATH", show_default=False,
+    ),
+    overrides: Optional[list[str]] = options.Overrides,
+) -> None:
+    """Fine-tune a pre-trained model for classification: encoders + joint layer + a new head.
+
+    The recipe's finetune section sets the mode (a, v, av, sum), head learning-rate multiplier,
+    schedule, mixup, SpecAugment and balanced sampling; data.label_mode picks BCE + mAP
+    (multi_hot) or cross-entropy + top-1 (single). Each epoch is validated on
+    data.eval_manifest. The run folder gets config.yaml, metrics.jsonl and checkpoints/last,
+    best (and averaged); Ctrl-C saves, train.resume=true continues.
+
+    The pre-training run comes from --init-from PATH, finetune.init_from=PATH or init_from=PATH.
+
+    Example: pcav finetune --recipe finetune_demo --init-from pcav-demo/runs/pretrain train.run_dir=runs/ft
+    """
+    from pcavmae_cli.engine.train.finetune import finetune as run  # imports torch: not for --help
+    from pcavmae_cli.engine.train.stop import Interrupted
+
+    # ``init_from=PATH`` (the issue's spelling) is short for ``finetune.init_from=PATH``.
+    given = [f"finetune.{o}" if o.startswith("init_from=") else o for o in overrides or []]
+    extra = [] if init_from is None else [f"finetune.init_from={init_from}"]
+    cfg = config.load_recipe(recipe, [*given, *extra])
+    try:
+        result = run(cfg, RichReporter())
+    except Interrupted as stop:
+        where = f"wrote {stop.checkpoint} at step {stop.step}" if stop.checkpoint else "nothing written"
+        err_console.print(
+            f"[yellow]stopped[/] ({stop.reason}): {where}; continue with train.resume=true", highlight=False
+        )
+        raise typer.Exit(130) from None
+    if result.init is not None:
+        dropped = sorted({k.split(".")[0] if not k.startswith("backbone.") else ".".join(k.split(".")[:2])
+                          for k in result.init.dropped})  # fmt: skip
+        console.print(
+            f"initialised from {result.init.path}: {len(result.init.loaded)} tensors loaded strictly, "
+            f"dropped on purpose: {', '.join(dropped)}; new head",
+            highlight=False, soft_wrap=True,
+        )
+    if result.epochs:
+        console.print(summary_table(result))
+    console.print(
+        f"run folder: [bold]{result.run_dir}[/]  ({result.steps} steps, {result.seconds / 60:.1f} min this run, "
+        f"{result.device}, {result.precision})",
+        highlight=False, soft_wrap=True,
+    )
+    names = [f"{p} ({n})" for n, p in (("last", result.last), ("best", result.best), ("averaged", result.average)) if p]
+    console.print(f"checkpoints: {', '.join(names)}; metrics: {result.log}", highlight=False, soft_wrap=True)

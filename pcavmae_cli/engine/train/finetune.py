@@ -1,0 +1,461 @@
+"""Classification fine-tuning: ``finetune(cfg, reporter)`` (docs/method.md ("Downstream")).
+
+The model is ``Classifier``: the pre-trained encoders and joint layer of ``finetune.init_from``
+(loaded strictly through an explicit key map) and a fresh head. Each epoch the loop draws the
+training clips (a seeded permutation, or balanced draws with replacement), builds soft targets,
+mixes, masks and perturbs the batch (``augment``), and minimises BCE (``multi_hot``) or
+cross-entropy (``single``), accumulating gradients to ``optim.effective_batch`` before each
+AdamW step. Learning rates follow a cosine or CAV-MAE's step schedule, the head at
+``head_lr_multiplier`` times the rate, optionally with layer-wise decay.
+
+Every ``finetune.eval_every_epochs`` epochs (and after the last) the model is validated on
+``data.eval_manifest`` with the task metric (mAP for ``multi_hot``, top-1 for ``single``),
+predictions averaged over frames as ``pcav evaluate`` does. ``checkpoints/last`` is written as in
+pre-training, ``checkpoints/best`` at the best validation metric, and, with
+``finetune.average_from_epoch``, ``checkpoints/averaged``: the mean of the weights at the end of
+epochs N..last (CAV-MAE's checkpoint averaging), validated once more.
+
+The pieces are pre-training's: ``runtime`` (device, bf16 autocast, RNG states), ``checks``,
+``schedule``, ``optim``, ``data`` (seeded order and per-clip seeds), ``checkpoint`` (atomic folders),
+``metrics`` and ``stop``; resume (``train.resume=true``) is exact in the same way.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch as st
+import torch
+
+from pcavmae_cli.engine import config
+from pcavmae_cli.engine.data.dataset import AudioVisualDataset
+from pcavmae_cli.engine.data.manifest import atomic_write_text, read_label_csv
+from pcavmae_cli.engine.errors import UserError
+from pcavmae_cli.engine.evaluate.metrics import classification_metrics
+from pcavmae_cli.engine.evaluate.predict import clip_scores
+from pcavmae_cli.engine.model import PCAVMAE, Classifier, LoadReport, load_pretrained, load_pretraining_state
+from pcavmae_cli.engine.schema import Recipe
+from pcavmae_cli.engine.train import augment
+from pcavmae_cli.engine.train import checkpoint as ckpt
+from pcavmae_cli.engine.train.checks import check_finetune
+from pcavmae_cli.engine.train.data import EpochBatchSampler, balanced_weights, close_loader, embed_loader, train_loader
+from pcavmae_cli.engine.train.metrics import Meter, MetricsLog, read_metrics
+from pcavmae_cli.engine.train.optim import build_finetune_optimizer, set_lr
+from pcavmae_cli.engine.train.pretrain import ProgressReporter, SilentReporter, StepInfo, TrainingDiverged
+from pcavmae_cli.engine.train.runtime import capture_rng, resolve_runtime, restore_rng, seed_everything
+from pcavmae_cli.engine.train.schedule import Schedule, StepSchedule
+from pcavmae_cli.engine.train.stop import ForcedStop, Interrupted, StopRequests
+
+STATE_FORMAT = 1
+STAGE = "finetune"  # the ``stage`` of metrics lines and ``StepInfo``
+AVERAGE_FILE = "average.safetensors"
+# The model settings that shape the encoders: they must be the pre-training run's.
+BACKBONE_KEYS = (
+    "embed_dim", "depth_modality", "depth_joint", "num_heads", "mlp_ratio", "patch_size",
+    "audio_frames", "mel_bins", "image_size", "joint_norms", "layer_norm_eps",
+)  # fmt: skip
+
+
+def task_metric(label_mode: str) -> str:
+    """The metric fine-tuning selects ``best`` by: mAP (multi-label) or top-1 (single-label)."""
+    return "mAP" if label_mode == "multi_hot" else "top1"
+
+
+@dataclass
+class FinetuneState:
+    """Where the run is; saved with every checkpoint (``state.pt``)."""
+
+    step: int = 0
+    epoch: int = 0
+    position: int = 0
+    best_metric: float | None = None  # highest validation task metric so far
+    best_epoch: int | None = None
+    averaged_epochs: int = 0  # epochs summed into the weight average
+
+
+@dataclass
+class FinetuneResult:
+    run_dir: Path
+    metric: str  # "mAP" or "top1"
+    epochs: list[dict[str, Any]]  # the epoch lines of metrics.jsonl
+    averaged: dict[str, Any] | None  # the "averaged" line (validation of the averaged weights)
+    steps: int
+    seconds: float
+    last: Path | None
+    best: Path | None
+    average: Path | None
+    device: str
+    precision: str
+    init: LoadReport | None  # None: random init, or a resumed run
+    resumed_from_step: int | None = None
+    log: Path = field(default_factory=Path)
+
+
+def resolve_init(path: str) -> Path:
+    """``finetune.init_from`` -> the pre-training checkpoint folder (a run folder's ``checkpoints/last``)."""
+    where = Path(path)
+    if (where / "checkpoints").is_dir():
+        found = ckpt.find_checkpoint(where, "last")
+        if found is None:
+            raise UserError(f"key 'finetune.init_from': {where} holds no complete pre-training checkpoints/last")
+        return found
+    if (where / "model.safetensors").is_file() and (where / "config.yaml").is_file():
+        if not (where / "momentum.safetensors").is_file():
+            raise UserError(
+                f"key 'finetune.init_from': {where} is a fine-tuning checkpoint; give a pre-training run or checkpoint"
+            )
+        return where
+    raise UserError(f"key 'finetune.init_from': {where} is neither a pre-training run folder nor a checkpoint folder")
+
+
+def check_same_backbone(cfg: Recipe, folder: Path) -> None:
+    """The recipe's encoder settings must be those the checkpoint was trained with, key by key."""
+    theirs = config.load_recipe(str(folder / "config.yaml")).model
+    for key in BACKBONE_KEYS:
+        mine, other = getattr(cfg.model, key), getattr(theirs, key)
+        if mine != other:
+            raise UserError(
+                f"key 'model.{key}' is {mine!r} in the recipe but {other!r} in {folder / 'config.yaml'}; "
+                "fine-tune with the pre-training run's model settings"
+            )
+
+
+def finetune(
+    cfg: Recipe, reporter: ProgressReporter | None = None, *, on_step: Callable[[StepInfo], None] | None = None
+) -> FinetuneResult:
+    """Fine-tune with recipe ``cfg``; returns the epoch summaries and checkpoint folders.
+
+    Raises ``UserError`` before any work for a recipe or checkpoint that cannot run,
+    ``TrainingDiverged`` for a non-finite loss, ``Interrupted`` after writing ``checkpoints/last``
+    on Ctrl-C / SIGTERM / a ``KeyboardInterrupt`` from ``on_step``.
+    """
+    return FineTuner(cfg, reporter or SilentReporter(), on_step).run()
+
+
+class FineTuner:
+    """One fine-tuning run; ``run`` executes it. Built in start-up order: checks first."""
+
+    def __init__(self, cfg: Recipe, reporter: ProgressReporter, on_step: Callable[[StepInfo], None] | None):
+        self.started = time.perf_counter()
+        self.cfg, self.reporter, self.on_step = cfg, reporter, on_step
+        self.plan = check_finetune(cfg)
+        ft, data, loader_cfg = cfg.finetune, cfg.data, cfg.data.loader
+        self.rt = resolve_runtime(cfg.train)
+        self.run_dir = Path(cfg.train.run_dir)
+        init_folder = None
+        if ft.init_from is not None:
+            init_folder = resolve_init(ft.init_from)
+            check_same_backbone(cfg, init_folder)
+        resume_from = ckpt.resume_point(self.run_dir, cfg.train.resume, ckpt.FINETUNE_FILES)
+
+        labels = read_label_csv(data.label_csv)
+        self.class_names = labels.names
+        self.num_classes = len(labels.mids)
+        self.label_mode = data.label_mode
+        self.metric = task_metric(data.label_mode)
+        self.dataset = AudioVisualDataset(data.train_manifest, data, frames=loader_cfg.train_frame, labels=labels)
+        self.eval_dataset = None
+        if data.eval_manifest is not None:
+            self.eval_dataset = AudioVisualDataset(data.eval_manifest, data, frames=loader_cfg.eval_frames, labels=labels)
+        weights = None
+        if ft.balanced_sampling:
+            weights = balanced_weights(self.dataset.targets(), self.num_classes)
+            if float(weights.sum()) == 0:
+                raise UserError("key 'finetune.balanced_sampling': no training clip has a label")
+        self.sampler = EpochBatchSampler(
+            len(self.dataset), loader_cfg.batch_size, cfg.seed, weights=weights,
+            max_batches=None if cfg.train.max_steps_per_epoch is None
+            else cfg.train.max_steps_per_epoch * self.plan.accum_steps,
+        )  # fmt: skip
+        self.loader = train_loader(self.dataset, self.sampler, loader_cfg, self.rt)
+        self.eval_loader = embed_loader(self.eval_dataset, loader_cfg, self.rt) if self.eval_dataset else None
+        steps_per_epoch = -(-self.sampler.batches_per_epoch // self.plan.accum_steps)
+        if ft.lr_schedule == "step":
+            self.schedule = StepSchedule(
+                steps_per_epoch, ft.epochs, cfg.optim, ft.step_start_epoch, ft.step_every_epochs, ft.step_decay
+            )
+        else:
+            self.schedule = Schedule(steps_per_epoch, ft.epochs, cfg.optim)
+
+        seed_everything(cfg.seed)
+        self.model = Classifier(cfg.model, self.num_classes, ft.mode)
+        self.init: LoadReport | None = None
+        if resume_from is None:
+            if init_folder is not None:
+                self.init = load_pretrained(self.model, init_folder / "model.safetensors")
+            else:  # a baseline: the encoders as a fresh pre-training model would start
+                load_pretraining_state(self.model, PCAVMAE(cfg.model).state_dict(), "a freshly initialised PCAV-MAE")
+        self.model.to(self.rt.device)
+        self.optimizer = build_finetune_optimizer(
+            self.model, cfg.optim, head_lr_multiplier=ft.head_lr_multiplier, layer_decay=ft.layer_decay
+        )
+        self.state = FinetuneState()
+        self.epoch_meter, self.window_meter = Meter(("loss",)), Meter(("loss",))
+        self.average: dict[str, torch.Tensor] | None = None
+        self.resumed_from_step = None
+        if resume_from is not None:
+            self._resume(resume_from)
+        self.config_text = config.dump_yaml(cfg)
+        if self.rt.is_main:
+            atomic_write_text(self.run_dir / "config.yaml", self.config_text)
+        self.metrics = MetricsLog(
+            self.run_dir / "metrics.jsonl", enabled=self.rt.is_main, keep_until_step=self.resumed_from_step
+        )
+        self.boundary = self._snapshot()
+        self.last_saved: tuple[Path, int] | None = (resume_from, self.state.step) if resume_from else None
+
+    # ------------------------------------------------------------------ checkpoints and resume
+
+    def _resume(self, folder: Path) -> None:
+        saved = ckpt.load_state(folder)
+        if saved.get("format") != STATE_FORMAT or saved.get("kind") != STAGE:
+            raise UserError(f"{folder / 'state.pt'}: not a fine-tuning state of this version")
+        mine = self._settings()
+        for key, value in saved["settings"].items():
+            if mine.get(key) != value:
+                raise UserError(
+                    f"key 'train.resume': {key} is {mine.get(key)!r} in the recipe but {value!r} in {folder}; "
+                    "resume with the recipe of the run"
+                )
+        if saved["train"]["position"] and saved["batch_size"] != self.cfg.data.loader.batch_size:
+            raise UserError(
+                f"key 'data.loader.batch_size' is {self.cfg.data.loader.batch_size} but {folder} stopped "
+                f"mid-epoch with batches of {saved['batch_size']}; resume with the same batch size"
+            )
+        ckpt.load_module(folder / "model.safetensors", self.model, self.rt.device)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.state = FinetuneState(**saved["train"])
+        self.epoch_meter.load_state_dict(saved["epoch_meter"])
+        self.window_meter.load_state_dict(saved["window_meter"])
+        if (folder / AVERAGE_FILE).is_file():
+            self.average = st.load_file(str(folder / AVERAGE_FILE), device=str(self.rt.device))
+        restore_rng(saved["rng"], self.rt.device)
+        self.resumed_from_step = self.state.step
+
+    def _settings(self) -> dict[str, Any]:
+        """What a checkpoint's weights depend on: a resumed run must agree on all of it."""
+        return {**dataclasses.asdict(self.cfg.model), "mode": self.cfg.finetune.mode, "num_classes": self.num_classes}
+
+    def _snapshot(self) -> dict[str, Any]:
+        """The small part of the state at an optimiser-step boundary."""
+        return {
+            "train": dataclasses.asdict(self.state),
+            "rng": capture_rng(self.rt.device),
+            "epoch_meter": self.epoch_meter.state_dict(),
+            "window_meter": self.window_meter.state_dict(),
+        }
+
+    def _save(self, name: str, weights: dict[str, Any] | None = None) -> Path | None:
+        if not self.rt.is_main:
+            return None
+        state = {
+            "format": STATE_FORMAT,
+            "kind": STAGE,
+            **self.boundary,
+            "optimizer": self.optimizer.state_dict(),
+            "batch_size": self.cfg.data.loader.batch_size,
+            "settings": self._settings(),
+        }
+        files: dict[str, Any] = {"model": self.model if weights is None else weights}
+        if self.average is not None and weights is None:
+            files["average"] = self.average
+        path = ckpt.save_files(self.run_dir, name, weights=files, state=state, config_text=self.config_text)
+        if name == "last":
+            self.last_saved = (path, self.boundary["train"]["step"])
+        return path
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> FinetuneResult:
+        with StopRequests() as stop:
+            try:
+                try:
+                    while self.state.epoch < self.plan.total_epochs:
+                        self._epoch(stop)
+                except RuntimeError:  # e.g. loader workers killed by the SIGTERM the loop was sent too
+                    if stop.reason is None:
+                        raise
+                    raise KeyboardInterrupt(stop.reason) from None
+            except ForcedStop:
+                raise
+            except KeyboardInterrupt as exc:
+                path = self._save("last")
+                step, epoch = self.boundary["train"]["step"], self.boundary["train"]["epoch"]
+                raise Interrupted(path, step, epoch, str(exc) or "KeyboardInterrupt") from None
+            finally:
+                close_loader(self.loader)
+                close_loader(self.eval_loader)
+        if self.average is not None and ckpt.find_checkpoint(self.run_dir, "averaged", ckpt.FINETUNE_FILES) is None:
+            self._finish_average()
+        lines = read_metrics(self.metrics.path)
+        averaged = [r for r in lines if r["kind"] == "averaged"]
+        files = ckpt.FINETUNE_FILES
+        return FinetuneResult(
+            run_dir=self.run_dir,
+            metric=self.metric,
+            epochs=[r for r in lines if r["kind"] == "epoch"],
+            averaged=averaged[-1] if averaged else None,
+            steps=self.state.step,
+            seconds=time.perf_counter() - self.started,
+            last=ckpt.find_checkpoint(self.run_dir, "last", files),
+            best=ckpt.find_checkpoint(self.run_dir, "best", files),
+            average=ckpt.find_checkpoint(self.run_dir, "averaged", files),
+            device=str(self.rt.device),
+            precision=self.rt.precision,
+            init=self.init,
+            resumed_from_step=self.resumed_from_step,
+            log=self.metrics.path,
+        )
+
+    def batch_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Soft targets, mixup, SpecAugment, fbank noise, label smoothing, forward, loss."""
+        ft = self.cfg.finetune
+        fbank = batch["fbank"].to(self.rt.device, non_blocking=True)
+        frames = batch["frames"].to(self.rt.device, non_blocking=True)
+        targets = augment.one_hot_targets(batch["label"].to(self.rt.device), self.label_mode, self.num_classes)
+        if ft.mixup > 0:
+            mixed = augment.mixup(fbank, frames, targets, ft.mixup, ft.mixup_alpha)
+            fbank, frames, targets = mixed.fbank, mixed.frames, mixed.targets
+        if ft.freq_mask or ft.time_mask:
+            fbank = augment.spec_augment(fbank, ft.freq_mask, ft.time_mask)
+        if ft.audio_noise:
+            fbank = augment.fbank_noise(fbank)
+        targets = augment.smooth_targets(targets, ft.label_smoothing)
+        with self.rt.autocast():
+            logits = self.model(fbank, frames)
+        return augment.classification_loss(logits, targets, self.label_mode)
+
+    def _epoch(self, stop: StopRequests) -> None:
+        st = self.state
+        epoch = st.epoch
+        self.model.train()
+        if st.position == 0:
+            self.epoch_meter, self.window_meter = Meter(("loss",)), Meter(("loss",))
+        accum, n_batches = self.plan.accum_steps, self.sampler.batches_per_epoch
+        self.sampler.set_epoch(epoch, st.position)
+        lr = self.schedule.lr(st.step)
+        window_start, epoch_start, epoch_samples = time.perf_counter(), time.perf_counter(), 0
+        with self.reporter.progress(f"{STAGE} {epoch + 1}/{self.plan.total_epochs}", self.schedule.steps_per_epoch) as advance:
+            advance(st.position // accum, "")
+            in_group = 0
+            for batch in self.loader:
+                stop.check()
+                loss = self.batch_loss(batch)
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise self._diverged(value)
+                group = min(accum, n_batches - st.position)
+                (loss / group).backward()
+                n = batch["fbank"].shape[0]
+                self.epoch_meter.add({"loss": value}, n)
+                self.window_meter.add({"loss": value}, n)
+                epoch_samples += n
+                in_group += 1
+                if in_group < group:
+                    continue
+                in_group = 0
+                lr = self._optimizer_step()
+                st.position += group
+                st.step += 1
+                self.boundary = self._snapshot()
+                means = self.window_meter.means()
+                if st.step % self.cfg.train.log_every == 0:
+                    rate = self.window_meter.samples / max(time.perf_counter() - window_start, 1e-9)
+                    self._log("step", epoch, lr, means["loss"], rate)
+                    self.window_meter, window_start = Meter(("loss",)), time.perf_counter()
+                    self.boundary["window_meter"] = self.window_meter.state_dict()
+                if self.on_step is not None:
+                    self.on_step(StepInfo(st.step, epoch, st.position, STAGE, lr, means))
+                rate = epoch_samples / max(time.perf_counter() - epoch_start, 1e-9)
+                advance(1, f"loss {self.epoch_meter.means()['loss']:.3f} {rate:.0f}/s")
+        self._end_epoch(epoch, lr, time.perf_counter() - epoch_start, epoch_samples)
+
+    def _optimizer_step(self) -> float:
+        if self.cfg.optim.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        lr = self.schedule.lr(self.state.step)
+        set_lr(self.optimizer, lr)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return lr
+
+    def validate(self, model: Classifier, title: str) -> dict[str, float] | None:
+        """The task metrics of ``model`` on ``data.eval_manifest`` (``None`` without one)."""
+        if self.eval_loader is None:
+            return None
+        with self.reporter.progress(title, len(self.eval_loader)) as advance:
+            scores, targets = clip_scores(model, self.eval_loader, self.label_mode, self.rt, advance)
+        model.train()
+        summary, _ = classification_metrics(scores, targets, self.label_mode, self.class_names)
+        return summary
+
+    def _end_epoch(self, epoch: int, lr: float, seconds: float, samples: int) -> None:
+        ft, st = self.cfg.finetune, self.state
+        final = epoch + 1 == self.plan.total_epochs
+        started = time.perf_counter()
+        val = None
+        if final or (epoch + 1) % ft.eval_every_epochs == 0:
+            val = self.validate(self.model, f"validate {epoch + 1}/{self.plan.total_epochs}")
+        eval_seconds = time.perf_counter() - started
+        metric = None if val is None else val[self.metric]
+        improved = metric is not None and not math.isnan(metric) and (st.best_metric is None or metric > st.best_metric)
+        if improved:
+            st.best_metric, st.best_epoch = metric, epoch
+        if ft.average_from_epoch is not None and epoch + 1 >= ft.average_from_epoch:
+            self._accumulate_average()
+        means = self.epoch_meter.means()
+        st.epoch, st.position = epoch + 1, 0
+        self.epoch_meter, self.window_meter = Meter(("loss",)), Meter(("loss",))
+        self.boundary = self._snapshot()
+        extra = {"seconds": round(seconds, 3), "eval_seconds": round(eval_seconds, 3), "metric": self.metric}
+        self._log("epoch", epoch, lr, means["loss"], samples / max(seconds, 1e-9), val=val, **extra)
+        if (epoch + 1) % self.cfg.train.save_every_epochs == 0 or final:
+            self._save("last")
+        if improved:
+            self._save("best")
+
+    def _accumulate_average(self) -> None:
+        weights = {k: v.detach().float() for k, v in self.model.state_dict().items()}
+        if self.average is None:
+            self.average = {k: v.clone() for k, v in weights.items()}
+        else:
+            for k, v in weights.items():
+                self.average[k] += v
+        self.state.averaged_epochs += 1
+
+    def _finish_average(self) -> None:
+        """Average the summed weights, validate them, write ``checkpoints/averaged``."""
+        n = self.state.averaged_epochs
+        mean = {k: v / n for k, v in self.average.items()}
+        model = copy.deepcopy(self.model)
+        model.load_state_dict(mean, strict=True)
+        val = self.validate(model, "validate averaged")
+        first = self.cfg.finetune.average_from_epoch
+        self._log("averaged", self.state.epoch - 1, 0.0, None, 0.0, val=val, metric=self.metric,
+                  averaged_epochs=[first, first + n - 1])  # fmt: skip
+        self._save("averaged", weights=model)
+
+    def _log(self, kind: str, epoch: int, lr: float, loss: float | None, rate: float, *,
+             val: dict[str, float] | None = None, **extra: Any) -> None:  # fmt: skip
+        record = {"kind": kind, "step": self.state.step, "epoch": epoch, "stage": STAGE, "lr": lr, "loss": loss,
+                  "samples_per_s": round(rate, 2), "time": round(time.time(), 3), **extra}  # fmt: skip
+        if val is not None:
+            record.update({f"val_{k}": v for k, v in val.items()})
+        self.metrics.write(record)
+
+    def _diverged(self, value: float) -> TrainingDiverged:
+        if self.last_saved is None:
+            where = "no checkpoint was written yet"
+        else:
+            where = f"the last good checkpoint is {self.last_saved[0]} (step {self.last_saved[1]})"
+        return TrainingDiverged(
+            f"the fine-tuning loss is {value} at step {self.state.step + 1} (epoch {self.state.epoch}); "
+            f"the run stopped, {where}"
+        )
