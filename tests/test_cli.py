@@ -9,12 +9,13 @@ from tests.cli_helpers import pcav
 
 COMMANDS = [
     "demo", "demo-data", "download", "preprocess", "stats", "pretrain", "finetune", "evaluate", "recipes", "visualize",
-    "explain",
+    "explain", "convert",
 ]  # fmt: skip
 SUBCOMMANDS = (
     [[c] for c in COMMANDS]
     + [["recipes", s] for s in ("list", "show", "copy")]
     + [["visualize", s] for s in ("tsne", "reconstruct", "curves", "prototypes")]
+    + [["convert", "cavmae"]]
 )
 
 
@@ -30,7 +31,7 @@ def test_every_command_has_help_with_an_example(command):
     result = pcav(*command, "--help")
     assert result.returncode == 0, result.stderr
     assert "Usage: pcav " + " ".join(command) in result.stdout
-    if command not in (["recipes"], ["visualize"]):
+    if command not in (["recipes"], ["visualize"], ["convert"]):
         assert "Example" in result.stdout
 
 

@@ -12,6 +12,7 @@ import typer
 
 from pcavmae_cli import __version__
 from pcavmae_cli.cli import (
+    convert_cmd,
     demo_cmd,
     demo_data_cmd,
     download_cmd,
@@ -66,6 +67,7 @@ app.command("finetune")(finetune_cmd.finetune)
 app.command("evaluate")(evaluate_cmd.evaluate)
 app.add_typer(visualize_cmd.app, name="visualize")
 app.command("explain")(explain_cmd.explain)
+app.add_typer(convert_cmd.app, name="convert")
 
 
 def main() -> None:

@@ -100,6 +100,13 @@ class ModelConfig:
     joint_norms: Literal["per_modality", "shared"]
     layer_norm_eps: float  # CAV-MAE uses torch's 1e-5, MAE 1e-6
     proj_hidden_dim: int | None = None  # None: projection heads are one Linear; else Linear-GELU-Linear
+    # false: no projection heads at all (CAV-MAE): z_a, z_v are the normalised mean-pooled joint
+    # outputs themselves (proj_dim must equal embed_dim) and the decoder's pooled tokens are not
+    # projected either (zd_a, zd_v are decoder_dim wide, so the PCPE loss is unavailable).
+    projection_heads: bool = True
+    # "fixed": sin-cos positions, a buffer outside checkpoints; "learned": a parameter that starts
+    # as the sin-cos table and trains (CAV-MAE's fine-tuning model, tr_pos=True).
+    pos_embed: Literal["fixed", "learned"] = "fixed"
 
 
 @dataclass

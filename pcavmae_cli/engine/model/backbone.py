@@ -40,6 +40,8 @@ def check_config(cfg: ModelConfig) -> None:
         (0 <= cfg.momentum <= 1, "model.momentum must lie in [0, 1]"),
         (min(cfg.depth_modality, cfg.depth_joint, cfg.decoder_depth) >= 0 and cfg.depth_joint >= 1,
          "model depths must be >= 0, and model.depth_joint >= 1"),
+        (cfg.projection_heads or cfg.proj_dim == cfg.embed_dim,
+         "model.projection_heads is false, so model.proj_dim must equal model.embed_dim"),
     ]
     for ok, message in rules:
         if not ok:
@@ -47,7 +49,10 @@ def check_config(cfg: ModelConfig) -> None:
 
 
 def projection_head(in_dim: int, cfg: ModelConfig) -> nn.Module:
-    """``in_dim`` -> ``cfg.proj_dim``: one Linear, or Linear-GELU-Linear when ``proj_hidden_dim`` is set."""
+    """``in_dim`` -> ``cfg.proj_dim``: one Linear, or Linear-GELU-Linear when ``proj_hidden_dim`` is set;
+    with ``projection_heads: false`` (CAV-MAE) no head at all, and the width stays ``in_dim``."""
+    if not cfg.projection_heads:
+        return nn.Identity()
     if cfg.proj_hidden_dim is None:
         return nn.Linear(in_dim, cfg.proj_dim)
     hidden = cfg.proj_hidden_dim
@@ -69,8 +74,11 @@ class ModalityEncoder(nn.Module):
         super().__init__()
         D = cfg.embed_dim
         self.patch_embed = PatchEmbed(in_chans, size, cfg.patch_size, D)
-        # A buffer, not a parameter: fixed, a function of the config, and so left out of checkpoints.
-        self.register_buffer("pos_embed", sincos_2d(D, *self.patch_embed.grid)[None], persistent=False)
+        table = sincos_2d(D, *self.patch_embed.grid)[None]  # (1, N, D)
+        if cfg.pos_embed == "learned":  # CAV-MAE fine-tuning: starts as the table, then trains
+            self.pos_embed = nn.Parameter(table)
+        else:  # a buffer: fixed, a function of the config, and so left out of checkpoints
+            self.register_buffer("pos_embed", table, persistent=False)
         self.modality = nn.Parameter(torch.zeros(1, 1, D))
         mlp_dim = int(D * cfg.mlp_ratio)
         self.blocks = nn.ModuleList(

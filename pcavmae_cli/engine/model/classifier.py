@@ -42,6 +42,7 @@ PRETRAINED_KEY_MAP = {
 }
 PRETRAINED_DROPPED = ("backbone.proj_a.", "backbone.proj_v.", "decoder.", "dproj_a.", "dproj_v.")
 HEAD_PREFIX = "head."
+LEARNED_POSITIONS = ("encoder_a.pos_embed", "encoder_v.pos_embed")  # only with model.pos_embed: learned
 
 
 class Classifier(nn.Module):
@@ -180,6 +181,11 @@ def load_pretraining_state(model: Classifier, state: dict[str, torch.Tensor], so
     source = Path(source)
     mapped, dropped = map_pretrained(state, source)
     own = {k: v for k, v in model.state_dict().items() if not k.startswith(HEAD_PREFIX)}
+    for key in LEARNED_POSITIONS:
+        # A fixed-position checkpoint fine-tuned with ``pos_embed: learned`` (CAV-MAE's tr_pos):
+        # the positions start as the sin-cos table the checkpoint was trained with.
+        if key in own and key not in mapped:
+            mapped[key] = own[key].clone()
     missing = sorted(set(own) - set(mapped))
     if missing:
         raise UserError(

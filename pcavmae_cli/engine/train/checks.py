@@ -134,6 +134,11 @@ def check_stage(cfg: Recipe, i: int, stage: StageConfig) -> None:
             f"key 'prototypes' is null, but stage '{stage.name}' ({key}.loss) has w_pje = {w.w_pje} "
             f"and w_pcpe = {w.w_pcpe}; the prototype losses need a 'prototypes' section"
         )
+    if not cfg.model.projection_heads and w.w_pcpe != 0 and cfg.model.decoder_dim != cfg.model.embed_dim:
+        raise UserError(
+            f"key '{key}.loss': w_pcpe = {w.w_pcpe} needs the decoder's projection heads, but "
+            "'model.projection_heads' is false (set it to true or w_pcpe to 0)"
+        )
     if w.w_infonce == 0 and w.w_r == 0:
         if w.w_pje == 0 and w.w_pcpe == 0:
             raise UserError(f"key '{key}.loss': every loss weight of stage '{stage.name}' is 0")
