@@ -1,10 +1,12 @@
-"""Throughput of the data pipeline on this machine: demo corpus, preprocessing, loader.
+"""Throughput of the data pipeline on this machine: demo corpus, preprocessing, packing, loader.
 
-Prints clips/s for `demo-data` and `preprocess`, and samples/s of the training loader
-(one random frame + fbank per sample) for 0 and N workers. Not a test: run it on a quiet
+Prints clips/s for `demo-data`, `preprocess` and `pack`, where a plain-layout sample's time
+goes (WAV read, fbank, JPEG decode + crop + normalisation, one thread), and samples/s of the
+training loader (one random frame + fbank per sample, `engine/bench/loader.py`) for the plain
+and the packed layout side by side, with 0 and N workers. Not a test: run it on a quiet
 machine and copy the figures into docs/benchmarks.md.
 
-    python benchmarks/data_pipeline.py --out /tmp/pcav-bench --workers 2
+    python benchmarks/data_pipeline.py --out /tmp/pcav-bench --workers 1
 """
 
 from __future__ import annotations
@@ -17,11 +19,15 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
 from pcavmae_cli.engine import config
-from pcavmae_cli.engine.data.dataset import AudioVisualDataset
+from pcavmae_cli.engine.bench.loader import bench_loader
+from pcavmae_cli.engine.data import fbank as fb
+from pcavmae_cli.engine.data.audio_io import read_wav
 from pcavmae_cli.engine.data.demo_corpus import make_demo_corpus
+from pcavmae_cli.engine.data.frames import load_frame
+from pcavmae_cli.engine.data.manifest import read_manifest
+from pcavmae_cli.engine.data.pack import pack_manifest
 from pcavmae_cli.engine.data.preprocess import preprocess
 
 
@@ -34,7 +40,7 @@ def timed(fn):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("/tmp/pcav-bench"))
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--epochs", type=int, default=3, help="loader passes to average")
     args = parser.parse_args()
     shutil.rmtree(args.out, ignore_errors=True)
@@ -50,17 +56,38 @@ def main() -> None:
     )
     print(f"preprocess: {report.n_ok} clips in {seconds:.1f} s = {report.n_ok / seconds:.2f} clips/s")
 
+    packed, seconds = timed(lambda: pack_manifest(report.manifest, args.out / "train" / "pack", cfg))
+    print(f"pack:       {packed.n_clips} clips in {seconds:.1f} s = {packed.n_clips / seconds:.2f} clips/s")
+
+    profile_plain_sample(report.manifest, cfg)
     for workers in (0, args.workers):
-        dataset = AudioVisualDataset(report.manifest, cfg, "random")
-        loader = DataLoader(dataset, batch_size=8, shuffle=True, num_workers=workers, persistent_workers=workers > 0)
-        next(iter(loader))  # start the workers outside the timing
-        count, start = 0, time.perf_counter()
-        for _ in range(args.epochs):
-            for batch in loader:
-                count += batch["fbank"].shape[0]
-        rate = count / (time.perf_counter() - start)
-        per_worker = rate / max(workers, 1)
-        print(f"loader:     {workers} workers: {rate:.0f} samples/s ({per_worker:.0f} per worker)")
+        for layout, manifest in (("plain", report.manifest), ("packed", packed.index)):
+            r = bench_loader(manifest, cfg, workers=workers, passes=args.epochs)
+            print(f"loader:     {layout:6s} {workers} workers: {r['samples_per_s']:.0f} samples/s "
+                  f"({r['samples_per_s_per_worker']:.0f} per worker, {r['ms_per_sample']:.2f} ms per sample)")
+
+
+def profile_plain_sample(manifest: Path, cfg, repeats: int = 50) -> None:
+    """Milliseconds per step of a plain-layout sample, on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root, record = manifest.parent, read_manifest(manifest)[0]
+    rate = cfg.audio.sample_rate
+    waveform = read_wav(record.audio_path(root), rate)
+    log_mel = fb.log_mel(waveform, rate, cfg.audio.fbank)
+    steps = {
+        "WAV read": lambda: read_wav(record.audio_path(root), rate),
+        "log-Mel (Kaldi fbank)": lambda: fb.log_mel(waveform, rate, cfg.audio.fbank),
+        "pad + normalise": lambda: fb.normalise(fb.fit_length(log_mel, cfg.audio.fbank.target_frames), cfg.audio.fbank),
+        "frame: read + decode + crop + normalise": lambda: load_frame(record.frame_path(root, 0), cfg.video),
+    }
+    for name, step in steps.items():
+        step()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            step()
+        print(f"per sample: {name:40s} {(time.perf_counter() - start) / repeats * 1000:6.2f} ms")
+    torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import yaml
 from tests.cli_helpers import pcav
 
 COMMANDS = [
-    "demo", "demo-data", "download", "preprocess", "stats", "pretrain", "finetune", "evaluate", "recipes", "visualize",
+    "demo", "demo-data", "download", "preprocess", "pack", "stats", "pretrain", "finetune", "evaluate", "recipes", "visualize",
     "explain", "convert",
 ]  # fmt: skip
 SUBCOMMANDS = (

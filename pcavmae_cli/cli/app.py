@@ -19,6 +19,7 @@ from pcavmae_cli.cli import (
     evaluate_cmd,
     explain_cmd,
     finetune_cmd,
+    pack_cmd,
     preprocess_cmd,
     pretrain_cmd,
     recipes_cmd,
@@ -62,6 +63,7 @@ app.add_typer(recipes_cmd.app, name="recipes")
 app.command("download")(download_cmd.download)
 app.command("preprocess")(preprocess_cmd.preprocess)
 app.command("stats")(stats_cmd.stats)
+app.command("pack")(pack_cmd.pack)
 app.command("pretrain")(pretrain_cmd.pretrain)
 app.command("finetune")(finetune_cmd.finetune)
 app.command("evaluate")(evaluate_cmd.evaluate)

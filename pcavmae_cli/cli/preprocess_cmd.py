@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from pcavmae_cli.cli.console import console, progress_bar
+from pcavmae_cli.cli.pack_cmd import run_pack
 from pcavmae_cli.cli.options import OVERRIDES_HELP, RECIPE_HELP
 from pcavmae_cli.engine import config
 from pcavmae_cli.engine.data import preprocess as engine
@@ -18,6 +19,7 @@ from pcavmae_cli.engine.errors import UserError
 SRC_HELP = "Folder of videos, segments CSV (AudioSet or VGGSound) or CAV-MAE JSON data file."
 VIDEOS_HELP = "Folder of a CSV's videos (default: the CSV's folder/videos if it exists, else the CSV's folder)."
 JOBS_HELP = "ffmpeg processes at once; 0 = one per CPU core (default: the recipe's data.preprocess.jobs)."
+PACK_HELP = "Also write the packed layout (fp16 log-Mel + JPEG shards, faster to load) to OUT/pack."
 
 
 def preprocess(
@@ -30,15 +32,17 @@ def preprocess(
     split: Optional[str] = typer.Option(None, "--split", help="VGGSound CSV: keep only this split (train, test)."),
     recipe: str = typer.Option("base", "--recipe", "-r", help=RECIPE_HELP, metavar="NAME|PATH"),
     jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help=JOBS_HELP),
+    pack: bool = typer.Option(False, "--pack", help=PACK_HELP),
 ) -> None:
     """Turn videos into per-clip JPEG frames + mono WAV, a manifest and a list of failures.
 
     One ffmpeg pass per clip writes data.video.n_frames frames at data.video.fps (shorter side
     data.video.short_side) and data.audio.sample_rate mono audio, padded or cut to
     data.clip_seconds. Bad clips are skipped and listed in failures.jsonl with a reason.
-    Re-running resumes: finished clips are kept, failures retried.
+    Re-running resumes: finished clips are kept, failures retried. --pack also writes the
+    packed layout to OUT/pack (see `pcav pack`): train on OUT/pack/index.json.
 
-    Example: pcav preprocess corpus/train_segments.csv data/train data.video.n_frames=10
+    Example: pcav preprocess corpus/train_segments.csv data/train data.video.n_frames=10 --pack
     """
     data = config.load_recipe(recipe, overrides or []).data
     inputs = engine.list_inputs(src, videos, split)
@@ -61,3 +65,5 @@ def preprocess(
         console.print(f"labels:   [bold]{report.label_csv}[/]")
     if report.n_ok == 0:
         raise UserError(f"no clip of {src} could be preprocessed; the reasons are in {report.failures_path}")
+    if pack:
+        run_pack(report.manifest, Path(out) / "pack", data, jobs)

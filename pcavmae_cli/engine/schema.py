@@ -58,6 +58,14 @@ class LoaderConfig:
     num_workers: int
     train_frame: Literal["random", "middle"]  # which frame a training sample shows
     eval_frames: Literal["all", "middle"]  # evaluation: all frames (averaged) or the middle one
+    prefetch_factor: int  # batches each worker loads ahead (only with num_workers > 0)
+
+
+@dataclass
+class PackConfig:
+    """The packed layout (``pcav preprocess --pack``, ``pcav pack``; engine/data/pack.py)."""
+
+    clips_per_shard: int  # clips per shard file set; clip i lives in shard i // clips_per_shard
 
 
 @dataclass
@@ -68,6 +76,7 @@ class DataConfig:
     video: VideoConfig
     preprocess: PreprocessConfig
     loader: LoaderConfig
+    pack: PackConfig
     train_manifest: str | None = None
     eval_manifest: str | None = None
     label_csv: str | None = None  # AudioSet-style index,mid,display_name

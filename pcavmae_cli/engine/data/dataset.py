@@ -10,6 +10,11 @@ A sample is asked for by its manifest position, or by a pair ``(index, seed)``: 
 training frame is then drawn from a generator seeded with ``seed`` instead of the global RNG,
 so the trainer's sampler (``engine/train/data.py``) makes it a function of (recipe seed, epoch,
 clip), whatever process or worker loads the clip, and a resumed run sees the same frames.
+
+``manifest`` may be a plain ``manifest.jsonl`` or a pack's ``index.json`` (``pcav preprocess
+--pack``, ``engine/data/pack.py``): the store (``clip_store``) differs, the sample does not.
+Frames are bit-identical across layouts; the fbank equals the plain one within float16
+rounding of the log-Mel (the bound is in ``pack``'s docstring).
 """
 
 from __future__ import annotations
@@ -21,8 +26,8 @@ import torch
 from torch.utils.data import Dataset
 
 from pcavmae_cli.engine.data import fbank as fb
-from pcavmae_cli.engine.data.audio_io import read_wav
-from pcavmae_cli.engine.data.frames import load_frame
+from pcavmae_cli.engine.data.clip_store import open_store
+from pcavmae_cli.engine.data.frames import decode_frame
 from pcavmae_cli.engine.data.manifest import ClipRecord, LabelSet, read_label_csv, read_manifest
 from pcavmae_cli.engine.errors import UserError
 from pcavmae_cli.engine.schema import DataConfig
@@ -34,7 +39,8 @@ class AudioVisualDataset(Dataset):
     """Clips of one manifest, with the frame policy of training or of evaluation.
 
     Args:
-        manifest: path of a ``manifest.jsonl``.
+        manifest: path of a ``manifest.jsonl``, or of a pack's ``index.json`` (the layout
+            is recognised from the path; ``layout`` says which).
         cfg: the recipe's ``data`` section.
         frames: ``"random"`` (training: one random frame per visit), ``"middle"``, ``"all"``
             (evaluation: every frame, for averaging predictions) or a frame index.
@@ -42,8 +48,10 @@ class AudioVisualDataset(Dataset):
     """
 
     def __init__(self, manifest: str | Path, cfg: DataConfig, frames: FrameChoice, labels: LabelSet | None = None):
-        self.root = Path(manifest).parent
-        self.records: list[ClipRecord] = read_manifest(manifest)
+        self.store, clips = open_store(Path(manifest), cfg)
+        self.layout: str = self.store.layout
+        self.root = clips.parent
+        self.records: list[ClipRecord] = read_manifest(clips)
         self.cfg = cfg
         self.frames = frames
         self.labels = labels
@@ -102,11 +110,15 @@ class AudioVisualDataset(Dataset):
             raise UserError("this dataset was opened without a label set (data.label_csv)")
         return torch.stack([self._label_target(r) for r in self.records])
 
-    def audio(self, record: ClipRecord) -> torch.Tensor:
-        """Normalised fbank of a clip: ``(target_frames, num_mel_bins)``."""
-        rate = self.cfg.audio.sample_rate
-        waveform = read_wav(record.audio_path(self.root), rate)
-        return fb.model_input(waveform, rate, self.cfg.audio.fbank)
+    def audio(self, index: int) -> torch.Tensor:
+        """Normalised fbank of clip ``index``: ``(target_frames, num_mel_bins)`` (``fbank.model_input``)."""
+        cfg = self.cfg.audio.fbank
+        return fb.normalise(fb.fit_length(self.store.log_mel(index, self.records[index]), cfg.target_frames), cfg)
+
+    def frame(self, index: int, k: int) -> torch.Tensor:
+        """Frame ``k`` of clip ``index``: ``(3, crop_size, crop_size)`` (``frames.decode_frame``)."""
+        data, name = self.store.frame_bytes(index, self.records[index], k)
+        return decode_frame(data, self.cfg.video, name)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
         """Sample ``key``: a manifest position, or ``(position, seed)`` for a seeded random frame."""
@@ -114,9 +126,9 @@ class AudioVisualDataset(Dataset):
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         record = self.records[index]
         indices = self._frame_indices(record, generator)
-        pictures = [load_frame(record.frame_path(self.root, k), self.cfg.video) for k in indices]
+        pictures = [self.frame(index, k) for k in indices]
         sample = {
-            "fbank": self.audio(record),
+            "fbank": self.audio(index),
             "frames": torch.stack(pictures) if self.frames == "all" else pictures[0],
             "index": torch.tensor(index, dtype=torch.long),
         }

@@ -101,8 +101,15 @@ def write_lines(path: Path, rows: Iterable[ClipRecord | Failure]) -> None:
 
 
 def read_manifest(path: str | Path) -> list[ClipRecord]:
-    """All clips of a manifest; a bad line is an error naming the file and line number."""
+    """All clips of a manifest; a bad line is an error naming the file and line number.
+
+    A pack's ``index.json`` (``engine/data/pack.py``) reads as the manifest of the packed clips.
+    """
     path = Path(path)
+    from pcavmae_cli.engine.data import pack  # here: pack imports this module
+
+    if pack.is_pack_index(path):
+        path = pack.PackIndex.read(path).folder / pack.MANIFEST
     if not path.is_file():
         raise UserError(f"manifest not found: {path}")
     records = []

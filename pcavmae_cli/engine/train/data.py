@@ -99,6 +99,7 @@ def _loader_kwargs(cfg: LoaderConfig, rt: Runtime) -> dict:
     return dict(
         num_workers=workers,
         persistent_workers=workers > 0,
+        prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
         pin_memory=rt.device.type == "cuda",
         worker_init_fn=_ignore_ctrl_c if workers > 0 else None,
         # Its own generator: making an iterator then never draws from the global RNG.

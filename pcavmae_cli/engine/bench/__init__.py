@@ -1,0 +1,1 @@
+"""Throughput measurements of this machine, as ``pcav bench`` reports them (not tests)."""
