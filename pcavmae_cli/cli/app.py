@@ -16,6 +16,7 @@ from pcavmae_cli.cli import (
     demo_cmd,
     demo_data_cmd,
     download_cmd,
+    embed_cmd,
     evaluate_cmd,
     explain_cmd,
     finetune_cmd,
@@ -69,6 +70,7 @@ app.command("finetune")(finetune_cmd.finetune)
 app.command("evaluate")(evaluate_cmd.evaluate)
 app.add_typer(visualize_cmd.app, name="visualize")
 app.command("explain")(explain_cmd.explain)
+app.command("embed")(embed_cmd.embed)
 app.add_typer(convert_cmd.app, name="convert")
 
 

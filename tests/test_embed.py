@@ -1,0 +1,98 @@
+"""`pcav embed`: the same clip gives the same embeddings from a manifest or from its video file;
+interrupted runs resume; both output formats; fine-tuning checkpoints too.
+
+The checkpoints are tiny CAV-MAE models imported with `pcav convert` (no training needed).
+"""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import safetensors.torch as st
+import torch
+import torch.nn.functional as F
+
+from pcavmae_cli.engine import config
+from pcavmae_cli.engine.convert import convert_cavmae
+from pcavmae_cli.engine.data.preprocess import preprocess
+from pcavmae_cli.engine.embed import embed, work_folder
+from pcavmae_cli.engine.errors import UserError
+from tests.cavmae_reference import checkpoint_state
+from tests.cli_helpers import pcav
+from tests.test_cavmae_import import OVERRIDES, reference_finetune, reference_pretrain
+
+RUN = [*OVERRIDES, "data.loader.batch_size=2", "data.loader.num_workers=0", "train.device=cpu", "data.preprocess.jobs=2"]
+FEATURES = ("z_a", "z_v", "joint", "audio", "video")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, mp4_factory):
+    root = tmp_path_factory.mktemp("embed")
+    torch.save(checkpoint_state(reference_pretrain()), root / "pt.pth")
+    run = convert_cavmae(root / "pt.pth", root / "run", overrides=RUN).out
+    videos = root / "videos"
+    for i, tone in enumerate(("0.5*sin(2*PI*300*t)", "0.5*sin(2*PI*900*t)", "0.3*sin(2*PI*2000*t)")):
+        mp4_factory(videos / f"clip {i}.mp4", 2.0, size="64x48", tone=tone)
+    cfg = config.load_recipe(str(run / "config.yaml"))
+    manifest = preprocess(videos, root / "pre", cfg.data, jobs=2).manifest
+    return root, run, videos, manifest
+
+
+def npy(folder):
+    return {name: np.load(folder / f"{name}.npy") for name in FEATURES}
+
+
+def index_ids(path):
+    with path.open() as fh:
+        return [row["id"] for row in csv.DictReader(fh)]
+
+
+def test_a_clip_embeds_the_same_from_a_manifest_or_its_video_file(setup, tmp_path):
+    root, run, videos, manifest = setup
+    by_manifest = embed(run, tmp_path / "m", data=manifest, frames="all")
+    by_video = embed(run, tmp_path / "v.safetensors", videos=videos, frames="all")
+    assert by_manifest.n_clips == by_video.n_clips == 3
+    a, b = npy(tmp_path / "m"), st.load_file(str(tmp_path / "v.safetensors"))
+    for name in FEATURES:
+        assert a[name].shape == (3, 32)
+        assert np.array_equal(a[name], b[name].numpy()), name
+    assert index_ids(tmp_path / "m" / "index.csv") == index_ids(tmp_path / "v.csv") == ["clip_0", "clip_1", "clip_2"]
+    assert not np.allclose(a["audio"][0], a["audio"][1])  # different sounds, different embeddings
+    assert not work_folder(tmp_path / "v.safetensors").exists()
+
+
+def test_an_interrupted_run_resumes_from_its_chunks(setup, tmp_path):
+    root, run, videos, manifest = setup
+
+    def stop_after_second(number):
+        if number == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        embed(run, tmp_path / "out", videos=videos, chunk=1, on_chunk=stop_after_second)
+    assert len(list((work_folder(tmp_path / "out") / "chunks").glob("chunk-*.safetensors"))) == 2
+    resumed = embed(run, tmp_path / "out", videos=videos, chunk=1)
+    assert (resumed.chunks_skipped, resumed.chunks_done) == (2, 1)
+    whole = embed(run, tmp_path / "whole", data=manifest, chunk=1)  # the same batches, so the same bits
+    for name in FEATURES:
+        assert np.array_equal(npy(tmp_path / "out")[name], npy(tmp_path / "whole")[name]), name
+    assert whole.chunks_skipped == 0
+
+
+def test_a_finetuning_checkpoint_gives_its_encoder_features(setup, tmp_path):
+    root, _, _, manifest = setup
+    torch.save(checkpoint_state(reference_finetune()), tmp_path / "ft.pth")
+    run = convert_cavmae(tmp_path / "ft.pth", tmp_path / "ft", overrides=RUN).out
+    feats = npy(embed(run, tmp_path / "e", data=manifest).out)
+    torch.testing.assert_close(torch.from_numpy(feats["z_a"]), F.normalize(torch.from_numpy(feats["audio"]), dim=-1))
+
+
+def test_embed_needs_exactly_one_source(setup, tmp_path):
+    _, run, videos, manifest = setup
+    with pytest.raises(UserError, match="exactly one of --data MANIFEST and --videos DIR"):
+        embed(run, tmp_path / "x", data=manifest, videos=videos)
+    result = pcav("embed", "--checkpoint", str(run), "--out", str(tmp_path / "x"))
+    assert result.returncode == 1 and result.stderr.strip().startswith("error: give exactly one of")
+    assert len(result.stderr.strip().splitlines()) == 1
