@@ -113,7 +113,7 @@ class AudioVisualDataset(Dataset):
     def audio(self, index: int) -> torch.Tensor:
         """Normalised fbank of clip ``index``: ``(target_frames, num_mel_bins)`` (``fbank.model_input``)."""
         cfg = self.cfg.audio.fbank
-        return fb.normalise(fb.fit_length(self.store.log_mel(index, self.records[index]), cfg.target_frames), cfg)
+        return fb.padded_normalised(self.store.log_mel(index, self.records[index]), cfg)
 
     def frame(self, index: int, k: int) -> torch.Tensor:
         """Frame ``k`` of clip ``index``: ``(3, crop_size, crop_size)`` (``frames.decode_frame``)."""
