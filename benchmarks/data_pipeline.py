@@ -63,8 +63,9 @@ def main() -> None:
     for workers in (0, args.workers):
         for layout, manifest in (("plain", report.manifest), ("packed", packed.index)):
             r = bench_loader(manifest, cfg, workers=workers, passes=args.epochs)
+            cpu = "" if r["cpu_ms_per_sample"] is None else f", CPU {r['cpu_ms_per_sample']:.2f} ms per sample"
             print(f"loader:     {layout:6s} {workers} workers: {r['samples_per_s']:.0f} samples/s "
-                  f"({r['samples_per_s_per_worker']:.0f} per worker, {r['ms_per_sample']:.2f} ms per sample)")
+                  f"({r['samples_per_s_per_worker']:.0f} per worker, {r['ms_per_sample']:.2f} ms per sample{cpu})")
 
 
 def profile_plain_sample(manifest: Path, cfg, repeats: int = 50) -> None:

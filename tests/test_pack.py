@@ -111,3 +111,17 @@ def test_preprocess_pack_cli_writes_shards_reruns_idempotently_and_lists_bad_cli
     assert "0 written, 2 unchanged" in again.stdout
     assert {p.name: p.stat().st_mtime_ns for p in sorted((out / "pack").glob("shard-*"))} == stamps
     assert json.loads((out / "pack" / "index.json").read_text()) == index
+
+
+def test_bench_loader_times_both_layouts_through_the_training_loader(packed):
+    _, manifest, report, data = packed
+    from pcavmae_cli.engine.bench.loader import bench_loader
+
+    plain = bench_loader(manifest, data, workers=0, batch_size=3, passes=2)
+    pack = bench_loader(report.index, data, workers=1, batch_size=3, passes=1)  # a worker maps the shards itself
+    assert (plain["layout"], plain["workers"], plain["samples"]) == ("plain", 0, 16)
+    assert (pack["layout"], pack["workers"], pack["samples"]) == ("packed", 1, 8)
+    for r in (plain, pack):
+        assert r["samples_per_s"] == pytest.approx(r["samples"] / r["seconds"])
+        assert r["ms_per_sample"] == pytest.approx(1000 / r["samples_per_s_per_worker"])
+    assert 0 < plain["cpu_ms_per_sample"] and pack["cpu_ms_per_sample"] is None

@@ -43,8 +43,11 @@ def bench_loader(
             torch's setting.
     Returns:
         ``{"layout": "plain" | "packed", "workers", "batch_size", "samples", "seconds",
-        "samples_per_s", "samples_per_s_per_worker", "ms_per_sample"}``; ``ms_per_sample`` is
-        the time one worker (or the main process, with 0 workers) spends per sample.
+        "samples_per_s", "samples_per_s_per_worker", "ms_per_sample", "cpu_ms_per_sample"}``;
+        ``ms_per_sample`` is the wall time one worker (or the main process, with 0 workers)
+        spends per sample; ``cpu_ms_per_sample`` the CPU time this process spent per sample
+        (``workers=0`` only, else ``None``): on a busy machine it still says what a free core
+        would do.
     """
     loader_cfg = data.loader.__class__(**{**vars(data.loader), "num_workers": workers})
     if batch_size is not None:
@@ -59,12 +62,12 @@ def bench_loader(
         sampler.set_epoch(0, start=len(sampler) - 1)  # the last batch only: starts the workers
         for _ in loader:
             pass
-        count, start = 0, time.perf_counter()
+        count, start, cpu_start = 0, time.perf_counter(), time.process_time()
         for epoch in range(1, passes + 1):
             sampler.set_epoch(epoch)
             for batch in loader:
                 count += batch["fbank"].shape[0]
-        seconds = time.perf_counter() - start
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     finally:
         close_loader(loader)
         torch.set_num_threads(threads_before)
@@ -79,4 +82,5 @@ def bench_loader(
         "samples_per_s": rate,
         "samples_per_s_per_worker": per_worker,
         "ms_per_sample": 1000.0 / per_worker,
+        "cpu_ms_per_sample": 1000.0 * cpu_seconds / count if workers == 0 else None,
     }
