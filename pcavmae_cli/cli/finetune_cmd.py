@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from pcavmae_cli.cli import options
+from pcavmae_cli.cli import launch, options
 from pcavmae_cli.cli.console import console, err_console, progress_bar
 from pcavmae_cli.cli.metrics_view import format_metric
 from pcavmae_cli.engine import config
@@ -43,6 +43,7 @@ def finetune(
         metavar="PATH", show_default=False,
     ),
     overrides: Optional[list[str]] = options.Overrides,
+    nproc: Optional[int] = typer.Option(None, "--nproc", help=launch.NPROC_HELP, metavar="N", show_default=False),
 ) -> None:
     """Fine-tune a pre-trained model for classification: encoders + joint layer + a new head.
 
@@ -54,23 +55,37 @@ def finetune(
 
     The pre-training run comes from --init-from PATH, finetune.init_from=PATH or init_from=PATH.
 
+    Several GPUs: --nproc N starts torchrun (data.loader.batch_size stays the global batch).
+
     Example: pcav finetune --recipe finetune_demo --init-from pcav-demo/runs/pretrain train.run_dir=runs/ft
     """
-    from pcavmae_cli.engine.train.finetune import finetune as run  # imports torch: not for --help
+    if nproc is not None:
+        given_init = [] if init_from is None else ["--init-from", init_from]
+        command = ["finetune", "--recipe", recipe, *given_init, *(overrides or [])]
+        raise typer.Exit(launch.run_under_torchrun(nproc, command))
+    from pcavmae_cli.engine.train.distributed import shutdown, world_from_env  # imports torch: not for --help
+    from pcavmae_cli.engine.train.finetune import finetune as run
     from pcavmae_cli.engine.train.stop import Interrupted
 
     # ``init_from=PATH`` (the issue's spelling) is short for ``finetune.init_from=PATH``.
     given = [f"finetune.{o}" if o.startswith("init_from=") else o for o in overrides or []]
     extra = [] if init_from is None else [f"finetune.init_from={init_from}"]
     cfg = config.load_recipe(recipe, [*given, *extra])
+    main = world_from_env().rank == 0
     try:
-        result = run(cfg, RichReporter())
+        result = run(cfg, RichReporter() if main else None)
     except Interrupted as stop:
+        if not main:
+            raise typer.Exit(130) from None
         where = f"wrote {stop.checkpoint} at step {stop.step}" if stop.checkpoint else "nothing written"
         err_console.print(
             f"[yellow]stopped[/] ({stop.reason}): {where}; continue with train.resume=true", highlight=False
         )
         raise typer.Exit(130) from None
+    finally:
+        shutdown()
+    if not main:
+        return
     if result.init is not None:
         dropped = sorted({k.split(".")[0] if not k.startswith("backbone.") else ".".join(k.split(".")[:2])
                           for k in result.init.dropped})  # fmt: skip

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from pcavmae_cli.cli import options
+from pcavmae_cli.cli import launch, options
 from pcavmae_cli.cli.console import console, err_console, progress_bar
 from pcavmae_cli.engine import config
 
@@ -41,26 +41,38 @@ def summary_table(result) -> Table:
 def pretrain(
     recipe: str = options.Recipe,
     overrides: Optional[list[str]] = options.Overrides,
+    nproc: Optional[int] = typer.Option(None, "--nproc", help=launch.NPROC_HELP, metavar="N", show_default=False),
 ) -> None:
     """Pre-train PCAV-MAE with a recipe: stages, prototype E-step, checkpoints in train.run_dir.
 
     The run folder gets config.yaml, metrics.jsonl, checkpoints/last and best, prototypes/.
     Ctrl-C (or SIGTERM) stops after writing checkpoints/last; train.resume=true continues it.
+    Several GPUs: --nproc N (one machine), or torchrun ... -m pcavmae_cli pretrain (several).
 
     Example: pcav pretrain --recipe demo data.train_manifest=pcav-demo/data/train/manifest.jsonl train.run_dir=runs/demo
     """
-    from pcavmae_cli.engine.train.pretrain import pretrain as run  # imports torch: not for --help
+    if nproc is not None:
+        raise typer.Exit(launch.run_under_torchrun(nproc, ["pretrain", "--recipe", recipe, *(overrides or [])]))
+    from pcavmae_cli.engine.train.distributed import shutdown, world_from_env  # imports torch: not for --help
+    from pcavmae_cli.engine.train.pretrain import pretrain as run
     from pcavmae_cli.engine.train.stop import Interrupted
 
     cfg = config.load_recipe(recipe, overrides or [])
+    main = world_from_env().rank == 0
     try:
-        result = run(cfg, RichReporter())
+        result = run(cfg, RichReporter() if main else None)
     except Interrupted as stop:
+        if not main:
+            raise typer.Exit(130) from None
         where = f"wrote {stop.checkpoint} at step {stop.step}" if stop.checkpoint else "nothing written"
         err_console.print(
             f"[yellow]stopped[/] ({stop.reason}): {where}; continue with train.resume=true", highlight=False
         )
         raise typer.Exit(130) from None
+    finally:
+        shutdown()
+    if not main:
+        return
     if result.epochs:
         console.print(summary_table(result))
     minutes = result.seconds / 60

@@ -1,8 +1,39 @@
-"""MAE-style random masking: each sample keeps its own random subset of tokens."""
+"""MAE-style random masking: each sample keeps its own random subset of tokens.
+
+Under DDP a rank holds a slice of the global batch. Inside ``global_batch_rows(start, total)``
+the mask noise is drawn for all ``total`` rows of the global batch and this rank keeps its rows,
+so every rank's global RNG advances as one process's would and a clip gets the mask it would get
+in a single-process run of the same recipe (``engine/train/distributed.py``).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import torch
+
+_GLOBAL_ROWS: ContextVar[tuple[int, int] | None] = ContextVar("global_batch_rows", default=None)
+
+
+@contextmanager
+def global_batch_rows(start: int, total: int) -> Iterator[None]:
+    """Masks drawn inside are rows ``start : start + B`` of a ``total``-row global batch's."""
+    token = _GLOBAL_ROWS.set((start, total))
+    try:
+        yield
+    finally:
+        _GLOBAL_ROWS.reset(token)
+
+
+def _noise(B: int, N: int, device: torch.device) -> torch.Tensor:
+    """Uniform ``(B, N)`` noise: this batch's, or this rank's rows of the global batch's."""
+    rows = _GLOBAL_ROWS.get()
+    if rows is None:
+        return torch.rand(B, N, device=device)
+    start, total = rows
+    return torch.rand(total, N, device=device)[start : start + B]
 
 
 def random_masking(x: torch.Tensor, ratio: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -22,7 +53,7 @@ def random_masking(x: torch.Tensor, ratio: float) -> tuple[torch.Tensor, torch.T
     """
     B, N, D = x.shape
     len_keep = int(N * (1 - ratio))
-    ids_shuffle = torch.rand(B, N, device=x.device).argsort(dim=1)  # ascending: first are kept
+    ids_shuffle = _noise(B, N, x.device).argsort(dim=1)  # ascending: first are kept
     ids_restore = ids_shuffle.argsort(dim=1)
     kept = x.gather(1, ids_shuffle[:, :len_keep, None].expand(-1, -1, D))
     mask = torch.ones(B, N, device=x.device)

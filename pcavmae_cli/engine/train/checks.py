@@ -20,7 +20,7 @@ FINETUNE_SECTIONS = ("model", "optim", "train", "finetune")
 class Plan:
     """What the recipe implies for the loop."""
 
-    accum_steps: int  # micro-batches per optimiser step: effective_batch / (batch_size * world)
+    accum_steps: int  # micro-batches per optimiser step: effective_batch / batch_size (global batches)
     total_epochs: int  # all stages
 
 
@@ -70,16 +70,21 @@ def check_loop(cfg: Recipe, world_size: int = 1) -> int:
             raise UserError(f"key '{key}' must be >= 1, got {value}")
     if loader.num_workers < 0:
         raise UserError(f"key 'data.loader.num_workers' must be >= 0, got {loader.num_workers}")
-    per_step = loader.batch_size * world_size
-    if cfg.optim.effective_batch % per_step:
-        across = f" x {world_size} processes" if world_size > 1 else ""
+    # data.loader.batch_size is the micro-batch of all processes together (train/distributed.py):
+    # the accumulation, like the rest of the recipe, does not depend on the world size.
+    if cfg.optim.effective_batch % loader.batch_size:
         raise UserError(
             f"key 'optim.effective_batch' ({cfg.optim.effective_batch}) must be a multiple of "
-            f"'data.loader.batch_size' ({loader.batch_size}{across})"
+            f"'data.loader.batch_size' ({loader.batch_size})"
+        )
+    if loader.batch_size < world_size:
+        raise UserError(
+            f"key 'data.loader.batch_size' ({loader.batch_size}) is the batch of all {world_size} processes "
+            "together and must give each at least one clip"
         )
     if cfg.optim.lr < 0 or cfg.optim.min_lr < 0 or cfg.optim.warmup_epochs < 0:
         raise UserError("keys 'optim.lr', 'optim.min_lr' and 'optim.warmup_epochs' must be >= 0")
-    return cfg.optim.effective_batch // per_step
+    return cfg.optim.effective_batch // loader.batch_size
 
 
 def check_finetune(cfg: Recipe, world_size: int = 1) -> Plan:

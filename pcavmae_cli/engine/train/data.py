@@ -10,7 +10,10 @@ the process that happens to make it:
   clip matters, and persistent workers need no ``set_epoch`` of their dataset copy;
 - a resumed epoch starts at the batch where the checkpoint stopped (``set_epoch(epoch, start)``).
 
-Distributed training will shard each epoch's permutation by rank here (as DistributedSampler).
+Several processes: every rank draws the same epoch order and the same global batches (the
+recipe's ``data.loader.batch_size`` clips); rank r keeps its contiguous slice of each
+(``distributed.split``), so the global batch, the per-clip seeds and a resume position (in
+global batches) are the same at any world size.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pcavmae_cli.engine.schema import LoaderConfig
+from pcavmae_cli.engine.train.distributed import bounds
 from pcavmae_cli.engine.train.runtime import Runtime
 
 _MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant: distinct (seed, epoch, index) give distinct seeds
@@ -50,12 +54,15 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
         weights: ``(n,)`` sampling weights (balanced sampling, ``finetune.balanced_sampling``):
             an epoch is then ``n`` clips drawn with replacement with probability proportional
             to the weights, as torch's ``WeightedRandomSampler``; ``None``: a permutation.
+        rank, world_size: this process keeps its slice of every global batch.
     """
 
     def __init__(
-        self, n: int, batch_size: int, seed: int, max_batches: int | None = None, weights: torch.Tensor | None = None
-    ):
+        self, n: int, batch_size: int, seed: int, max_batches: int | None = None, weights: torch.Tensor | None = None,
+        rank: int = 0, world_size: int = 1,
+    ):  # fmt: skip
         self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.rank, self.world_size = rank, world_size
         if weights is not None and weights.shape != (n,):
             raise ValueError(f"weights must be ({n},), got {tuple(weights.shape)}")
         self.weights = None if weights is None else weights.double()
@@ -80,12 +87,22 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
             first = b * self.batch_size
             chunk = order[first : first + self.batch_size]
             if self.weights is None:
-                yield [(i, sample_seed(self.seed, self.epoch, i)) for i in chunk]
+                batch = [(i, sample_seed(self.seed, self.epoch, i)) for i in chunk]
             else:  # a clip may be drawn twice: seed by position, so its two visits differ
-                yield [(i, sample_seed(self.seed, self.epoch, first + j)) for j, i in enumerate(chunk)]
+                batch = [(i, sample_seed(self.seed, self.epoch, first + j)) for j, i in enumerate(chunk)]
+            start, stop = bounds(len(batch), self.world_size, self.rank)
+            yield batch[start:stop]
 
     def __len__(self) -> int:
         return max(0, self.batches_per_epoch - self.start)
+
+    def global_size(self, b: int) -> int:
+        """Clips of global batch ``b`` of an epoch (all ranks together)."""
+        return max(0, min(self.batch_size, self.n - b * self.batch_size))
+
+    def smallest_batch(self) -> int:
+        """The fewest clips a global batch of an epoch holds (the last one may be short)."""
+        return min(self.global_size(b) for b in range(self.batches_per_epoch))
 
 
 def _ignore_ctrl_c(_worker_id: int) -> None:

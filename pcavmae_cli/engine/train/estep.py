@@ -7,10 +7,18 @@ deterministic, so the prototypes of an epoch depend on the weights only, and the
 likely to show the clip's content. Row i of the embeddings is manifest row i, which is what the
 losses look up through the batch's ``index``. ``estep`` then clusters and the prototypes are
 written to ``run_dir/prototypes/prototypes-epochNNNN.safetensors`` (rank 0).
+
+Several processes: rank r embeds its contiguous shard of the manifest (``distributed.bounds``;
+uneven shards differ by one clip and nothing is padded, so no clip counts twice in the clustering),
+``estep`` clusters the shards with all-reduced sums and counts (``prototypes.comm.TorchComm``;
+no feature leaves its rank), and the N int assignments are summed into one (N,) tensor so that
+every rank can look up the prototype of any clip it trains on. Every rank ends with identical
+prototypes; the file written is the same as a single process would write.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +29,7 @@ from torch.utils.data import DataLoader
 from pcavmae_cli.engine.model import MomentumEncoder
 from pcavmae_cli.engine.prototypes import Prototypes, estep, save_prototypes
 from pcavmae_cli.engine.schema import PrototypeConfig
+from pcavmae_cli.engine.train.distributed import bounds, comm_device, sum_across
 from pcavmae_cli.engine.train.runtime import Runtime
 
 
@@ -31,22 +40,43 @@ def embed_training_set(
     rt: Runtime,
     advance: Callable[..., None] = lambda n=1, note="": None,
     check_stop: Callable[[], None] = lambda: None,
+    first_row: int = 0,
+    rounds: int = 0,
 ) -> tuple[Tensor, Tensor]:
-    """z_a, z_v ``(N, proj_dim)`` float32 of every clip of ``loader``'s dataset, row = manifest index."""
+    """z_a, z_v ``(n, proj_dim)`` float32 of the n clips of ``loader``'s dataset, row =
+    manifest index - ``first_row`` (the loader holds manifest rows ``first_row ..`` of a shard).
+
+    ``check_stop`` runs once per batch and then again up to ``rounds`` calls in all: under DDP it
+    is a collective, and shards with fewer batches must call it as often as the others.
+    """
     n = len(loader.dataset)
     z_a = z_v = None
+    calls = 0
     for batch in loader:
         check_stop()
+        calls += 1
         with rt.autocast():
             emb = momentum.embed(batch["fbank"].to(rt.device, non_blocking=True),
                                  batch["frames"].to(rt.device, non_blocking=True))
         if z_a is None:
             z_a = torch.empty(n, emb.z_a.shape[1], device=rt.device)
             z_v = torch.empty(n, emb.z_v.shape[1], device=rt.device)
-        index = batch["index"].to(rt.device)
+        index = batch["index"].to(rt.device) - first_row
         z_a[index], z_v[index] = emb.z_a.float(), emb.z_v.float()
         advance(1)
+    for _ in range(calls, rounds):
+        check_stop()
     return z_a, z_v
+
+
+def global_assignments(protos: Prototypes, first_row: int, n_total: int, device: torch.device) -> Prototypes:
+    """``protos`` with the assignment of every manifest row ``(N,)``: this shard's rows placed at
+    ``first_row ..``, zeros elsewhere, summed over ranks (ints only; features stay put)."""
+    full = torch.zeros(n_total, dtype=torch.long, device=comm_device(device))
+    local = protos.assignments
+    full[first_row : first_row + local.shape[0]] = local.to(full.device)
+    sum_across(full)
+    return dataclasses.replace(protos, assignments=full.to(local.device))
 
 
 def run_estep(
@@ -58,10 +88,22 @@ def run_estep(
     folder: Path,
     advance: Callable[..., None] = lambda n=1, note="": None,
     check_stop: Callable[[], None] = lambda: None,
+    *,
+    n_total: int | None = None,
+    rounds: int = 0,
 ) -> list[Prototypes]:
-    """Prototypes of epoch ``epoch`` at every granularity; written under ``folder`` by rank 0."""
-    z_a, z_v = embed_training_set(momentum, loader, rt, advance, check_stop)
+    """Prototypes of epoch ``epoch`` at every granularity; written under ``folder`` by rank 0.
+
+    ``loader`` holds this rank's shard of the manifest: rows ``bounds(N, world, rank)`` (all of
+    them in one process), ``n_total`` the manifest's N (default: the loader's, one process),
+    ``rounds`` the most batches of any shard.
+    """
+    n_total = len(loader.dataset) if n_total is None else n_total
+    first_row, _ = bounds(n_total, rt.world_size, rt.rank)
+    z_a, z_v = embed_training_set(momentum, loader, rt, advance, check_stop, first_row, rounds)
     protos = estep(z_a, z_v, cfg, epoch=epoch)
+    if rt.world_size > 1:
+        protos = [global_assignments(p, first_row, n_total, rt.device) for p in protos]
     if rt.is_main:
         save_prototypes(protos, folder, epoch)
     return protos

@@ -18,10 +18,17 @@ epochs N..last (CAV-MAE's checkpoint averaging), validated once more.
 The pieces are pre-training's: ``runtime`` (device, bf16 autocast, RNG states), ``checks``,
 ``schedule``, ``optim``, ``data`` (seeded order and per-clip seeds), ``checkpoint`` (atomic folders),
 ``metrics`` and ``stop``; resume (``train.resume=true``) is exact in the same way.
+
+Under torchrun (``distributed.py``) the classifier is wrapped in DDP, each rank takes its slice
+of every global batch (mixup pairs clips within a rank's slice), the loss is weighted so that
+DDP's average is the global batch's mean, the logged loss is reduced across ranks together with
+any stop request, every rank validates (identical numbers, so all agree on ``best``), and only
+rank 0 writes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -33,6 +40,7 @@ from typing import Any
 
 import safetensors.torch as st
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from pcavmae_cli.engine import config
 from pcavmae_cli.engine.data.dataset import AudioVisualDataset
@@ -46,6 +54,7 @@ from pcavmae_cli.engine.train import augment
 from pcavmae_cli.engine.train import checkpoint as ckpt
 from pcavmae_cli.engine.train.checks import check_finetune
 from pcavmae_cli.engine.train.data import EpochBatchSampler, balanced_weights, close_loader, embed_loader, train_loader
+from pcavmae_cli.engine.train.distributed import BatchShard, check_batches_fit_world, comm_device, split, world_from_env
 from pcavmae_cli.engine.train.metrics import Meter, MetricsLog, read_metrics
 from pcavmae_cli.engine.train.optim import build_finetune_optimizer, set_lr
 from pcavmae_cli.engine.train.pretrain import ProgressReporter, SilentReporter, StepInfo, TrainingDiverged
@@ -145,9 +154,9 @@ class FineTuner:
     def __init__(self, cfg: Recipe, reporter: ProgressReporter, on_step: Callable[[StepInfo], None] | None):
         self.started = time.perf_counter()
         self.cfg, self.reporter, self.on_step = cfg, reporter, on_step
-        self.plan = check_finetune(cfg)
-        ft, data, loader_cfg = cfg.finetune, cfg.data, cfg.data.loader
+        self.plan = check_finetune(cfg, world_from_env().world_size)  # before any work, the group included
         self.rt = resolve_runtime(cfg.train)
+        ft, data, loader_cfg = cfg.finetune, cfg.data, cfg.data.loader
         self.run_dir = Path(cfg.train.run_dir)
         init_folder = None
         if ft.init_from is not None:
@@ -173,7 +182,9 @@ class FineTuner:
             len(self.dataset), loader_cfg.batch_size, cfg.seed, weights=weights,
             max_batches=None if cfg.train.max_steps_per_epoch is None
             else cfg.train.max_steps_per_epoch * self.plan.accum_steps,
+            rank=self.rt.rank, world_size=self.rt.world_size,
         )  # fmt: skip
+        check_batches_fit_world(self.sampler, self.rt.world_size)
         self.loader = train_loader(self.dataset, self.sampler, loader_cfg, self.rt)
         self.eval_loader = embed_loader(self.eval_dataset, loader_cfg, self.rt) if self.eval_dataset else None
         steps_per_epoch = -(-self.sampler.batches_per_epoch // self.plan.accum_steps)
@@ -193,6 +204,7 @@ class FineTuner:
             else:  # a baseline: the encoders as a fresh pre-training model would start
                 load_pretraining_state(self.model, PCAVMAE(cfg.model).state_dict(), "a freshly initialised PCAV-MAE")
         self.model.to(self.rt.device)
+        self.net: torch.nn.Module = self.model  # under torchrun: the DDP wrapper, built at the first epoch
         self.optimizer = build_finetune_optimizer(
             self.model, cfg.optim, head_lr_multiplier=ft.head_lr_multiplier, layer_decay=ft.layer_decay
         )
@@ -294,7 +306,7 @@ class FineTuner:
                 close_loader(self.eval_loader)
         if self.average is not None and ckpt.find_checkpoint(self.run_dir, "averaged", ckpt.FINETUNE_FILES) is None:
             self._finish_average()
-        lines = read_metrics(self.metrics.path)
+        lines = read_metrics(self.metrics.path) if self.rt.is_main else []  # rank 0 writes it
         averaged = [r for r in lines if r["kind"] == "averaged"]
         files = ckpt.FINETUNE_FILES
         return FinetuneResult(
@@ -329,13 +341,28 @@ class FineTuner:
             fbank = augment.fbank_noise(fbank)
         targets = augment.smooth_targets(targets, ft.label_smoothing)
         with self.rt.autocast():
-            logits = self.model(fbank, frames)
+            logits = self.net(fbank, frames)
         return augment.classification_loss(logits, targets, self.label_mode)
+
+    def _wrap(self) -> None:
+        """DDP around the classifier, once (what trains never changes here)."""
+        if self.rt.world_size > 1 and self.net is self.model:
+            ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
+            self.net = DistributedDataParallel(
+                self.model, device_ids=ids, find_unused_parameters=True, broadcast_buffers=False
+            )
+
+    def _shard(self, b: int) -> BatchShard | None:
+        if self.rt.world_size == 1:
+            return None
+        sizes = split(self.sampler.global_size(b), self.rt.world_size)
+        return BatchShard(tuple(sizes), self.rt.rank, comm_device(self.rt.device))
 
     def _epoch(self, stop: StopRequests) -> None:
         st = self.state
         epoch = st.epoch
         self.model.train()
+        self._wrap()
         if st.position == 0:
             self.epoch_meter, self.window_meter = Meter(("loss",)), Meter(("loss",))
         accum, n_batches = self.plan.accum_steps, self.sampler.batches_per_epoch
@@ -346,14 +373,23 @@ class FineTuner:
             advance(st.position // accum, "")
             in_group = 0
             for batch in self.loader:
-                stop.check()
-                loss = self.batch_loss(batch)
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise self._diverged(value)
+                shard = self._shard(st.position + in_group)
+                if shard is None:
+                    stop.check()  # under DDP: agreed in the loss reduction below
                 group = min(accum, n_batches - st.position)
-                (loss / group).backward()
-                n = batch["fbank"].shape[0]
+                last_of_group = in_group + 1 == group
+                with contextlib.nullcontext() if shard is None or last_of_group else self.net.no_sync():
+                    loss = self.batch_loss(batch)
+                    value = float(loss.detach())
+                    if shard is not None:  # the global batch's mean loss, and whether any rank stops
+                        (value,), (asked,) = shard.mean([value], [float(stop.reason is not None)])
+                        if asked:
+                            raise KeyboardInterrupt(stop.reason or "another process stopped")
+                        loss = loss * shard.local_weight  # DDP averages: sum_r n_r / B grad(L_r)
+                    if not math.isfinite(value):
+                        raise self._diverged(value)
+                    (loss / group).backward()
+                n = batch["fbank"].shape[0] if shard is None else shard.total
                 self.epoch_meter.add({"loss": value}, n)
                 self.window_meter.add({"loss": value}, n)
                 epoch_samples += n

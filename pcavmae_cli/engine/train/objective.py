@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor
 
 from pcavmae_cli.engine.losses import infonce, loss_weights, pcpe_loss, pje_loss, reconstruction_loss, total_loss
 from pcavmae_cli.engine.model import PCAVMAE
+from pcavmae_cli.engine.model.masking import global_batch_rows
 from pcavmae_cli.engine.prototypes import Prototypes
 from pcavmae_cli.engine.schema import LossConfig
+from pcavmae_cli.engine.train.distributed import BatchShard
 from pcavmae_cli.engine.train.runtime import Runtime
 
 
@@ -33,6 +36,7 @@ def batch_losses(
     loss: LossConfig,
     protos: Sequence[Prototypes] | None,
     rt: Runtime,
+    shard: BatchShard | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Forward one batch and compute its losses.
 
@@ -40,30 +44,58 @@ def batch_losses(
         batch: ``fbank`` (B, T, F), ``frames`` (B, 3, S, S), ``index`` (B,) manifest rows, on device.
         loss: the stage's loss weights and settings.
         protos: this epoch's prototypes (one per granularity), or ``None`` (warm-up, no prototypes).
+        shard: under DDP, this rank's slice of the global batch: the masks are this slice of the
+            global batch's, the contrastive losses (InfoNCE, eq. 1, eq. 3) see the gathered
+            global batch, and L_r (per clip) is weighted by ``shard.local_weight``.
 
     Returns:
         the weighted total to back-propagate, and the detached parts to log (``total`` included;
-        ``r_a`` and ``r_v`` next to their sum ``r``).
+        ``r_a`` and ``r_v`` next to their sum ``r``); under DDP the logged parts are this rank's
+        view (global-batch contrastive parts, local L_r), whose clip-weighted mean over ranks is
+        the global batch's.
     """
     on = protos is not None
-    with rt.autocast():
+    rows = nullcontext() if shard is None else global_batch_rows(shard.start, shard.total)
+    with rt.autocast(), rows:
         out = model(batch["fbank"], batch["frames"], decode=decodes(loss, on))
-    index = batch["index"]
+    whole = (lambda t: t) if shard is None else shard.gather
+    index = whole(batch["index"])
     parts: dict[str, Tensor] = {}
     extra: dict[str, Tensor] = {}
+    if loss.w_infonce != 0 or (on and loss.w_pje != 0):
+        z_a, z_v = whole(out.z_a), whole(out.z_v)  # (B_global, D) under DDP
     if loss.w_infonce != 0:
-        parts["infonce"] = infonce(out.z_a, out.z_v, loss.infonce_temperature)
+        parts["infonce"] = infonce(z_a, z_v, loss.infonce_temperature)
     if loss.w_r != 0:
         extra["r_a"] = reconstruction_loss(out.pred_a, out.target_a, out.mask_a)
         extra["r_v"] = reconstruction_loss(out.pred_v, out.target_v, out.mask_v)
         parts["r"] = extra["r_a"] + extra["r_v"]
     if on and loss.w_pje != 0:
-        parts["pje"] = pje_loss(out.z_a, out.z_v, protos, index, loss.num_negatives)
+        parts["pje"] = pje_loss(z_a, z_v, protos, index, loss.num_negatives)
     if on and loss.w_pcpe != 0:
-        parts["pcpe"] = pcpe_loss(out.zd_a, out.zd_v, protos, index, loss.num_negatives)
-    total, logged = total_loss(parts, loss_weights(loss))
+        parts["pcpe"] = pcpe_loss(whole(out.zd_a), whole(out.zd_v), protos, index, loss.num_negatives)
+    weights = loss_weights(loss)
+    total, logged = total_loss(parts, weights)
+    if shard is not None and "r" in parts and weights["r"] != 0:  # L_r is this rank's mean: reweight it
+        total = total + (shard.local_weight - 1) * weights["r"] * parts["r"].float()
     logged.update({k: v.detach().float() for k, v in extra.items()})
     return total, logged
+
+
+class BatchObjective(torch.nn.Module):
+    """``batch_losses`` as a module, for DDP to wrap: its output is the loss itself, so DDP's search
+    for unused parameters starts from what is back-propagated (the model's own outputs include
+    heads a stage may leave out of the loss, e.g. the L_PCPE projections during warm-up)."""
+
+    def __init__(self, model: PCAVMAE):
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, batch: dict[str, Tensor], loss: LossConfig, protos: Sequence[Prototypes] | None, rt: Runtime,
+        shard: BatchShard | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:  # fmt: skip
+        return batch_losses(self.model, batch, loss, protos, rt, shard)
 
 
 def loss_values(logged: dict[str, Tensor]) -> dict[str, float]:

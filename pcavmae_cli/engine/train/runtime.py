@@ -11,8 +11,9 @@ needed for bf16), or ``auto``:
   ViT-B model (batch 2) 2.8 s in fp32 and 4.3 s with bf16. bf16 autocast on such a CPU only
   adds casts, so ``auto`` does not pick it; ``bf16`` can still be asked for explicitly.
 
-The rank fields are where distributed training (DDP, one process per GPU) will plug in: only
-the main process (rank 0) writes files; today the world is one process.
+Under torchrun (``engine/train/distributed.py``) the runtime joins the process group: rank and
+world size come from torchrun's environment, the device is ``cuda:LOCAL_RANK`` on GPUs, and only
+the main process (rank 0) writes files.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 
 from pcavmae_cli.engine.errors import UserError
 from pcavmae_cli.engine.schema import TrainConfig
+from pcavmae_cli.engine.train.distributed import init_from_env
 
 
 @dataclass
@@ -75,8 +77,13 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
 
 
 def resolve_runtime(cfg: TrainConfig) -> Runtime:
+    """Device, precision and, under torchrun, rank and world size (joining the process group)."""
+    wants_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    world = init_from_env(use_cuda=wants_cuda)  # sets cuda:LOCAL_RANK as the current device
     device = resolve_device(cfg.device)
-    return Runtime(device=device, dtype=resolve_precision(cfg.precision, device))
+    return Runtime(
+        device=device, dtype=resolve_precision(cfg.precision, device), rank=world.rank, world_size=world.world_size
+    )
 
 
 def seed_everything(seed: int) -> None:
