@@ -9,7 +9,7 @@ from tests.cli_helpers import pcav
 
 COMMANDS = [
     "demo", "demo-data", "download", "preprocess", "pack", "stats", "pretrain", "finetune", "evaluate", "recipes", "visualize",
-    "explain", "embed", "convert",
+    "explain", "embed", "convert", "bench",
 ]  # fmt: skip
 SUBCOMMANDS = (
     [[c] for c in COMMANDS]

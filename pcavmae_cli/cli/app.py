@@ -12,6 +12,7 @@ import typer
 
 from pcavmae_cli import __version__
 from pcavmae_cli.cli import (
+    bench_cmd,
     convert_cmd,
     demo_cmd,
     demo_data_cmd,
@@ -72,6 +73,7 @@ app.add_typer(visualize_cmd.app, name="visualize")
 app.command("explain")(explain_cmd.explain)
 app.command("embed")(embed_cmd.embed)
 app.add_typer(convert_cmd.app, name="convert")
+app.command("bench")(bench_cmd.bench)
 
 
 def main() -> None:

@@ -212,6 +212,8 @@ class TrainConfig:
     save_every_epochs: int  # checkpoint period; `last` is always written at the end of a stage
     resume: bool  # continue from checkpoints/last in run_dir
     max_steps_per_epoch: int | None = None  # cap for smoke runs; null: the whole manifest
+    compile: bool = False  # torch.compile the pre-training step; eager with a warning where it fails
+    activation_checkpointing: bool = False  # recompute block activations in backward (large batches)
 
 
 @dataclass

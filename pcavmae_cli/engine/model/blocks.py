@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 class Attention(nn.Module):
@@ -77,8 +78,14 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads)
         self.norm2 = nn.ModuleDict({s: nn.LayerNorm(dim, eps=eps) for s in streams})
         self.mlp = Mlp(dim, mlp_dim)
+        self.checkpointed = False  # recompute activations in backward (train.activation_checkpointing)
 
     def forward(self, x: torch.Tensor, stream: str = "x") -> torch.Tensor:
         """x: ``(B, N, C)`` tokens of input ``stream`` -> ``(B, N, C)``."""
+        if self.checkpointed and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, stream, use_reentrant=False)
+        return self._forward(x, stream)
+
+    def _forward(self, x: torch.Tensor, stream: str) -> torch.Tensor:
         x = x + self.attn(self.norm1[stream](x))
         return x + self.mlp(self.norm2[stream](x))

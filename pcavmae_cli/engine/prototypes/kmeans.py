@@ -39,10 +39,16 @@ def assign(x: Tensor, centroids: Tensor, chunk_rows: int = CHUNK_ROWS) -> tuple[
     n = x.shape[0]
     assignment = torch.empty(n, dtype=torch.long, device=x.device)
     similarity = torch.empty(n, dtype=x.dtype, device=x.device)
+    # One similarity block reused for every chunk, written by mm(out=) and reduced by max(out=)
+    # into the result slices: a fresh (c, K) block per chunk costs page faults on the CPU
+    # (the allocator hands large blocks back to the OS) and was half the time of an iteration.
+    block = x.new_empty(min(chunk_rows, n), centroids.shape[0])
+    centroids_t = centroids.T
     for start in range(0, n, chunk_rows):
-        sim, idx = (x[start : start + chunk_rows] @ centroids.T).max(dim=1)  # (c, K) -> (c,)
-        similarity[start : start + chunk_rows] = sim
-        assignment[start : start + chunk_rows] = idx
+        rows = x[start : start + chunk_rows]
+        sim = block[: rows.shape[0]]
+        torch.mm(rows, centroids_t, out=sim)  # (c, K)
+        torch.max(sim, dim=1, out=(similarity[start : start + chunk_rows], assignment[start : start + chunk_rows]))
     return assignment, similarity
 
 

@@ -41,6 +41,7 @@ from pcavmae_cli.engine.train import checkpoint as ckpt
 from pcavmae_cli.engine.train.checks import check_clusters, check_recipe, is_stage_end, stage_of
 from pcavmae_cli.engine.train.data import EpochBatchSampler, close_loader, embed_loader, train_loader
 from pcavmae_cli.engine.train.estep import run_estep
+from pcavmae_cli.engine.train.fast import StepCompiler, set_activation_checkpointing
 from pcavmae_cli.engine.train.metrics import Meter, MetricsLog, format_losses, loss_fields, read_metrics
 from pcavmae_cli.engine.train.objective import batch_losses, first_non_finite, loss_values
 from pcavmae_cli.engine.train.optim import build_optimizer, set_lr
@@ -147,6 +148,8 @@ class Trainer:
         seed_everything(cfg.seed)
         self.model = PCAVMAE(cfg.model).to(self.rt.device)
         self.momentum = MomentumEncoder(self.model).to(self.rt.device)
+        set_activation_checkpointing(self.model, cfg.train.activation_checkpointing)
+        self.compiler = StepCompiler(cfg.train.compile)  # train.compile: eager fallback, fast.py
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.state = TrainState()
         self.epoch_meter, self.window_meter = Meter(), Meter()
@@ -294,7 +297,7 @@ class Trainer:
             for batch in self.loader:
                 stop.check()
                 batch = {k: v.to(self.rt.device, non_blocking=True) for k, v in batch.items()}
-                total, logged = batch_losses(self.model, batch, stage.loss, protos, self.rt)
+                total, logged = batch_losses(self.compiler(self.model), batch, stage.loss, protos, self.rt)
                 values = loss_values(logged)
                 bad = first_non_finite(values)
                 if bad is not None:

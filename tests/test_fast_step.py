@@ -1,0 +1,135 @@
+"""The fast step's switches: compile with an eager fallback, activation checkpointing, fused AdamW."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pcavmae_cli.engine.train import fast
+from pcavmae_cli.engine.train.fast import FallbackCompiled, set_activation_checkpointing
+from pcavmae_cli.engine.train.objective import batch_losses
+from pcavmae_cli.engine.train.optim import build_optimizer
+from pcavmae_cli.engine.train.pretrain import pretrain
+from pcavmae_cli.engine.train.runtime import Runtime
+from tests.test_pretrain import corpus, fixed_batch, fixed_prototypes, recipe, tiny_model  # noqa: F401
+
+CPU = Runtime(torch.device("cpu"), None)
+
+
+def no_compiler(module):
+    """What torch.compile does on a machine that cannot compile: fails at the first call."""
+
+    def call(*args, **kwargs):
+        raise RuntimeError("InductorError: no C++ compiler found\nlong traceback ...")
+
+    return call
+
+
+def test_a_failing_compile_warns_once_and_runs_eager(corpus, tmp_path):  # noqa: F811
+    cfg, model = tiny_model(corpus, tmp_path)
+    batch = fixed_batch(cfg)
+    step = FallbackCompiled(model, compile_fn=no_compiler)
+    with pytest.warns(RuntimeWarning, match=r"^train.compile: torch.compile failed \(RuntimeError: InductorError"):
+        torch.manual_seed(0)
+        out = step(batch["fbank"], batch["frames"])
+    torch.manual_seed(0)
+    assert torch.equal(out.z_a, model(batch["fbank"], batch["frames"]).z_a)
+    assert step.compiled is None  # eager from now on: no second warning
+    with warnings_as_errors():
+        step(batch["fbank"], batch["frames"])
+
+
+def test_a_compile_error_at_wrap_time_falls_back_too(corpus, tmp_path):  # noqa: F811
+    _, model = tiny_model(corpus, tmp_path)
+
+    def refuses(module):
+        raise RuntimeError("Dynamo is not supported on Python 3.99")
+
+    with pytest.warns(RuntimeWarning, match="Dynamo is not supported"):
+        step = FallbackCompiled(model, compile_fn=refuses)
+    assert step.compiled is None
+
+
+def test_pretrain_with_compile_on_a_machine_that_cannot_compile_finishes(corpus, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    cfg = recipe(corpus, tmp_path / "run", "train.compile=true", "stages.0.epochs=1", "stages.1.epochs=1")
+    with pytest.warns(RuntimeWarning, match="train.compile") as caught:
+        result = pretrain(cfg)
+    assert sum("train.compile" in str(w.message) for w in caught) == 1
+    assert result.steps == 6
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(line["loss_total"] > 0 for line in lines)
+
+
+def losses_and_grads(model, cfg, checkpointed: bool):
+    set_activation_checkpointing(model, checkpointed)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)  # the same masks in both runs
+    total, _ = batch_losses(model, fixed_batch(cfg), cfg.stages[0].loss, fixed_prototypes(cfg), CPU)
+    total.backward()
+    return total.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(corpus, tmp_path):  # noqa: F811
+    cfg, model = tiny_model(corpus, tmp_path)
+    assert set_activation_checkpointing(model, True) == 2 + 1 + 1  # 1 block per modality, 1 joint, 1 decoder
+    loss_plain, grads_plain = losses_and_grads(model, cfg, checkpointed=False)
+    loss_ckpt, grads_ckpt = losses_and_grads(model, cfg, checkpointed=True)
+    assert torch.allclose(loss_plain, loss_ckpt, rtol=1e-6, atol=1e-7)
+    assert grads_plain.keys() == grads_ckpt.keys() and len(grads_plain) > 10
+    for name in grads_plain:
+        assert torch.allclose(grads_plain[name], grads_ckpt[name], rtol=1e-5, atol=1e-7), name
+
+
+def test_checkpointing_saves_activations_in_training_only(corpus, tmp_path):  # noqa: F811
+    cfg, model = tiny_model(corpus, tmp_path)
+    set_activation_checkpointing(model, True)
+    batch = fixed_batch(cfg)
+    saved = {"n": 0}
+
+    def count(t):
+        saved["n"] += 1
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
+        model(batch["fbank"], batch["frames"])
+    with_ckpt = saved["n"]
+    set_activation_checkpointing(model, False)
+    saved["n"] = 0
+    with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
+        model(batch["fbank"], batch["frames"])
+    assert 0 < with_ckpt < saved["n"]
+
+
+def test_fused_adamw_makes_the_same_update_as_the_plain_one(corpus, tmp_path):  # noqa: F811
+    cfg, model = tiny_model(corpus, tmp_path)
+    twin = type(model)(cfg.model)
+    twin.load_state_dict(model.state_dict())
+    plain, fused = build_optimizer(model, cfg.optim, fused=False), build_optimizer(twin, cfg.optim)
+    assert fused.defaults["fused"] is True and not plain.defaults["fused"]
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        for p, q in zip(model.parameters(), twin.parameters()):
+            p.grad = torch.randn(p.shape, generator=g)
+            q.grad = p.grad.clone()
+        plain.step()
+        fused.step()
+    moved = 0
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert torch.allclose(p, q, rtol=1e-5, atol=1e-6), name
+        moved += int(not torch.equal(p, dict(tiny_model(corpus, tmp_path)[1].named_parameters())[name]))
+    assert moved > 10  # the steps did change the weights
+
+
+class warnings_as_errors:
+    def __enter__(self):
+        import warnings
+
+        self._ctx = warnings.catch_warnings()
+        self._ctx.__enter__()
+        warnings.simplefilter("error")
+
+    def __exit__(self, *exc):
+        return self._ctx.__exit__(*exc)
