@@ -125,3 +125,29 @@ def test_bench_loader_times_both_layouts_through_the_training_loader(packed):
         assert r["samples_per_s"] == pytest.approx(r["samples"] / r["seconds"])
         assert r["ms_per_sample"] == pytest.approx(1000 / r["samples_per_s_per_worker"])
     assert 0 < plain["cpu_ms_per_sample"] and pack["cpu_ms_per_sample"] is None
+
+
+def test_repacking_rewrites_only_changed_shards_and_lists_unreadable_clips(packed, tmp_path):
+    _, manifest, _, data = packed
+    copy = tmp_path / "train"
+    shutil.copytree(manifest.parent, copy, ignore=shutil.ignore_patterns("pack"))
+    first = pack_manifest(copy / "manifest.jsonl", copy / "pack", data, jobs=1)
+    assert (first.n_written, first.n_kept) == (3, 0)
+    stamps = {p.name: p.stat().st_mtime_ns for p in (copy / "pack").glob("shard-*")}
+
+    (copy / "clips" / "train4" / "frame_2.jpg").write_bytes(b"not a jpeg")  # clip 4: shard 1 (3 per shard)
+    (copy / "clips" / "train7" / "audio.wav").unlink()  # clip 7: the last shard
+    second = pack_manifest(copy / "manifest.jsonl", copy / "pack", data, jobs=1)
+    reasons = sorted((f.id, f.reason) for f in second.failures)
+    assert reasons == [("train4", "not_a_jpeg"), ("train7", "unreadable_audio")]
+    failures = [json.loads(line)["id"] for line in (copy / "pack" / "failures.jsonl").read_text().splitlines()]
+    assert sorted(failures) == ["train4", "train7"]
+    ids = [r.id for r in read_manifest(second.index)]
+    assert ids == ["train0", "train1", "train2", "train3", "train5", "train6"]
+    assert (second.n_shards, second.n_written, second.n_kept) == (2, 1, 1)  # shard 0 is unchanged
+    now = {p.name: p.stat().st_mtime_ns for p in (copy / "pack").glob("shard-*")}
+    assert {n for n in now if n.startswith("shard-00000")} == {n for n in stamps if n.startswith("shard-00000")}
+    assert all(now[n] == stamps[n] for n in now if n.startswith("shard-00000"))
+    assert not any(n.startswith("shard-00002") for n in now)  # the third shard of the larger corpus is gone
+    ds = AudioVisualDataset(second.index, data, "all")
+    assert [ds[i]["index"].item() for i in range(len(ds))] == list(range(6))

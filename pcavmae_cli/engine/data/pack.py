@@ -31,6 +31,8 @@ Why these choices:
   the packed fbank is exactly the plain one with its log-Mel rounded to float16;
 - the frames are the *same JPEG bytes* decoded by the same ``frames.decode_frame``, so
   frames are bit-identical to the plain layout's (re-encoding the crop would not be);
+- with ``dither > 0`` (off in every shipped recipe) a pack freezes one random draw of the
+  dither per clip, where the plain layout draws anew at each visit;
 - a shard holds a fixed number of clips (``data.pack.clips_per_shard``), so clip ``i`` is in
   shard ``i // clips_per_shard`` without a lookup; each shard's fingerprint (its records, the
   sizes and times of their files, the settings) lets a re-run keep the shards that did not change.
