@@ -113,10 +113,10 @@ class Encoders(nn.Module):
 def random_masking(x, ratio):
     N, L, D = x.shape
     keep = int(L * (1 - ratio))
-    ids_shuffle = torch.argsort(torch.rand(N, L), dim=1)
+    ids_shuffle = torch.argsort(torch.rand(N, L, device=x.device), dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     kept = torch.gather(x, 1, ids_shuffle[:, :keep].unsqueeze(-1).repeat(1, 1, D))
-    mask = torch.ones(N, L)
+    mask = torch.ones(N, L, device=x.device)
     mask[:, :keep] = 0
     return kept, torch.gather(mask, 1, ids_restore), ids_restore
 
@@ -185,7 +185,7 @@ class CAVMAEFT(Encoders):
         return self.mlp_head(x.mean(dim=1))
 
 
-def randomise(model: nn.Module, seed: int) -> nn.Module:
+def randomise(model: nn.Module, seed: int, scale: float = 0.2) -> nn.Module:
     """Every parameter random (norms too), so that a wrong mapping cannot go unnoticed;
     position tables kept unless ``learned`` positions are to be tested."""
     g = torch.Generator().manual_seed(seed)
@@ -193,7 +193,7 @@ def randomise(model: nn.Module, seed: int) -> nn.Module:
         for name, p in model.named_parameters():
             if "pos_embed" in name and not p.requires_grad:
                 continue
-            p.copy_(torch.randn(p.shape, generator=g) * (0.2 if p.dim() > 1 else 0.5) + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
+            p.copy_(torch.randn(p.shape, generator=g) * (scale if p.dim() > 1 else 0.5) + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
     return model
 
 
