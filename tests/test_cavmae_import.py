@@ -161,3 +161,16 @@ def test_converted_pretraining_initialises_cavmae_style_finetuning(tmp_path):
     assert "encoder_a.blocks.1.mlp.fc2.weight" in report.loaded
     pcav, _ = load_converted(result.checkpoint, "pretrain")
     torch.testing.assert_close(model.encoder_a.pos_embed.detach(), pcav.backbone.encoder_a.pos_embed)
+
+
+def test_convert_command_reports_and_fails_in_one_line(tmp_path):
+    from tests.cli_helpers import pcav
+
+    state = checkpoint_state(reference_pretrain())
+    good = pcav("convert", "cavmae", str(save(tmp_path, state)), str(tmp_path / "run"), *OVERRIDES)
+    assert good.returncode == 0, good.stderr
+    assert "pre-training (CAVMAE)" in good.stdout and "dropped on purpose" in good.stdout
+    del state["module.norm_v.bias"]
+    bad = pcav("convert", "cavmae", str(save(tmp_path, state, "bad.pth")), str(tmp_path / "bad"), *OVERRIDES)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines() == [bad.stderr.strip()] and "'backbone.joint.norm.v.bias'" in bad.stderr
