@@ -118,7 +118,7 @@ class PackIndex:
                 raise UserError(f"{path}: pack version {data.get('version')}, this pcav reads {VERSION}; re-pack it")
             return cls(path.parent, int(data["clips_per_shard"]), int(data["n_clips"]),
                        [s["name"] for s in data["shards"]], data["settings"])  # fmt: skip
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise UserError(f"{path}: damaged pack index ({exc})") from None
 
     def check(self, data: DataConfig) -> None:
