@@ -96,3 +96,24 @@ def test_embed_needs_exactly_one_source(setup, tmp_path):
     result = pcav("embed", "--checkpoint", str(run), "--out", str(tmp_path / "x"))
     assert result.returncode == 1 and result.stderr.strip().startswith("error: give exactly one of")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_converted_checkpoints_work_with_finetune_and_evaluate(setup, tmp_path):
+    from pcavmae_cli.engine.evaluate.runner import evaluate
+    from pcavmae_cli.engine.train.finetune import finetune
+    from tests.tiny_corpus import write_corpus
+
+    _, run, _, manifest = setup
+    retrieval = evaluate("retrieval", run, manifest, out=tmp_path / "r")
+    assert retrieval.checkpoint.kind == "pretrain" and (tmp_path / "r" / "metrics.json").is_file()
+    train = write_corpus(tmp_path / "corpus", classes=2, per_class=2)
+    cfg = config.load_recipe("finetune_cavmae", [
+        *RUN, f"finetune.init_from={run}", f"data.train_manifest={train}", "data.eval_manifest=null",
+        f"data.label_csv={tmp_path / 'corpus' / 'labels.csv'}", "finetune.epochs=1", "finetune.average_from_epoch=null",
+        "finetune.balanced_sampling=false", "finetune.freq_mask=8", "finetune.time_mask=16", "optim.effective_batch=2", f"train.run_dir={tmp_path / 'ft'}",
+    ])  # fmt: skip
+    result = finetune(cfg)
+    assert cfg.model.pos_embed == "learned" and "encoder_a.pos_embed" in result.init.loaded  # CAV-MAE's tr_pos
+    scored = evaluate("classification", tmp_path / "ft", train, out=tmp_path / "c")
+    assert scored.checkpoint.kind == "finetune" and scored.record["n_clips"] == 4
+    assert (tmp_path / "c" / "metrics.json").is_file()
