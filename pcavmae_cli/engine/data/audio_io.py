@@ -48,8 +48,12 @@ def read_wav(path: str | Path, sample_rate: int) -> torch.Tensor:
             scale = float(2 ** (8 * width - 1))
     else:
         raise UserError(f"{path}: unsupported WAV sample width of {width} bytes")
-    samples = torch.from_numpy(data.astype(np.float32) / scale).reshape(-1, channels).T
-    mono = samples.mean(dim=0, keepdim=True)
+    samples = data.astype(np.float32)
+    samples /= scale  # in place: one array less per clip (the loader calls this per sample)
+    if channels == 1:  # the usual case (preprocessing writes mono): the mean of one channel is itself
+        mono = torch.from_numpy(samples).reshape(1, -1)
+    else:
+        mono = torch.from_numpy(samples).reshape(-1, channels).T.mean(dim=0, keepdim=True)
     if rate != sample_rate:
         mono = AF.resample(mono, rate, sample_rate)
     return mono
