@@ -54,7 +54,7 @@ class PreprocessConfig:
 
 @dataclass
 class LoaderConfig:
-    batch_size: int
+    batch_size: int  # clips per (micro-)batch of all processes together; each rank takes its slice
     num_workers: int
     train_frame: Literal["random", "middle"]  # which frame a training sample shows
     eval_frames: Literal["all", "middle"]  # evaluation: all frames (averaged) or the middle one

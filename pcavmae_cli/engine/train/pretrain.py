@@ -13,9 +13,12 @@ had happened: the data order and per-clip randomness are functions of (seed, epo
 (``data.py``), the masks come from the restored global RNG, and a mid-epoch resume reloads that
 epoch's prototypes from ``prototypes/`` instead of recomputing them from moved weights.
 
-Everything here is written for one process; the places where DDP fits are ``Runtime.rank``
-(only rank 0 writes), ``EpochBatchSampler`` (sharding), and the backward of non-final
-micro-batches (``no_sync``).
+The same loop runs under torchrun (``distributed.py``): the model is wrapped in DDP (rebuilt when
+a stage changes what trains), each rank takes its slice of every global batch, the contrastive
+losses see the gathered global batch, the logged parts are reduced across ranks (one all-reduce
+per micro-batch, which also carries stop requests so that all ranks stop at the same batch),
+the E-step is sharded, and only rank 0 writes. Checkpoints hold the unwrapped model and the
+global RNG state, which every rank shares, so they resume at any world size.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from pathlib import Path
 from typing import Any, ContextManager, Protocol
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Subset
 
 from pcavmae_cli.engine import config
 from pcavmae_cli.engine.data.dataset import AudioVisualDataset
@@ -40,10 +45,19 @@ from pcavmae_cli.engine.schema import Recipe, StageConfig
 from pcavmae_cli.engine.train import checkpoint as ckpt
 from pcavmae_cli.engine.train.checks import check_clusters, check_recipe, is_stage_end, stage_of
 from pcavmae_cli.engine.train.data import EpochBatchSampler, close_loader, embed_loader, train_loader
+from pcavmae_cli.engine.train.distributed import (
+    BatchShard,
+    agree,
+    bounds,
+    check_batches_fit_world,
+    comm_device,
+    split,
+    world_from_env,
+)
 from pcavmae_cli.engine.train.estep import run_estep
 from pcavmae_cli.engine.train.fast import StepCompiler, set_activation_checkpointing
 from pcavmae_cli.engine.train.metrics import Meter, MetricsLog, format_losses, loss_fields, read_metrics
-from pcavmae_cli.engine.train.objective import batch_losses, first_non_finite, loss_values
+from pcavmae_cli.engine.train.objective import BatchObjective, batch_losses, first_non_finite, loss_values
 from pcavmae_cli.engine.train.optim import build_optimizer, set_lr
 from pcavmae_cli.engine.train.runtime import capture_rng, resolve_runtime, restore_rng, seed_everything
 from pcavmae_cli.engine.train.schedule import Schedule
@@ -124,7 +138,7 @@ class Trainer:
     def __init__(self, cfg: Recipe, reporter: ProgressReporter, on_step: Callable[[StepInfo], None] | None):
         self.started = time.perf_counter()
         self.cfg, self.reporter, self.on_step = cfg, reporter, on_step
-        self.plan = check_recipe(cfg)
+        self.plan = check_recipe(cfg, world_from_env().world_size)  # before any work, the group included
         self.rt = resolve_runtime(cfg.train)
         self.run_dir = Path(cfg.train.run_dir)
         resume_from = self._check_run_dir()
@@ -136,12 +150,18 @@ class Trainer:
             len(self.dataset), loader_cfg.batch_size, cfg.seed,
             max_batches=None if cfg.train.max_steps_per_epoch is None
             else cfg.train.max_steps_per_epoch * self.plan.accum_steps,
+            rank=self.rt.rank, world_size=self.rt.world_size,
         )  # fmt: skip
+        check_batches_fit_world(self.sampler, self.rt.world_size)
         self.loader = train_loader(self.dataset, self.sampler, loader_cfg, self.rt)
         self.embed_loader = None
+        n, world = len(self.dataset), self.rt.world_size
+        # the E-step's shard of the manifest, and the most batches any rank's shard takes
+        self.embed_rounds = max(-(-size // loader_cfg.batch_size) for size in split(n, world))
         if cfg.prototypes is not None:
             middle = AudioVisualDataset(data.train_manifest, data, frames="middle")
-            self.embed_loader = embed_loader(middle, loader_cfg, self.rt)
+            shard = middle if world == 1 else Subset(middle, range(*bounds(n, world, self.rt.rank)))
+            self.embed_loader = embed_loader(shard, loader_cfg, self.rt)
         steps_per_epoch = -(-self.sampler.batches_per_epoch // self.plan.accum_steps)
         self.schedule = Schedule(steps_per_epoch, self.plan.total_epochs, cfg.optim)
 
@@ -151,6 +171,8 @@ class Trainer:
         set_activation_checkpointing(self.model, cfg.train.activation_checkpointing)
         self.compiler = StepCompiler(cfg.train.compile)  # train.compile: eager fallback, fast.py
         self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.ddp: DistributedDataParallel | None = None  # built per stage (what trains), world > 1
+        self.ddp_parts: tuple[str, ...] | None = None
         self.state = TrainState()
         self.epoch_meter, self.window_meter = Meter(), Meter()
         self.resumed_from_step = None
@@ -247,7 +269,7 @@ class Trainer:
                 close_loader(self.embed_loader)
         return PretrainResult(
             run_dir=self.run_dir,
-            epochs=read_metrics(self.metrics.path, "epoch"),
+            epochs=read_metrics(self.metrics.path, "epoch") if self.rt.is_main else [],
             steps=self.state.step,
             seconds=time.perf_counter() - self.started,
             last=ckpt.find_checkpoint(self.run_dir, "last"),
@@ -269,8 +291,9 @@ class Trainer:
             return [p.to(self.rt.device) for p in load_prototypes(folder, epoch, self.rt.device)]
         with self.reporter.progress(f"E-step {epoch + 1}/{self.plan.total_epochs}", len(self.embed_loader)) as advance:
             protos = run_estep(
-                self.momentum, self.embed_loader, protos_cfg, epoch, self.rt, folder, advance, stop.check
-            )
+                self.momentum, self.embed_loader, protos_cfg, epoch, self.rt, folder, advance,
+                lambda: self._check_stop(stop), n_total=len(self.dataset), rounds=self.embed_rounds,
+            )  # fmt: skip
         return [p.to(self.rt.device) for p in protos]
 
     def _epoch(self, stop: StopRequests) -> None:
@@ -279,6 +302,7 @@ class Trainer:
         stage_index, stage = stage_of(cfg, epoch)
         self.model.set_trainable(stage.trainable)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
+        net = self.compiler(self._wrapped(stage))
         if st.position == 0:
             self.epoch_meter, self.window_meter = Meter(), Meter()
         started = time.perf_counter()
@@ -295,16 +319,23 @@ class Trainer:
             advance(st.position // accum, "")
             in_group = 0
             for batch in self.loader:
-                stop.check()
+                if self.ddp is None:
+                    stop.check()  # under DDP the ranks agree on it with the loss reduction below
                 batch = {k: v.to(self.rt.device, non_blocking=True) for k, v in batch.items()}
-                total, logged = batch_losses(self.compiler(self.model), batch, stage.loss, protos, self.rt)
-                values = loss_values(logged)
-                bad = first_non_finite(values)
-                if bad is not None:
-                    raise self._diverged(bad, stage)
+                shard = self._shard(st.position + in_group)
                 group = min(accum, n_batches - st.position)
-                (total / group).backward()
-                n = batch["fbank"].shape[0]
+                last_of_group = in_group + 1 == group
+                with contextlib.nullcontext() if self.ddp is None or last_of_group else self.ddp.no_sync():
+                    if self.ddp is None:
+                        total, logged = batch_losses(net, batch, stage.loss, protos, self.rt)
+                    else:  # DDP around BatchObjective: the loss is the wrapped forward's output
+                        total, logged = net(batch, stage.loss, protos, self.rt, shard)
+                    values = self._reduce(logged, shard, stop)
+                    bad = first_non_finite(values)
+                    if bad is not None:
+                        raise self._diverged(bad, stage)
+                    (total / group).backward()
+                n = batch["fbank"].shape[0] if shard is None else shard.total
                 self.epoch_meter.add(values, n)
                 self.window_meter.add(values, n)
                 epoch_samples += n
@@ -328,6 +359,51 @@ class Trainer:
                 advance(1, f"{format_losses(self.epoch_meter.means())} {rate:.0f}/s")
         seconds = time.perf_counter() - epoch_start
         self._end_epoch(epoch, stage_index, stage, lr, protos, seconds, estep_seconds, epoch_samples)
+
+    # ------------------------------------------------------------------ several processes
+
+    def _wrapped(self, stage: StageConfig) -> torch.nn.Module:
+        """The module the M-step runs: the model itself, or under torchrun DDP around the
+        model's ``BatchObjective``, rebuilt when the stage changes which parts train (DDP
+        registers them when built). ``find_unused_parameters``: the parts a batch uses vary (no
+        decoder in stage 2, no L_PCPE projections during warm-up)."""
+        if self.rt.world_size == 1:
+            return self.model
+        parts = tuple(stage.trainable)
+        if self.ddp is None or self.ddp_parts != parts:
+            self.ddp = None  # the old reducer's hooks go with it
+            ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(
+                BatchObjective(self.model), device_ids=ids, find_unused_parameters=True, broadcast_buffers=False
+            )
+            self.ddp_parts = parts
+        return self.ddp
+
+    def _shard(self, b: int) -> BatchShard | None:
+        """This rank's slice of global batch ``b`` of the epoch (``None`` in one process)."""
+        if self.rt.world_size == 1:
+            return None
+        sizes = split(self.sampler.global_size(b), self.rt.world_size)
+        return BatchShard(tuple(sizes), self.rt.rank, comm_device(self.rt.device))
+
+    def _reduce(self, logged: dict[str, torch.Tensor], shard: BatchShard | None, stop: StopRequests) -> dict[str, float]:
+        """The logged parts as floats; under DDP their global-batch means, computed in the one
+        all-reduce that also tells every rank whether any rank was asked to stop."""
+        values = loss_values(logged)
+        if shard is None:
+            return values
+        names = list(values)
+        means, (asked,) = shard.mean([values[k] for k in names], [float(stop.reason is not None)])
+        if asked:
+            raise KeyboardInterrupt(stop.reason or "another process stopped")
+        return dict(zip(names, means))
+
+    def _check_stop(self, stop: StopRequests) -> None:
+        """``stop.check``, agreed across ranks under DDP (a collective: every rank calls it)."""
+        if self.rt.world_size == 1:
+            stop.check()
+        elif agree(stop.reason is not None, self.rt.device):
+            raise KeyboardInterrupt(stop.reason or "another process stopped")
 
     def _optimizer_step(self, trainable: list[torch.nn.Parameter]) -> float:
         """Clip, step AdamW at the scheduled rate, clear gradients, move the momentum encoder."""

@@ -1,0 +1,308 @@
+"""Several processes on a CPU (gloo): the same numbers as one process.
+
+- ``pcav pretrain --nproc 2`` (the real CLI, through torchrun) against one process with the same
+  recipe: same global batches, masks, gathered negatives, E-step; the step losses agree.
+- A checkpoint written by 2 ranks resumes in 1 process, and one written by 1 resumes in 2; both
+  end where an uninterrupted run ends.
+- Spherical k-means and the whole E-step on 2 real gloo ranks (uneven shards) against one process.
+- ``pcav finetune --nproc 2`` runs.
+
+The corpus has 11 clips and the global batch is 4 clips: the last batch of an epoch (3 clips)
+splits 2 + 1, and the E-step's shards are 6 + 5 clips, so the uneven cases run every epoch.
+
+Tolerances: the runs do the same arithmetic in a different order (gradients summed per rank and
+then averaged, logged values reduced in float64), so fp32 rounding (~1e-7 relative) separates
+them. Losses: ``LOSS_TOL`` 1e-4 absolute (measured 8e-7 over the 6 steps); a wrong gradient
+scale, a missing gather or other masks move them by 1e-2 or more. Weights: AdamW's step is about
+lr * sign(g) where g is near 0, so a rounding-level difference can flip such an element's step,
+a difference of up to 2 lr per step: ``WEIGHT_TOL`` is 2 lr = 2e-3 absolute (measured 5.5e-4).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+
+import pytest
+import safetensors.torch as st
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from pcavmae_cli.engine import config
+from pcavmae_cli.engine.prototypes import Comm, TorchComm, density_peaks, estep, spherical_kmeans
+from pcavmae_cli.engine.train.distributed import bounds, split
+from pcavmae_cli.engine.train.metrics import read_metrics
+from pcavmae_cli.engine.train.pretrain import StepInfo, pretrain
+from pcavmae_cli.engine.train.stop import Interrupted
+from tests.cli_helpers import pcav
+from tests.test_pretrain import TINY
+from tests.tiny_corpus import TINY_FINETUNE, write_corpus
+
+N_CLIPS = 11
+# global batch 4, 2 batches per step: epochs of 3 batches (4, 4, 3 clips) = 2 optimiser steps;
+# 2 + 1 epochs, k-means prototypes from epoch 1: 6 steps, E-steps in epochs 1 and 2.
+RUN = [*TINY, "data.loader.batch_size=4", "optim.effective_batch=8", "prototypes.num_clusters=[2, 3]"]
+LOSS_TOL = 1e-4  # absolute, on losses of order 1 (module docstring)
+WEIGHT_TOL = 2e-3  # absolute: twice the demo recipe's optim.lr (module docstring)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """11 clips of two classes (a 12-clip tiny corpus without its last clip)."""
+    manifest = write_corpus(tmp_path_factory.mktemp("dist_corpus"), 2, 6)
+    lines = manifest.read_text().splitlines()[:N_CLIPS]
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest
+
+
+def args(corpus, run_dir, *extra):
+    return [*RUN, f"data.train_manifest={corpus}", f"train.run_dir={run_dir}", *extra]
+
+
+def step_losses(run_dir):
+    """``{step: {part: value}}`` of the step lines of a run's metrics.jsonl."""
+    parts = ("loss_total", "loss_infonce", "loss_r", "loss_pje", "loss_pcpe")
+    return {r["step"]: {p: r[p] for p in parts} for r in read_metrics(run_dir / "metrics.jsonl", "step")}
+
+
+def weights(run_dir):
+    folder = run_dir / "checkpoints" / "last"
+    out = {f"model.{k}": v for k, v in st.load_file(str(folder / "model.safetensors")).items()}
+    return out | {f"momentum.{k}": v for k, v in st.load_file(str(folder / "momentum.safetensors")).items()}
+
+
+def assert_same_losses(got, want):
+    assert sorted(got) == sorted(want)
+    for step in want:
+        for part, value in want[step].items():
+            if value is None:
+                assert got[step][part] is None, (step, part)
+            else:
+                assert got[step][part] == pytest.approx(value, abs=LOSS_TOL), (step, part)
+
+
+def assert_same_weights(got, want):
+    assert got.keys() == want.keys()
+    worst = max(float((got[k] - want[k]).abs().max()) for k in want)
+    assert worst < WEIGHT_TOL, worst
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory):
+    """One process, uninterrupted."""
+    run_dir = tmp_path_factory.mktemp("ref") / "run"
+    result = pretrain(config.load_recipe("demo", args(corpus, run_dir)))
+    assert result.steps == 6
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def two_process_run(corpus, reference, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("ddp") / "run"
+    done = pcav("pretrain", "--recipe", "demo", "--nproc", "2", *args(corpus, run_dir), timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return run_dir, done
+
+
+def test_two_processes_give_the_losses_of_one(reference, two_process_run):
+    run_dir, done = two_process_run
+    want, got = step_losses(reference), step_losses(run_dir)
+    assert_same_losses(got, want)
+    assert None not in got[4].values() and got[6]["loss_pje"] is not None  # every part was compared
+    assert_same_weights(weights(run_dir), weights(reference))
+    # one summary, from rank 0; every rank logged nothing else to the run folder
+    assert done.stdout.count("run folder:") == 1
+    assert sorted(p.name for p in (run_dir / "prototypes").iterdir()) == sorted(
+        p.name for p in (reference / "prototypes").iterdir()
+    )
+
+
+def test_the_prototype_files_hold_every_clip(reference, two_process_run):
+    """Rank 0 writes the assignment of all 11 clips, gathered from uneven shards (6 + 5)."""
+    from pcavmae_cli.engine.prototypes import load_prototypes
+
+    run_dir, _ = two_process_run
+    for epoch in (1, 2):
+        for mine, theirs in zip(load_prototypes(run_dir / "prototypes", epoch), load_prototypes(reference / "prototypes", epoch)):
+            assert mine.assignments.shape == (N_CLIPS,)
+            assert torch.equal(mine.assignments, theirs.assignments)
+            assert torch.equal(mine.counts, theirs.counts)
+            torch.testing.assert_close(mine.gamma, theirs.gamma, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- resume at another world size
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pretrain_rank(rank: int, world: int, port: int, overrides: list[str], stop_step: int) -> None:
+    """One rank of a torchrun-like run (the env:// variables torchrun sets), stopped after
+    ``stop_step`` as Ctrl-C would stop it (``on_step`` runs on every rank at the same step)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # fmt: skip
+    torch.set_num_threads(1)
+
+    def stop(info: StepInfo) -> None:
+        if info.step == stop_step:
+            raise KeyboardInterrupt("test stop")
+
+    try:
+        pretrain(config.load_recipe("demo", overrides), on_step=stop)
+    except Interrupted:
+        pass
+    finally:
+        dist.destroy_process_group()
+
+
+STOP_STEP = 3  # epoch 1 (prototypes on), after its first step: a mid-epoch resume
+
+
+def test_a_two_rank_checkpoint_resumes_in_one_process(corpus, reference, tmp_path):
+    run_dir = tmp_path / "run"
+    mp.spawn(_pretrain_rank, args=(2, free_port(), args(corpus, run_dir), STOP_STEP), nprocs=2)
+    state = torch.load(run_dir / "checkpoints" / "last" / "state.pt", weights_only=True)
+    assert state["train"]["step"] == STOP_STEP and state["train"]["position"] == 2
+    assert not any(k.startswith("module.") for k in st.load_file(str(run_dir / "checkpoints/last/model.safetensors")))
+    pretrain(config.load_recipe("demo", args(corpus, run_dir, "train.resume=true")))
+    assert_same_losses(step_losses(run_dir), step_losses(reference))
+    assert_same_weights(weights(run_dir), weights(reference))
+
+
+def test_a_one_process_checkpoint_resumes_in_two(corpus, reference, tmp_path):
+    run_dir = tmp_path / "run"
+
+    def stop(info: StepInfo) -> None:
+        if info.step == STOP_STEP:
+            raise KeyboardInterrupt("test stop")
+
+    with pytest.raises(Interrupted):
+        pretrain(config.load_recipe("demo", args(corpus, run_dir)), on_step=stop)
+    done = pcav("pretrain", "--recipe", "demo", "--nproc", "2", *args(corpus, run_dir, "train.resume=true"), timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert_same_losses(step_losses(run_dir), step_losses(reference))
+    assert_same_weights(weights(run_dir), weights(reference))
+
+
+def _signalled_rank(rank: int, world: int, port: int, overrides: list[str], out_dir: str) -> None:
+    """Rank 0 alone gets SIGTERM after step 1, as when one machine's process is told to stop."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # fmt: skip
+    torch.set_num_threads(1)
+
+    def term(info: StepInfo) -> None:
+        if rank == 0 and info.step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # only sets the flag: the loop goes on to its next batch
+
+    outcome = "finished"
+    try:
+        pretrain(config.load_recipe("demo", overrides), on_step=term)
+    except Interrupted as stop:
+        outcome = f"stopped at step {stop.step}"
+    finally:
+        dist.destroy_process_group()
+    with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+        f.write(outcome)
+
+
+def test_a_stop_seen_by_one_rank_stops_all_at_the_same_step(corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    mp.spawn(_signalled_rank, args=(2, free_port(), args(corpus, run_dir), str(tmp_path)), nprocs=2, join=True)
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == ["stopped at step 1"] * 2
+    state = torch.load(run_dir / "checkpoints" / "last" / "state.pt", weights_only=True)
+    assert state["train"]["step"] == 1
+
+
+# ---------------------------------------------------------------- the distributed E-step
+
+
+# density peaks on an over-clustering: the path several ranks take (max_points_exact 0 makes one
+# process take it too, so the two can be compared)
+PEAKS = dict(max_points_exact=0, overcluster_k=20, iters=10, seed=5)
+
+
+def _estep_rank(rank: int, world: int, store_path: str, out_dir: str, x, z_a, z_v, cfg) -> None:
+    store = dist.FileStore(store_path, world)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        start, stop = bounds(x.shape[0], world, rank)
+        centroids, assignment = spherical_kmeans(x[start:stop], 5, iters=10, seed=3, comm=TorchComm())
+        protos = estep(z_a[start:stop], z_v[start:stop], cfg, epoch=2, comm=TorchComm())
+        peaks, clouds = density_peaks(x[start:stop], 2.0, comm=TorchComm(), **PEAKS)
+        torch.save({"centroids": centroids, "assignment": assignment, "protos": [vars(p) for p in protos],
+                    "peaks": peaks, "clouds": clouds}, os.path.join(out_dir, f"rank{rank}.pt"))  # fmt: skip
+    finally:
+        dist.destroy_process_group()
+
+
+def test_kmeans_estep_and_density_peaks_on_two_ranks_match_one_process(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    n, d = 101, 8  # 51 + 50 rows
+    centres = torch.randn(5, d, generator=gen) * 3
+    x = centres[torch.arange(n) % 5] + torch.randn(n, d, generator=gen)
+    z_a, z_v = x + 0.3 * torch.randn(n, d, generator=gen), x + 0.3 * torch.randn(n, d, generator=gen)
+    cfg = config.load_recipe("demo", ["prototypes.num_clusters=[3, 6]"]).prototypes
+    mp.spawn(_estep_rank, args=(2, str(tmp_path / "store"), str(tmp_path), x, z_a, z_v, cfg), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    want_c, want_a = spherical_kmeans(x, 5, iters=10, seed=3, comm=Comm())
+    want = estep(z_a, z_v, cfg, epoch=2, comm=Comm())
+    sizes = split(n, 2)
+    assert [r["assignment"].shape[0] for r in ranks] == sizes
+    for r in ranks:  # every rank holds the same centroids, those of one process
+        torch.testing.assert_close(r["centroids"], want_c, atol=1e-5, rtol=1e-5)
+    assert torch.equal(torch.cat([r["assignment"] for r in ranks]), want_a)
+    want_peaks, want_clouds = density_peaks(x, 2.0, comm=Comm(), **PEAKS)
+    assert want_peaks.shape[0] > 1
+    for r in ranks:
+        torch.testing.assert_close(r["peaks"], want_peaks, atol=1e-5, rtol=1e-5)
+    assert torch.equal(torch.cat([r["clouds"] for r in ranks]), want_clouds)
+    for level, p in enumerate(want):
+        for r in ranks:
+            got = r["protos"][level]
+            for name in ("centroids", "p_a", "p_v", "gamma"):
+                torch.testing.assert_close(got[name], getattr(p, name), atol=1e-5, rtol=1e-5)
+            assert torch.equal(got["counts"], p.counts)
+        assert torch.equal(torch.cat([r["protos"][level]["assignments"] for r in ranks]), p.assignments)
+
+
+# ---------------------------------------------------------------- fine-tuning
+
+
+def test_finetune_runs_on_two_processes(tmp_path, reference):
+    root = tmp_path / "ft"
+    train = write_corpus(root, 2, 5)
+    val = write_corpus(root, 2, 2, seed=1, name="val")
+    run_dir = tmp_path / "ft_run"
+    done = pcav(
+        "finetune", "--recipe", "finetune_demo", "--nproc", "2", "--init-from", str(reference),
+        *TINY_FINETUNE, f"data.train_manifest={train}", f"data.eval_manifest={val}",
+        f"data.label_csv={root / 'labels.csv'}", f"train.run_dir={run_dir}", "finetune.epochs=2",
+        timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    epochs = read_metrics(run_dir / "metrics.jsonl", "epoch")
+    assert [e["epoch"] for e in epochs] == [0, 1]  # written once, by rank 0
+    assert all(json.dumps(e["loss"]) != "null" for e in epochs)
+    assert (run_dir / "checkpoints" / "last" / "model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------- the --nproc launcher
+
+
+def test_nproc_starts_torchrun_with_the_same_command_and_refuses_to_nest(monkeypatch):
+    from pcavmae_cli.cli.launch import run_under_torchrun, torchrun_command
+    from pcavmae_cli.engine.errors import UserError
+
+    cmd = torchrun_command(4, ["pretrain", "--recipe", "demo", "train.run_dir=x"])
+    assert cmd[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+                       "-m", "pcavmae_cli", "pretrain", "--recipe", "demo", "train.run_dir=x"]  # fmt: skip
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="already runs under"):
+        run_under_torchrun(2, ["pretrain"])
