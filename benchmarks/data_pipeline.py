@@ -79,7 +79,7 @@ def profile_plain_sample(manifest: Path, cfg, repeats: int = 50) -> None:
     steps = {
         "WAV read": lambda: read_wav(record.audio_path(root), rate),
         "log-Mel (Kaldi fbank)": lambda: fb.log_mel(waveform, rate, cfg.audio.fbank),
-        "pad + normalise": lambda: fb.normalise(fb.fit_length(log_mel, cfg.audio.fbank.target_frames), cfg.audio.fbank),
+        "pad + normalise": lambda: fb.padded_normalised(log_mel, cfg.audio.fbank),
         "frame: read + decode + crop + normalise": lambda: load_frame(record.frame_path(root, 0), cfg.video),
     }
     for name, step in steps.items():
