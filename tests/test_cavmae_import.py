@@ -174,3 +174,14 @@ def test_convert_command_reports_and_fails_in_one_line(tmp_path):
     bad = pcav("convert", "cavmae", str(save(tmp_path, state, "bad.pth")), str(tmp_path / "bad"), *OVERRIDES)
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines() == [bad.stderr.strip()] and "'backbone.joint.norm.v.bias'" in bad.stderr
+
+
+def test_without_projection_heads_the_contrastive_space_is_the_encoder_width():
+    from pcavmae_cli.engine.model import check_config
+
+    cfg = config.load_recipe("cavmae_base", OVERRIDES)
+    check_config(cfg.model)
+    model = PCAVMAE(cfg.model)
+    assert not any(k.startswith(("backbone.proj_", "dproj_")) for k in model.state_dict())
+    with pytest.raises(UserError, match="model.proj_dim must equal model.embed_dim"):
+        check_config(config.load_recipe("cavmae_base", [*OVERRIDES, "model.proj_dim=16"]).model)
