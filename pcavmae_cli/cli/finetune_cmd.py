@@ -59,7 +59,10 @@ def finetune(
 
     Example: pcav finetune --recipe finetune_demo --init-from pcav-demo/runs/pretrain train.run_dir=runs/ft
     """
+    # ``init_from=PATH`` (the issue's spelling) is short for ``finetune.init_from=PATH``.
+    given = [f"finetune.{o}" if o.startswith("init_from=") else o for o in overrides or []]
     if nproc is not None:
+        config.load_recipe(recipe, given)  # a recipe error: one line here, not one per process
         given_init = [] if init_from is None else ["--init-from", init_from]
         command = ["finetune", "--recipe", recipe, *given_init, *(overrides or [])]
         raise typer.Exit(launch.run_under_torchrun(nproc, command))
@@ -67,8 +70,6 @@ def finetune(
     from pcavmae_cli.engine.train.finetune import finetune as run
     from pcavmae_cli.engine.train.stop import Interrupted
 
-    # ``init_from=PATH`` (the issue's spelling) is short for ``finetune.init_from=PATH``.
-    given = [f"finetune.{o}" if o.startswith("init_from=") else o for o in overrides or []]
     extra = [] if init_from is None else [f"finetune.init_from={init_from}"]
     cfg = config.load_recipe(recipe, [*given, *extra])
     main = world_from_env().rank == 0

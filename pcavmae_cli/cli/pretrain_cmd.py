@@ -52,6 +52,7 @@ def pretrain(
     Example: pcav pretrain --recipe demo data.train_manifest=pcav-demo/data/train/manifest.jsonl train.run_dir=runs/demo
     """
     if nproc is not None:
+        config.load_recipe(recipe, overrides or [])  # a recipe error: one line here, not one per process
         raise typer.Exit(launch.run_under_torchrun(nproc, ["pretrain", "--recipe", recipe, *(overrides or [])]))
     from pcavmae_cli.engine.train.distributed import shutdown, world_from_env  # imports torch: not for --help
     from pcavmae_cli.engine.train.pretrain import pretrain as run
