@@ -35,7 +35,7 @@ from pcavmae_cli.engine import config
 from pcavmae_cli.engine.prototypes import Comm, TorchComm, density_peaks, estep, spherical_kmeans
 from pcavmae_cli.engine.train.distributed import bounds, split
 from pcavmae_cli.engine.train.metrics import read_metrics
-from pcavmae_cli.engine.train.pretrain import StepInfo, pretrain
+from pcavmae_cli.engine.train.pretrain import StepInfo, TrainingDiverged, pretrain
 from pcavmae_cli.engine.train.stop import Interrupted
 from tests.cli_helpers import pcav
 from tests.test_pretrain import TINY
@@ -142,31 +142,57 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _pretrain_rank(rank: int, world: int, port: int, overrides: list[str], stop_step: int) -> None:
-    """One rank of a torchrun-like run (the env:// variables torchrun sets), stopped after
-    ``stop_step`` as Ctrl-C would stop it (``on_step`` runs on every rank at the same step)."""
+def _pretrain_rank(rank: int, world: int, port: int, overrides: list[str], out_dir: str, mode: str) -> None:
+    """One rank of a torchrun-like run (the env:// variables torchrun sets); writes how it ended.
+
+    ``mode`` "term": rank 0 alone gets SIGTERM after ``STOP_STEP``, as when one machine's process
+    is told to stop (the handler only sets a flag; the loop goes on to its next batch).
+    ``mode`` "nan": rank 1 alone computes a NaN L_r from its 4th batch (epoch 1's first) on.
+    """
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # fmt: skip
     torch.set_num_threads(1)
+    from pcavmae_cli.engine.train import objective
 
-    def stop(info: StepInfo) -> None:
-        if info.step == stop_step:
-            raise KeyboardInterrupt("test stop")
+    calls = []
+    real = objective.reconstruction_loss
 
+    def poisoned(pred, target, mask):  # audio then video of each batch
+        calls.append(1)
+        return real(pred, target, mask) * (float("nan") if len(calls) > 6 else 1.0)
+
+    if mode == "nan" and rank == 1:
+        objective.reconstruction_loss = poisoned
+
+    def term(info: StepInfo) -> None:
+        if mode == "term" and rank == 0 and info.step == STOP_STEP:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    outcome = "finished"
     try:
-        pretrain(config.load_recipe("demo", overrides), on_step=stop)
-    except Interrupted:
-        pass
+        pretrain(config.load_recipe("demo", overrides), on_step=term)
+    except Interrupted as stop:
+        outcome = f"stopped at step {stop.step}"
+    except TrainingDiverged as exc:
+        outcome = f"diverged: {exc}"
     finally:
         dist.destroy_process_group()
+    with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+        f.write(outcome)
+
+
+def outcomes(folder) -> list[str]:
+    return [(folder / f"rank{r}.txt").read_text() for r in range(2)]
 
 
 STOP_STEP = 3  # epoch 1 (prototypes on), after its first step: a mid-epoch resume
 
 
 def test_a_two_rank_checkpoint_resumes_in_one_process(corpus, reference, tmp_path):
+    """Also: a stop seen by one rank stops both at the same step, with one checkpoint."""
     run_dir = tmp_path / "run"
-    mp.spawn(_pretrain_rank, args=(2, free_port(), args(corpus, run_dir), STOP_STEP), nprocs=2)
+    mp.spawn(_pretrain_rank, args=(2, free_port(), args(corpus, run_dir), str(tmp_path), "term"), nprocs=2)
+    assert outcomes(tmp_path) == [f"stopped at step {STOP_STEP}"] * 2
     state = torch.load(run_dir / "checkpoints" / "last" / "state.pt", weights_only=True)
     assert state["train"]["step"] == STOP_STEP and state["train"]["position"] == 2
     assert not any(k.startswith("module.") for k in st.load_file(str(run_dir / "checkpoints/last/model.safetensors")))
@@ -190,33 +216,11 @@ def test_a_one_process_checkpoint_resumes_in_two(corpus, reference, tmp_path):
     assert_same_weights(weights(run_dir), weights(reference))
 
 
-def _signalled_rank(rank: int, world: int, port: int, overrides: list[str], out_dir: str) -> None:
-    """Rank 0 alone gets SIGTERM after step 1, as when one machine's process is told to stop."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # fmt: skip
-    torch.set_num_threads(1)
-
-    def term(info: StepInfo) -> None:
-        if rank == 0 and info.step == 1:
-            os.kill(os.getpid(), signal.SIGTERM)  # only sets the flag: the loop goes on to its next batch
-
-    outcome = "finished"
-    try:
-        pretrain(config.load_recipe("demo", overrides), on_step=term)
-    except Interrupted as stop:
-        outcome = f"stopped at step {stop.step}"
-    finally:
-        dist.destroy_process_group()
-    with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
-        f.write(outcome)
-
-
-def test_a_stop_seen_by_one_rank_stops_all_at_the_same_step(corpus, tmp_path):
-    run_dir = tmp_path / "run"
-    mp.spawn(_signalled_rank, args=(2, free_port(), args(corpus, run_dir), str(tmp_path)), nprocs=2, join=True)
-    assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == ["stopped at step 1"] * 2
-    state = torch.load(run_dir / "checkpoints" / "last" / "state.pt", weights_only=True)
-    assert state["train"]["step"] == 1
+def test_a_nan_on_one_rank_stops_both_with_the_same_message(corpus, tmp_path):
+    mp.spawn(_pretrain_rank, args=(2, free_port(), args(corpus, tmp_path / "run"), str(tmp_path), "nan"), nprocs=2)
+    first, second = outcomes(tmp_path)
+    assert first == second
+    assert first.startswith("diverged: loss part 'r' is nan at step 3 (epoch 1")  # batch 4 = epoch 1's first
 
 
 # ---------------------------------------------------------------- the distributed E-step

@@ -228,8 +228,11 @@ class Trainer:
         }
 
     def _save(self, name: str) -> Path | None:
-        """Write checkpoint ``name`` from the last boundary (rank 0 only)."""
+        """Write checkpoint ``name`` from the last boundary (rank 0 only; the other ranks note
+        where it went, so that every rank's divergence message names it)."""
         if not self.rt.is_main:
+            if name == "last":
+                self.last_saved = (ckpt.checkpoints_root(self.run_dir) / name, self.boundary["train"]["step"])
             return None
         state = {
             "format": STATE_FORMAT,
