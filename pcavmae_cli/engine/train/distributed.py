@@ -20,6 +20,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -27,6 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pcavmae_cli.engine.errors import UserError
+
+if TYPE_CHECKING:  # data.py imports this module
+    from pcavmae_cli.engine.train.data import EpochBatchSampler
 
 TIMEOUT = timedelta(minutes=30)  # a collective waiting longer than this is a hung rank: fail, not hang
 
@@ -186,7 +190,7 @@ def comm_device(device: torch.device) -> torch.device:
     return device if is_distributed() and dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def check_batches_fit_world(sampler, world_size: int) -> None:
+def check_batches_fit_world(sampler: EpochBatchSampler, world_size: int) -> None:
     """Every global batch of an ``EpochBatchSampler`` must give each rank at least one clip (a
     rank with an empty slice would have nothing to run while the others wait for it)."""
     if world_size > 1 and sampler.smallest_batch() < world_size:
