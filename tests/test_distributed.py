@@ -310,3 +310,36 @@ def test_nproc_starts_torchrun_with_the_same_command_and_refuses_to_nest(monkeyp
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UserError, match="already runs under"):
         run_under_torchrun(2, ["pretrain"])
+
+
+def test_a_short_shard_checks_for_a_stop_as_often_as_the_longest():
+    """Under DDP the E-step's stop check is a collective: a shard with fewer batches must call it
+    as many times as the longest shard (``rounds``), or the ranks' collectives would pair wrongly."""
+    from types import SimpleNamespace
+
+    from pcavmae_cli.engine.train.estep import embed_training_set
+    from pcavmae_cli.engine.train.runtime import Runtime
+
+    class Embedder:
+        def embed(self, fbank, frames):
+            return SimpleNamespace(z_a=fbank[:, :2], z_v=fbank[:, 2:4])
+
+    rows = torch.arange(20.0).reshape(5, 4)
+    batch = {"fbank": rows, "frames": rows, "index": torch.arange(10, 15)}
+    checks = []
+    z_a, z_v = embed_training_set(
+        Embedder(), _OneBatch(batch, 5), Runtime(torch.device("cpu"), None), check_stop=lambda: checks.append(1),
+        first_row=10, rounds=3,
+    )  # fmt: skip
+    assert len(checks) == 3
+    assert torch.equal(z_a, rows[:, :2]) and torch.equal(z_v, rows[:, 2:4])  # row = manifest index - first_row
+
+
+class _OneBatch:
+    """A loader of one batch over a dataset of ``n`` clips."""
+
+    def __init__(self, batch, n):
+        self.batch, self.dataset = batch, range(n)
+
+    def __iter__(self):
+        yield self.batch
