@@ -343,3 +343,17 @@ class _OneBatch:
 
     def __iter__(self):
         yield self.batch
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_the_ranks_slices_put_together_are_the_single_process_batches(world):
+    from pcavmae_cli.engine.train.data import EpochBatchSampler
+
+    whole = EpochBatchSampler(11, 4, seed=7)
+    ranks = [EpochBatchSampler(11, 4, seed=7, rank=r, world_size=world) for r in range(world)]
+    for sampler in (whole, *ranks):
+        sampler.set_epoch(3, start=1)  # a resumed epoch: the same global batch positions
+    for b, batch in enumerate(whole):
+        slices = [list(s)[b] for s in ranks]
+        assert sum(slices, []) == batch  # clip and sample seed, in order
+        assert [len(s) for s in slices] == split(len(batch), world)
