@@ -18,7 +18,7 @@ from tests.test_pretrain import corpus, fixed_batch, fixed_prototypes, recipe, t
 CPU = Runtime(torch.device("cpu"), None)
 
 
-def no_compiler(module):
+def no_compiler(module, **options):
     """What torch.compile does on a machine that cannot compile: fails at the first call."""
 
     def call(*args, **kwargs):

@@ -32,12 +32,19 @@ def set_activation_checkpointing(model: nn.Module, enabled: bool) -> int:
     return len(blocks)
 
 
+def static_compile(module: nn.Module) -> Callable:
+    """``torch.compile`` with static shapes: a step's shapes are fixed by the recipe (the last,
+    smaller batch of an epoch compiles once more), and inductor's dynamic-shape backward failed
+    at run time on the ViT-B step (torch 2.11, H200: a ``view`` of the wrong size)."""
+    return torch.compile(module, dynamic=False)
+
+
 class FallbackCompiled:
     """``module`` run through ``torch.compile``; on the first compile failure, eager for good.
 
     Args:
         module: the model (or its DDP wrapper) whose ``__call__`` the step uses.
-        compile_fn: default ``torch.compile`` (tests pass a failing one to simulate a machine
+        compile_fn: default ``static_compile`` (tests pass a failing one to simulate a machine
             without a compiler).
     """
 
@@ -45,7 +52,7 @@ class FallbackCompiled:
         self.module = module
         self.compiled: Callable | None = None
         try:
-            self.compiled = (compile_fn or torch.compile)(module)
+            self.compiled = (compile_fn or static_compile)(module)
         except Exception as exc:  # noqa: BLE001 - any failure means: run eager
             self._fall_back(exc)
 
