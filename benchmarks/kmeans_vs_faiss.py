@@ -6,7 +6,8 @@ draw random rows) and both are rated by the same objective: the mean cosine simi
 vector to its nearest final centroid. faiss is only needed for this script
 (``pip install faiss-cpu``), never by pcav. Not a test: run it on a quiet machine.
 
-    python benchmarks/kmeans_vs_faiss.py --n 200000 --d 128 --k 5000 --iters 10 --repeats 2
+    python benchmarks/kmeans_vs_faiss.py --only pcav
+    python benchmarks/kmeans_vs_faiss.py --only faiss
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=5_000)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--no-faiss", action="store_true")
+    parser.add_argument("--only", choices=["pcav", "faiss"], help="run one side (its own process: torch's and "
+                        "faiss's OpenMP thread pools in one process compete for the cores)")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; load average {os.getloadavg()}")
     x = unit_features(args.n, args.d, 0, torch.device("cpu"))
@@ -50,10 +52,11 @@ def main() -> None:
     init = init_centroids(x, args.k, seed=0, comm=Comm())
     print(f"k-means++ init (pcav): {time.perf_counter() - start:.2f} s; objective at init {objective(x, init):.5f}")
     for _ in range(args.repeats):
-        r = bench_kmeans(args.n, args.d, args.k, iters=args.iters, seed=0, init=init)
-        print(f"pcav  {args.iters} iterations (+ final assignment): {r.iter_seconds:.2f} s, objective {r.objective:.5f}",
-              flush=True)  # fmt: skip
-        if not args.no_faiss:
+        if args.only != "faiss":
+            r = bench_kmeans(args.n, args.d, args.k, iters=args.iters, seed=0, init=init)
+            print(f"pcav  {args.iters} iterations (+ final assignment): {r.iter_seconds:.2f} s, objective {r.objective:.5f}",
+                  flush=True)  # fmt: skip
+        if args.only != "pcav":
             centroids, seconds = faiss_kmeans(x, init, args.iters)
             print(f"faiss {args.iters} iterations: {seconds:.2f} s, objective {objective(x, centroids):.5f}", flush=True)
     print(f"load average {os.getloadavg()}")

@@ -126,4 +126,4 @@ def show(title: str, header: list[str], rows: list[list[str]]) -> None:
         table.add_column(name, justify="left" if name in ("recipe", "step", "precision", "layout", "dtype") else "right")
     for row in rows:
         table.add_row(*row)
-    console.print(table)
+    console.print(table, width=max(console.width, 132))  # no truncated cells when piped
