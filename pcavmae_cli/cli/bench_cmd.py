@@ -109,8 +109,8 @@ def bench(
         r = kmeans_bench.bench_kmeans(estep_n, estep_d, estep_k, iters=estep_iters, device=dev)
         tables.append(("E-step spherical k-means (random unit vectors)",
                        ["N", "D", "K", "iterations", "init s (k-means++)", "iterations s", "objective"],
-                       [[str(r.n), str(r.d), str(r.k), str(r.iters), f"{r.init_seconds:.2f}",
-                         f"{r.iter_seconds:.2f}", f"{r.objective:.4f}"]]))  # fmt: skip
+                       [[str(r.n), str(r.d), str(r.k), str(r.iters), f"{r.init_seconds:.3g}",
+                         f"{r.iter_seconds:.3g}", f"{r.objective:.4f}"]]))  # fmt: skip
         show(*tables[-1])
 
     if append is not None:
