@@ -23,19 +23,18 @@ stopped with Ctrl-C goes on where it stopped, and a finished one is not trained 
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ContextManager, Protocol
+from typing import Protocol
 
-from pcavmae_cli.engine import config
+from pcavmae_cli.engine import config, progress
 from pcavmae_cli.engine.data.demo_corpus import make_demo_corpus
 from pcavmae_cli.engine.data.manifest import atomic_write_text
 from pcavmae_cli.engine.data.preprocess import preprocess
 from pcavmae_cli.engine.data.stats import fbank_stats
 from pcavmae_cli.engine.evaluate.runner import evaluate
+from pcavmae_cli.engine.progress import ProgressReporter
 from pcavmae_cli.engine.train.checkpoint import FINETUNE_FILES, find_checkpoint
 from pcavmae_cli.engine.train.finetune import finetune
 from pcavmae_cli.engine.train.pretrain import pretrain
@@ -73,20 +72,14 @@ class DemoResult:
     figures: list[Path] = field(default_factory=list)
 
 
-class Reporter(Protocol):
-    """How the demo shows progress; the CLI implements it with Rich."""
-
-    def progress(self, description: str, total: int) -> ContextManager[Callable[..., None]]: ...
+class Reporter(ProgressReporter, Protocol):
+    """How the demo shows progress: bars, plus a line when a stage is done (the CLI uses Rich)."""
 
     def stage_done(self, result: StageResult) -> None: ...
 
 
-class SilentReporter:
+class SilentReporter(progress.SilentReporter):
     """A reporter that shows nothing (tests, library use)."""
-
-    @contextlib.contextmanager
-    def progress(self, description: str, total: int) -> Iterator[Callable[..., None]]:
-        yield lambda n=1, note="": None
 
     def stage_done(self, result: StageResult) -> None:
         pass

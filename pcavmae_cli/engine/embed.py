@@ -26,10 +26,9 @@ import io
 import json
 import shutil
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ContextManager, Iterator, Literal, Protocol
+from typing import Literal
 
 import numpy as np
 import safetensors.torch as st
@@ -43,22 +42,14 @@ from pcavmae_cli.engine.errors import UserError
 from pcavmae_cli.engine.evaluate.predict import FEATURES, _frames_5d, backbone_features
 from pcavmae_cli.engine.evaluate.runner import Checkpoint, checkpoint_recipe, open_checkpoint
 from pcavmae_cli.engine.model import PCAVMAE, Backbone
+from pcavmae_cli.engine.progress import ProgressReporter as Reporter
+from pcavmae_cli.engine.progress import SilentReporter
 from pcavmae_cli.engine.schema import Recipe
 from pcavmae_cli.engine.train import checkpoint as ckpt
 from pcavmae_cli.engine.train.data import close_loader, embed_loader
 from pcavmae_cli.engine.train.runtime import Runtime, resolve_runtime
 
 Format = Literal["npy", "safetensors"]
-
-
-class Reporter(Protocol):
-    def progress(self, description: str, total: int) -> ContextManager[Callable[..., None]]: ...
-
-
-class SilentReporter:
-    @contextmanager
-    def progress(self, description: str, total: int) -> Iterator[Callable[..., None]]:
-        yield lambda n=1, note="": None
 
 
 @dataclass

@@ -7,7 +7,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 from pcavmae_cli.engine.data import fbank as fb
 from pcavmae_cli.engine.data.audio_io import read_wav

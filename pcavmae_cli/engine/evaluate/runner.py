@@ -23,11 +23,10 @@ import csv
 import json
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ContextManager, Literal, Protocol
+from typing import Any, Literal
 
 import safetensors.torch as st
 import torch
@@ -41,6 +40,8 @@ from pcavmae_cli.engine.evaluate.predict import clip_features, clip_scores
 from pcavmae_cli.engine.evaluate.probes import knn, linear_probe
 from pcavmae_cli.engine.evaluate.retrieval import retrieval_metrics
 from pcavmae_cli.engine.model import PCAVMAE, Classifier
+from pcavmae_cli.engine.progress import ProgressReporter as Reporter
+from pcavmae_cli.engine.progress import SilentReporter
 from pcavmae_cli.engine.schema import Recipe
 from pcavmae_cli.engine.train import checkpoint as ckpt
 from pcavmae_cli.engine.train.data import close_loader, embed_loader
@@ -49,16 +50,6 @@ from pcavmae_cli.engine.train.runtime import Runtime, resolve_runtime, seed_ever
 Task = Literal["classification", "retrieval", "linear-probe", "knn"]
 TASKS: tuple[str, ...] = ("classification", "retrieval", "linear-probe", "knn")
 Kind = Literal["pretrain", "finetune"]
-
-
-class Reporter(Protocol):
-    def progress(self, description: str, total: int) -> ContextManager[Callable[..., None]]: ...
-
-
-class SilentReporter:
-    @contextmanager
-    def progress(self, description: str, total: int) -> Iterator[Callable[..., None]]:
-        yield lambda n=1, note="": None
 
 
 @dataclass

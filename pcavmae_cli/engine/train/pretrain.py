@@ -26,10 +26,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ContextManager, Protocol
+from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -41,6 +41,7 @@ from pcavmae_cli.engine.data.manifest import atomic_write_text
 from pcavmae_cli.engine.errors import UserError
 from pcavmae_cli.engine.model import PCAVMAE, MomentumEncoder
 from pcavmae_cli.engine.prototypes import Prototypes, load_prototypes, prototypes_active
+from pcavmae_cli.engine.progress import ProgressReporter, SilentReporter
 from pcavmae_cli.engine.schema import Recipe, StageConfig
 from pcavmae_cli.engine.train import checkpoint as ckpt
 from pcavmae_cli.engine.train.checks import check_clusters, check_recipe, is_stage_end, stage_of
@@ -64,18 +65,6 @@ from pcavmae_cli.engine.train.schedule import Schedule
 from pcavmae_cli.engine.train.stop import ForcedStop, Interrupted, StopRequests
 
 STATE_FORMAT = 1
-
-
-class ProgressReporter(Protocol):
-    """How the loop shows progress (the CLI implements it with Rich; ``pcav demo``'s reporter fits)."""
-
-    def progress(self, description: str, total: int) -> ContextManager[Callable[..., None]]: ...
-
-
-class SilentReporter:
-    @contextlib.contextmanager
-    def progress(self, description: str, total: int) -> Iterator[Callable[..., None]]:
-        yield lambda n=1, note="": None
 
 
 class TrainingDiverged(UserError):

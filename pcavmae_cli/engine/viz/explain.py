@@ -40,7 +40,7 @@ from pcavmae_cli.engine.viz import draw
 from pcavmae_cli.engine.viz.cluster_metrics import cluster_members, label_makeup
 from pcavmae_cli.engine.viz.contributions import Decomposition, decompose_logit, direction_coefficients, posterior
 from pcavmae_cli.engine.viz.exemplars import EmbeddingCache, nearest_members, sample_members
-from pcavmae_cli.engine.viz.run import RunView, display, open_run, read_run_recipe, resolve_device
+from pcavmae_cli.engine.viz.run import display, open_run, read_run_recipe, resolve_device
 
 MEAN_SAMPLE = 256  # training clips averaged for mu of the decomposition
 
