@@ -123,7 +123,8 @@ def show(title: str, header: list[str], rows: list[list[str]]) -> None:
     console.print(f"[bold]{title}[/]")
     table = Table()
     for name in header:
-        table.add_column(name, justify="left" if name in ("recipe", "step", "precision", "layout", "dtype") else "right")
+        justify = "left" if name in ("recipe", "step", "precision", "layout", "dtype") else "right"
+        table.add_column(name, justify=justify, overflow="fold")  # a narrow terminal wraps, never cuts
     for row in rows:
         table.add_row(*row)
-    console.print(table, width=max(console.width, 132))  # no truncated cells when piped
+    console.print(table)
