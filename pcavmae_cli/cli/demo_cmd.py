@@ -37,14 +37,15 @@ def demo(
     clips_per_class: int = typer.Option(10, "--clips-per-class", help="Clips per class (train + eval)."),
     eval_per_class: int = typer.Option(2, "--eval-per-class", help="Held-out clips per class."),
 ) -> None:
-    """Run the main job on a small built-in corpus: demo data -> preprocess -> fbank stats ->
-    pretrain -> fine-tune -> evaluate on held-out clips -> figures, ending with a metrics table
-    and the paths of the figures.
+    """Run the whole pipeline on a small built-in corpus, ending with metrics and figures.
+
+    Stages: demo data -> preprocess -> fbank stats -> pretrain -> fine-tune -> evaluate on
+    held-out clips -> figures; it prints a metrics table and the paths of the figures.
 
     Everything is written under OUT: the resolved recipes (OUT/recipe.yaml,
     OUT/finetune_recipe.yaml), the runs (OUT/runs/pretrain, OUT/runs/finetune) and their eval/
-    folders. Running it again reuses what is there (and resumes stopped runs). Stages this
-    version does not have yet are listed at the end.
+    folders; the figures under OUT/runs/pretrain/plots. Running it again reuses what is there
+    (and resumes stopped runs).
 
     Example: pcav demo ./pcav-demo
     """
