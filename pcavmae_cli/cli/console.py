@@ -46,3 +46,16 @@ def progress_bar(description: str, total: int, *, bar_width: int | None = 40) ->
             progress.update(task, advance=n, note=note)
 
         yield advance
+
+
+class RichReporter:
+    """The engine's ``ProgressReporter`` drawn with Rich: one bar per ``progress`` call.
+
+    ``bar_width=None`` suits training, whose notes (loss parts, samples/s) need the room.
+    """
+
+    def __init__(self, bar_width: int | None = 40) -> None:
+        self.bar_width = bar_width
+
+    def progress(self, description: str, total: int):
+        return progress_bar(description, total, bar_width=self.bar_width)

@@ -9,15 +9,16 @@ import typer
 from rich.table import Table
 
 from pcavmae_cli.cli import options
-from pcavmae_cli.cli.console import console, err_console, progress_bar
+from pcavmae_cli.cli.console import RichReporter, console, err_console
 from pcavmae_cli.cli.metrics_view import format_metric
 
 
-class RichReporter:
-    """Shows each demo stage as a progress bar, then a line when it is done."""
+class DemoReporter(RichReporter):
+    """Shows each demo stage as a progress bar (wide notes: pre-training's loss parts), then a line
+    when it is done."""
 
-    def progress(self, description: str, total: int):
-        return progress_bar(description, total, bar_width=None)  # room for pre-training's loss notes
+    def __init__(self) -> None:
+        super().__init__(bar_width=None)
 
     def stage_done(self, result) -> None:
         console.print(f"[green]done[/] {result.name} in {result.seconds:.1f} s: {result.summary}", highlight=False)
@@ -56,7 +57,7 @@ def demo(
         result = run_demo(
             out, recipe=recipe, overrides=overrides or [], finetune_overrides=finetune_overrides or [],
             seed=seed, classes=classes,
-            clips_per_class=clips_per_class, eval_per_class=eval_per_class, reporter=RichReporter(),
+            clips_per_class=clips_per_class, eval_per_class=eval_per_class, reporter=DemoReporter(),
         )
     except Interrupted as stop:
         err_console.print(

@@ -8,12 +8,7 @@ from typing import Optional
 import typer
 
 from pcavmae_cli.cli import options
-from pcavmae_cli.cli.console import console, progress_bar
-
-
-class RichReporter:
-    def progress(self, description: str, total: int):
-        return progress_bar(description, total)
+from pcavmae_cli.cli.console import RichReporter, console
 
 
 def embed(

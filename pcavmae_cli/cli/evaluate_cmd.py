@@ -8,18 +8,13 @@ from typing import Optional
 import typer
 
 from pcavmae_cli.cli import options
-from pcavmae_cli.cli.console import console, progress_bar
+from pcavmae_cli.cli.console import RichReporter, console
 from pcavmae_cli.cli.metrics_view import metrics_table, per_class_table
 
 TASK_HELP = (
     "classification (a fine-tuning checkpoint), or on a pre-training checkpoint's frozen features: "
     "retrieval, linear-probe, knn."
 )
-
-
-class RichReporter:
-    def progress(self, description: str, total: int):
-        return progress_bar(description, total)
 
 
 def evaluate(

@@ -8,14 +8,10 @@ import typer
 from rich.table import Table
 
 from pcavmae_cli.cli import launch, options
-from pcavmae_cli.cli.console import console, err_console, progress_bar
+from pcavmae_cli.cli.console import console
+from pcavmae_cli.cli.training import run_as_rank
 from pcavmae_cli.cli.metrics_view import format_metric
 from pcavmae_cli.engine import config
-
-
-class RichReporter:
-    def progress(self, description: str, total: int):
-        return progress_bar(description, total, bar_width=None)
 
 
 def summary_table(result) -> Table:
@@ -66,26 +62,12 @@ def finetune(
         given_init = [] if init_from is None else ["--init-from", init_from]
         command = ["finetune", "--recipe", recipe, *given_init, *(overrides or [])]
         raise typer.Exit(launch.run_under_torchrun(nproc, command))
-    from pcavmae_cli.engine.train.distributed import shutdown, world_from_env  # imports torch: not for --help
-    from pcavmae_cli.engine.train.finetune import finetune as run
-    from pcavmae_cli.engine.train.stop import Interrupted
+    from pcavmae_cli.engine.train.finetune import finetune as run  # imports torch: not for --help
 
     extra = [] if init_from is None else [f"finetune.init_from={init_from}"]
     cfg = config.load_recipe(recipe, [*given, *extra])
-    main = world_from_env().rank == 0
-    try:
-        result = run(cfg, RichReporter() if main else None)
-    except Interrupted as stop:
-        if not main:
-            raise typer.Exit(130) from None
-        where = f"wrote {stop.checkpoint} at step {stop.step}" if stop.checkpoint else "nothing written"
-        err_console.print(
-            f"[yellow]stopped[/] ({stop.reason}): {where}; continue with train.resume=true", highlight=False
-        )
-        raise typer.Exit(130) from None
-    finally:
-        shutdown()
-    if not main:
+    result = run_as_rank(run, cfg)
+    if result is None:  # not rank 0
         return
     if result.init is not None:
         dropped = sorted({k.split(".")[0] if not k.startswith("backbone.") else ".".join(k.split(".")[:2])

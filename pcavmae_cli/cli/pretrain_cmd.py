@@ -8,15 +8,9 @@ import typer
 from rich.table import Table
 
 from pcavmae_cli.cli import launch, options
-from pcavmae_cli.cli.console import console, err_console, progress_bar
+from pcavmae_cli.cli.console import console
+from pcavmae_cli.cli.training import run_as_rank
 from pcavmae_cli.engine import config
-
-
-class RichReporter:
-    """One Rich progress bar per epoch (and per E-step): stage, epoch, loss parts, samples/s."""
-
-    def progress(self, description: str, total: int):
-        return progress_bar(description, total, bar_width=None)
 
 
 def _fmt(value: float | None) -> str:
@@ -54,25 +48,11 @@ def pretrain(
     if nproc is not None:
         config.load_recipe(recipe, overrides or [])  # a recipe error: one line here, not one per process
         raise typer.Exit(launch.run_under_torchrun(nproc, ["pretrain", "--recipe", recipe, *(overrides or [])]))
-    from pcavmae_cli.engine.train.distributed import shutdown, world_from_env  # imports torch: not for --help
-    from pcavmae_cli.engine.train.pretrain import pretrain as run
-    from pcavmae_cli.engine.train.stop import Interrupted
+    from pcavmae_cli.engine.train.pretrain import pretrain as run  # imports torch: not for --help
 
     cfg = config.load_recipe(recipe, overrides or [])
-    main = world_from_env().rank == 0
-    try:
-        result = run(cfg, RichReporter() if main else None)
-    except Interrupted as stop:
-        if not main:
-            raise typer.Exit(130) from None
-        where = f"wrote {stop.checkpoint} at step {stop.step}" if stop.checkpoint else "nothing written"
-        err_console.print(
-            f"[yellow]stopped[/] ({stop.reason}): {where}; continue with train.resume=true", highlight=False
-        )
-        raise typer.Exit(130) from None
-    finally:
-        shutdown()
-    if not main:
+    result = run_as_rank(run, cfg)
+    if result is None:  # not rank 0
         return
     if result.epochs:
         console.print(summary_table(result))

@@ -60,7 +60,7 @@ from pcavmae_cli.engine.train.optim import build_finetune_optimizer, set_lr
 from pcavmae_cli.engine.train.pretrain import ProgressReporter, SilentReporter, StepInfo, TrainingDiverged
 from pcavmae_cli.engine.train.runtime import capture_rng, resolve_runtime, restore_rng, seed_everything
 from pcavmae_cli.engine.train.schedule import Schedule, StepSchedule
-from pcavmae_cli.engine.train.stop import ForcedStop, Interrupted, StopRequests
+from pcavmae_cli.engine.train.stop import StopRequests, run_stoppable
 
 STATE_FORMAT = 1
 STAGE = "finetune"  # the ``stage`` of metrics lines and ``StepInfo``
@@ -286,24 +286,12 @@ class FineTuner:
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> FinetuneResult:
-        with StopRequests() as stop:
-            try:
-                try:
-                    while self.state.epoch < self.plan.total_epochs:
-                        self._epoch(stop)
-                except RuntimeError:  # e.g. loader workers killed by the SIGTERM the loop was sent too
-                    if stop.reason is None:
-                        raise
-                    raise KeyboardInterrupt(stop.reason) from None
-            except ForcedStop:
-                raise
-            except KeyboardInterrupt as exc:
-                path = self._save("last")
-                step, epoch = self.boundary["train"]["step"], self.boundary["train"]["epoch"]
-                raise Interrupted(path, step, epoch, str(exc) or "KeyboardInterrupt") from None
-            finally:
-                close_loader(self.loader)
-                close_loader(self.eval_loader)
+        def close_loaders() -> None:
+            close_loader(self.loader)
+            close_loader(self.eval_loader)
+
+        run_stoppable(self._epoch, lambda: self.state.epoch >= self.plan.total_epochs,
+                      lambda: self._save("last"), lambda: self.boundary, close_loaders)  # fmt: skip
         if self.average is not None and ckpt.find_checkpoint(self.run_dir, "averaged", ckpt.FINETUNE_FILES) is None:
             self._finish_average()
         lines = read_metrics(self.metrics.path) if self.rt.is_main else []  # rank 0 writes it

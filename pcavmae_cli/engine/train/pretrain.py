@@ -62,7 +62,7 @@ from pcavmae_cli.engine.train.objective import BatchObjective, batch_losses, fir
 from pcavmae_cli.engine.train.optim import build_optimizer, set_lr
 from pcavmae_cli.engine.train.runtime import capture_rng, resolve_runtime, restore_rng, seed_everything
 from pcavmae_cli.engine.train.schedule import Schedule
-from pcavmae_cli.engine.train.stop import ForcedStop, Interrupted, StopRequests
+from pcavmae_cli.engine.train.stop import StopRequests, run_stoppable
 
 STATE_FORMAT = 1
 
@@ -240,25 +240,12 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> PretrainResult:
-        with StopRequests() as stop:
-            try:
-                try:
-                    while self.state.epoch < self.plan.total_epochs:
-                        self._epoch(stop)
-                except RuntimeError:  # e.g. loader workers killed by the SIGTERM the loop was sent too
-                    if stop.reason is None:
-                        raise
-                    raise KeyboardInterrupt(stop.reason) from None
-            except ForcedStop:
-                raise
-            except KeyboardInterrupt as exc:
-                reason = str(exc) or "KeyboardInterrupt"
-                path = self._save("last")
-                step, epoch = self.boundary["train"]["step"], self.boundary["train"]["epoch"]
-                raise Interrupted(path, step, epoch, reason) from None
-            finally:
-                close_loader(self.loader)
-                close_loader(self.embed_loader)
+        def close_loaders() -> None:
+            close_loader(self.loader)
+            close_loader(self.embed_loader)
+
+        run_stoppable(self._epoch, lambda: self.state.epoch >= self.plan.total_epochs,
+                      lambda: self._save("last"), lambda: self.boundary, close_loaders)  # fmt: skip
         return PretrainResult(
             run_dir=self.run_dir,
             epochs=read_metrics(self.metrics.path, "epoch") if self.rt.is_main else [],

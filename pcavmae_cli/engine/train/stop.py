@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 
 class Interrupted(KeyboardInterrupt):
@@ -56,3 +58,36 @@ class StopRequests:
         """Raise ``KeyboardInterrupt`` if a stop was asked for."""
         if self.reason is not None:
             raise KeyboardInterrupt(self.reason)
+
+
+def run_stoppable(
+    run_epoch: Callable[[StopRequests], None],
+    finished: Callable[[], bool],
+    save_last: Callable[[], Path | None],
+    boundary: Callable[[], dict[str, Any]],
+    cleanup: Callable[[], None],
+) -> None:
+    """Run epochs until ``finished()``, the same way for pre-training and fine-tuning.
+
+    A stop request (or a ``RuntimeError`` it caused, e.g. loader workers killed by the same
+    SIGTERM) writes ``checkpoints/last`` through ``save_last`` and raises ``Interrupted`` with the
+    step and epoch of ``boundary()["train"]``; a second Ctrl-C (``ForcedStop``) writes nothing.
+    ``cleanup`` (closing the loaders) runs in every case, before the signal handlers are restored.
+    """
+    with StopRequests() as stop:
+        try:
+            try:
+                while not finished():
+                    run_epoch(stop)
+            except RuntimeError:
+                if stop.reason is None:
+                    raise
+                raise KeyboardInterrupt(stop.reason) from None
+        except ForcedStop:
+            raise
+        except KeyboardInterrupt as exc:
+            path = save_last()
+            train = boundary()["train"]
+            raise Interrupted(path, train["step"], train["epoch"], str(exc) or "KeyboardInterrupt") from None
+        finally:
+            cleanup()

@@ -1,0 +1,35 @@
+"""What ``pcav pretrain`` and ``pcav finetune`` share once the recipe is loaded: run the loop as
+this process's rank (rank 0 draws the bars) and turn a clean stop into one line and exit 130."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import typer
+
+from pcavmae_cli.cli.console import RichReporter, err_console
+
+
+def run_as_rank(run: Callable[..., Any], cfg: Any) -> Any | None:
+    """``run(cfg, reporter)`` in this process; the result on rank 0, ``None`` on the other ranks.
+
+    Ctrl-C / SIGTERM: the loop has written ``checkpoints/last``; rank 0 says where and how to go on.
+    """
+    from pcavmae_cli.engine.train.distributed import shutdown, world_from_env  # imports torch: not for --help
+    from pcavmae_cli.engine.train.stop import Interrupted
+
+    main = world_from_env().rank == 0
+    try:
+        result = run(cfg, RichReporter(bar_width=None) if main else None)
+    except Interrupted as stop:
+        if not main:
+            raise typer.Exit(130) from None
+        where = f"wrote {stop.checkpoint} at step {stop.step}" if stop.checkpoint else "nothing written"
+        err_console.print(
+            f"[yellow]stopped[/] ({stop.reason}): {where}; continue with train.resume=true", highlight=False
+        )
+        raise typer.Exit(130) from None
+    finally:
+        shutdown()
+    return result if main else None
