@@ -61,29 +61,19 @@ class Schedule:
 
 
 @dataclass
-class StepSchedule:
+class StepSchedule(Schedule):
     """Fine-tuning's step decay (CAV-MAE's ``MultiStepLR`` stepped once per epoch), after a linear warm-up.
 
     Epoch e (0-based) runs at ``lr x decay^k``, k = 0 before epoch ``start_epoch`` and
     ``1 + (e - start_epoch) // every_epochs`` from it on: with start 5, every 1, decay 0.5 (AS-20K)
     epochs 1..5 (1-based) run at lr, epoch 6 at lr / 2, epoch 7 at lr / 4. During the warm-up
-    (``optim.warmup_epochs``, in optimiser steps as ``Schedule``) that rate is scaled by n / W.
+    (``optim.warmup_epochs``, in optimiser steps as ``Schedule``, whose step counts it shares)
+    that rate is scaled by n / W.
     """
 
-    steps_per_epoch: int
-    epochs: int
-    optim: OptimConfig
     start_epoch: int
     every_epochs: int
     decay: float
-
-    @property
-    def total_steps(self) -> int:
-        return self.steps_per_epoch * self.epochs
-
-    @property
-    def warmup_steps(self) -> int:
-        return min(self.total_steps, round(self.optim.warmup_epochs * self.steps_per_epoch))
 
     def lr(self, step: int) -> float:
         epoch = step // max(1, self.steps_per_epoch)
