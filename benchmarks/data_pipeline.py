@@ -1,10 +1,11 @@
 """Throughput of the data pipeline on this machine: demo corpus, preprocessing, packing, loader.
 
 Prints clips/s for `demo-data`, `preprocess` and `pack`, where a plain-layout sample's time
-goes (WAV read, fbank, JPEG decode + crop + normalisation, one thread), and samples/s of the
-training loader (one random frame + fbank per sample, `engine/bench/loader.py`) for the plain
-and the packed layout side by side, with 0 and N workers. Not a test: run it on a quiet
-machine and copy the figures into docs/benchmarks.md.
+goes (WAV read, fbank, padding, JPEG decode + crop, one thread; and the normalisation, which
+training does on the device), and samples/s of the training loader (one random frame + fbank
+per sample, as compact samples, `engine/bench/loader.py`) for the plain and the packed layout
+side by side, with 0 and N workers. Not a test: run it on a quiet machine and copy the figures
+into docs/benchmarks.md.
 
     python benchmarks/data_pipeline.py --out /tmp/pcav-bench --workers 1
 """
@@ -19,13 +20,14 @@ import time
 from pathlib import Path
 
 import torch
+from torchvision.io import read_file
 
 from pcavmae_cli.engine import config
 from pcavmae_cli.engine.bench.loader import bench_loader
 from pcavmae_cli.engine.data import fbank as fb
 from pcavmae_cli.engine.data.audio_io import read_wav
 from pcavmae_cli.engine.data.demo_corpus import make_demo_corpus
-from pcavmae_cli.engine.data.frames import load_frame
+from pcavmae_cli.engine.data import frames as fr
 from pcavmae_cli.engine.data.manifest import read_manifest
 from pcavmae_cli.engine.data.pack import pack_manifest
 from pcavmae_cli.engine.data.preprocess import preprocess
@@ -76,11 +78,16 @@ def profile_plain_sample(manifest: Path, cfg, repeats: int = 50) -> None:
     rate = cfg.audio.sample_rate
     waveform = read_wav(record.audio_path(root), rate)
     log_mel = fb.log_mel(waveform, rate, cfg.audio.fbank)
+    frame_path = str(record.frame_path(root, 0))
+    padded = fb.fit_length(log_mel, cfg.audio.fbank.target_frames)
+    crop = fr.decode_crop(read_file(frame_path), cfg.video, frame_path)
     steps = {
         "WAV read": lambda: read_wav(record.audio_path(root), rate),
         "log-Mel (Kaldi fbank)": lambda: fb.log_mel(waveform, rate, cfg.audio.fbank),
-        "pad + normalise": lambda: fb.padded_normalised(log_mel, cfg.audio.fbank),
-        "frame: read + decode + crop + normalise": lambda: load_frame(record.frame_path(root, 0), cfg.video),
+        "pad": lambda: fb.fit_length(log_mel, cfg.audio.fbank.target_frames),
+        "frame: read + decode + crop": lambda: fr.decode_crop(read_file(frame_path), cfg.video, frame_path),
+        "normalise fbank + frame (device side)": lambda: (fb.normalise(padded, cfg.audio.fbank),
+                                                          fr.normalise(crop, cfg.video)),
     }
     for name, step in steps.items():
         step()

@@ -3,8 +3,9 @@
 Both stores hand the dataset the same two things, which it then turns into a sample with the
 same code (``dataset.AudioVisualDataset``):
 
-- ``log_mel(i, record)``: ``(frames, num_mel_bins)`` float32 log-Mel, before padding and
-  normalisation (``fbank.log_mel``);
+- ``log_mel(i, record)``: ``(frames, num_mel_bins)`` log-Mel, before padding and
+  normalisation (``fbank.log_mel``), in the store's dtype: float32 (plain) or float16 (packed),
+  widened only where it is normalised, so that a loader ships half the bytes from a pack;
 - ``frame_bytes(i, record, k)``: ``(bytes,)`` uint8, the JPEG of frame ``k``, and a name for errors.
 
 A store opens its files lazily, in the process that reads them: a DataLoader worker gets a copy
@@ -82,8 +83,8 @@ class PackStore:
     def log_mel(self, i: int, record: ClipRecord) -> torch.Tensor:
         shard, row = self._locate(i)
         first, rows = int(shard.clips[row, 0]), int(shard.clips[row, 1])
-        # Copy the float16 rows, then widen in torch (vectorised; 5x faster than numpy's astype).
-        return torch.from_numpy(np.array(shard.fbank[first : first + rows])).float()
+        # A copy of the float16 rows: torch would otherwise alias the read-only map (and warn).
+        return torch.from_numpy(np.array(shard.fbank[first : first + rows]))
 
     def frame_bytes(self, i: int, record: ClipRecord, k: int) -> tuple[torch.Tensor, str]:
         shard, row = self._locate(i)

@@ -7,8 +7,9 @@ htk_compat. They all come from ``FbankConfig`` so a recipe can change any of the
 
 from __future__ import annotations
 
+import functools
+
 import torch
-import torch.nn.functional as F
 from torchaudio.compliance import kaldi
 
 from pcavmae_cli.engine.schema import FbankConfig
@@ -38,30 +39,39 @@ def log_mel(waveform: torch.Tensor, sample_rate: int, cfg: FbankConfig) -> torch
 
 
 def fit_length(fbank: torch.Tensor, target_frames: int) -> torch.Tensor:
-    """Zero-pad at the end or cut to ``target_frames`` rows (CAV-MAE pads the log-Mel with 0)."""
-    missing = target_frames - fbank.shape[0]
-    if missing > 0:
-        return F.pad(fbank, (0, 0, 0, missing))
-    return fbank[:target_frames]
+    """``(target_frames, num_mel_bins)``: zero-padded at the end or cut (CAV-MAE pads the log-Mel
+    with 0), in ``fbank``'s dtype (float16 from a pack: a loader ships half the bytes).
+
+    Always one new tensor of exactly that size: a cut is not a view that would keep (and, from a
+    loader worker, ship) the whole log-Mel.
+    """
+    out = fbank.new_zeros(target_frames, fbank.shape[1])
+    n = min(target_frames, fbank.shape[0])
+    out[:n] = fbank[:n]
+    return out
 
 
 def normalise(fbank: torch.Tensor, cfg: FbankConfig) -> torch.Tensor:
-    """``(x - mean) / (std * std_scale)`` with the corpus statistics of the recipe."""
-    return (fbank - cfg.mean) / (cfg.std * cfg.std_scale)
+    """``(x - mean) / (std * std_scale)`` with the corpus statistics of the recipe: a new float32
+    tensor on ``fbank``'s device (the input is left as it is).
+
+    The one place of this arithmetic: a normalised sample and a compact batch normalised on the
+    device (``model_inputs``) go through the same float operations, so they are bit-identical.
+    Padding comes first (``fit_length``): the padded rows are normalised too, as in CAV-MAE.
+    """
+    return fbank.to(torch.float32, copy=True).sub_(cfg.mean).div_(_divisor(cfg.std * cfg.std_scale, fbank.device))
+
+
+@functools.cache
+def _divisor(value: float, device: torch.device) -> torch.Tensor:
+    """``value`` as a 0-dim float32 tensor on ``device``, made once per process and device.
+
+    A tensor, not a Python number: CUDA multiplies by the reciprocal of a Python-number divisor,
+    which may differ from a division in the last bit; with a tensor every device divides.
+    """
+    return torch.tensor(value, dtype=torch.float32, device=device)
 
 
 def model_input(waveform: torch.Tensor, sample_rate: int, cfg: FbankConfig) -> torch.Tensor:
     """What the audio encoder sees: ``(target_frames, num_mel_bins)``, normalised."""
     return normalise(fit_length(log_mel(waveform, sample_rate, cfg), cfg.target_frames), cfg)
-
-
-def padded_normalised(log_mel: torch.Tensor, cfg: FbankConfig) -> torch.Tensor:
-    """``normalise(fit_length(log_mel))`` with one new tensor instead of two (the loader's path).
-
-    The same float operations on every element (zero rows, then ``- mean``, then ``/ (std *
-    std_scale)``), so the result is bit-identical; in place, it saves a copy per sample.
-    """
-    out = torch.zeros(cfg.target_frames, log_mel.shape[1], dtype=torch.float32)
-    n = min(cfg.target_frames, log_mel.shape[0])
-    out[:n] = log_mel[:n]
-    return out.sub_(cfg.mean).div_(cfg.std * cfg.std_scale)

@@ -1,4 +1,4 @@
-"""Video frames: JPEG decoding, centre crop and ImageNet normalisation."""
+"""Video frames: JPEG decoding and centre crop (uint8), ImageNet normalisation (float32)."""
 
 from __future__ import annotations
 
@@ -25,12 +25,19 @@ def load_frame(path: Path, cfg: VideoConfig) -> torch.Tensor:
 def decode_frame(data: torch.Tensor, cfg: VideoConfig, name: str) -> torch.Tensor:
     """One JPEG as the visual encoder sees it: ``(3, crop_size, crop_size)`` float32, normalised.
 
+    ``normalise(decode_crop(...))``: the single-sample path (``dataset`` without ``compact``).
+    """
+    return normalise(decode_crop(data, cfg, name), cfg)
+
+
+def decode_crop(data: torch.Tensor, cfg: VideoConfig, name: str) -> torch.Tensor:
+    """One JPEG, centre-cropped: ``(3, crop_size, crop_size)`` uint8, not yet normalised.
+
     Both layouts call this on the same bytes (a frame file, or its copy in a pack), which is
     what makes their frames bit-identical. Preprocessing already resized the shorter side to
     ``short_side``; a frame whose shorter side is below ``crop_size`` (a foreign corpus) is
-    resized up first. The crop comes before the conversion to float, so only the crop is
-    converted; the in-place ``* (1/255) - mean) / std`` gives the same floats as torchvision's
-    ``to_dtype(scale=True)`` + ``normalize`` without their temporaries.
+    resized up first. The crop stays uint8 so that a loader ships a quarter of the float32
+    bytes; ``normalise`` converts it where the model runs.
 
     Args:
         data: ``(bytes,)`` uint8, the JPEG file's content.
@@ -42,12 +49,25 @@ def decode_frame(data: torch.Tensor, cfg: VideoConfig, name: str) -> torch.Tenso
         raise UserError(f"{name}: cannot decode JPEG ({exc})") from None
     if min(image.shape[-2:]) < cfg.crop_size:
         image = TF.resize(image, cfg.crop_size, antialias=True)
-    image = TF.center_crop(image, [cfg.crop_size, cfg.crop_size])
-    mean, std = _channel_stats(tuple(cfg.mean), tuple(cfg.std))
-    return image.to(torch.float32).mul_(1 / 255).sub_(mean).div_(std)
+    return TF.center_crop(image, [cfg.crop_size, cfg.crop_size])
+
+
+def normalise(frames: torch.Tensor, cfg: VideoConfig) -> torch.Tensor:
+    """uint8 frames ``(..., 3, S, S)`` -> float32 ``(x / 255 - mean) / std``, a new tensor on their device.
+
+    The one place of this arithmetic: a normalised sample and a compact batch normalised on the
+    device (``model_inputs``) go through the same float operations, so they are bit-identical.
+    The in-place ``* (1/255) - mean) / std`` gives the same floats as torchvision's
+    ``to_dtype(scale=True)`` + ``normalize`` without their temporaries.
+    """
+    mean, std = _channel_stats(tuple(cfg.mean), tuple(cfg.std), frames.device)
+    return frames.to(torch.float32).mul_(1 / 255).sub_(mean).div_(std)
 
 
 @functools.cache
-def _channel_stats(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(3, 1, 1)`` tensors of the recipe's per-channel mean and std, made once per process."""
-    return torch.tensor(mean).view(-1, 1, 1), torch.tensor(std).view(-1, 1, 1)
+def _channel_stats(
+    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(3, 1, 1)`` float32 tensors of the recipe's per-channel mean and std on ``device``, made
+    once per process and device (no copy to the device per batch)."""
+    return torch.tensor(mean, device=device).view(-1, 1, 1), torch.tensor(std, device=device).view(-1, 1, 1)

@@ -23,14 +23,16 @@ Why these choices:
   ``std_scale`` and ``target_frames`` still apply at load time (``pcav stats`` of a new corpus
   needs no re-pack); the settings it was computed with are in the index and a recipe that
   differs is refused, naming the key;
-- float16 halves the disk and page-cache size; the loaded fbank equals the plain layout's
-  within float16 rounding of the log-Mel: ``|packed - plain| <= |log_mel| * 2**-11 / (std *
-  std_scale) + 1e-6`` (half a float16 ulp, relative, plus float32 rounding of the
+- float16 halves the disk and page-cache size, and the bytes a loader worker sends (it ships
+  the fbank in the store's dtype, ``dataset`` docstring); the normalised fbank equals the
+  plain layout's within float16 rounding of the log-Mel: ``|packed - plain| <= |log_mel| *
+  2**-11 / (std * std_scale) + 1e-6`` (half a float16 ulp, relative, plus float32 rounding of the
   normalisation; at most 5.5e-4 on the demo corpus, where silence is log(eps) = -15.9; the
   values have a standard deviation near 0.5). tests/test_pack.py checks the bound, and that
   the packed fbank is exactly the plain one with its log-Mel rounded to float16;
-- the frames are the *same JPEG bytes* decoded by the same ``frames.decode_frame``, so
-  frames are bit-identical to the plain layout's (re-encoding the crop would not be);
+- the frames are the *same JPEG bytes* decoded and cropped by the same ``frames.decode_crop``,
+  so frames are bit-identical to the plain layout's, as uint8 crops and normalised
+  (re-encoding the crop would not be);
 - with ``dither > 0`` (off in every shipped recipe) a pack freezes one random draw of the
   dither per clip, where the plain layout draws anew at each visit;
 - a shard holds a fixed number of clips (``data.pack.clips_per_shard``), so clip ``i`` is in
