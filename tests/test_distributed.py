@@ -317,6 +317,8 @@ def test_a_short_shard_checks_for_a_stop_as_often_as_the_longest():
     as many times as the longest shard (``rounds``), or the ranks' collectives would pair wrongly."""
     from types import SimpleNamespace
 
+    from pcavmae_cli.engine import config
+    from pcavmae_cli.engine.data.fbank import normalise
     from pcavmae_cli.engine.train.estep import embed_training_set
     from pcavmae_cli.engine.train.runtime import Runtime
 
@@ -324,15 +326,17 @@ def test_a_short_shard_checks_for_a_stop_as_often_as_the_longest():
         def embed(self, fbank, frames):
             return SimpleNamespace(z_a=fbank[:, :2], z_v=fbank[:, 2:4])
 
-    rows = torch.arange(20.0).reshape(5, 4)
-    batch = {"fbank": rows, "frames": rows, "index": torch.arange(10, 15)}
+    data = config.load_recipe("demo").data
+    rows = torch.arange(20.0).reshape(5, 4)  # a compact batch: fbank not normalised, uint8 frames
+    batch = {"fbank": rows, "frames": torch.zeros(5, 3, 2, 2, dtype=torch.uint8), "index": torch.arange(10, 15)}
     checks = []
     z_a, z_v = embed_training_set(
         Embedder(), _OneBatch(batch, 5), Runtime(torch.device("cpu"), None), check_stop=lambda: checks.append(1),
-        first_row=10, rounds=3,
+        first_row=10, rounds=3, data=data,
     )  # fmt: skip
     assert len(checks) == 3
-    assert torch.equal(z_a, rows[:, :2]) and torch.equal(z_v, rows[:, 2:4])  # row = manifest index - first_row
+    seen = normalise(rows, data.audio.fbank)
+    assert torch.equal(z_a, seen[:, :2]) and torch.equal(z_v, seen[:, 2:4])  # row = manifest index - first_row
 
 
 class _OneBatch:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from pcavmae_cli.engine import config
+from pcavmae_cli.engine.data.frames import normalise as normalise_frames
 from pcavmae_cli.engine.errors import UserError
 from pcavmae_cli.engine.evaluate.predict import backbone_features, clip_scores
 from pcavmae_cli.engine.evaluate.runner import evaluate
@@ -134,8 +135,21 @@ def test_a_missing_unexpected_or_misshapen_key_fails_naming_it(tmp_path, edit, m
 # ---------------------------------------------------------------- frame averaging
 
 
+DATA = config.load_recipe("demo", TINY_MODEL).data
+
+
+def frame_levels(i: int, k: int) -> torch.Tensor:
+    """Grey levels of clip i's K compact frames: frame k is 100 + 10 (i + 1) (k - 2)."""
+    return torch.tensor([100 + 10 * (i + 1) * (j - 2) for j in range(k)], dtype=torch.uint8)
+
+
+def frame_values(i: int, k: int) -> torch.Tensor:
+    """(K,) the channel mean of clip i's normalised frames: what KnownFrameModel reads."""
+    return normalise_frames(frame_levels(i, k).view(k, 1, 1, 1).expand(k, 3, 1, 1), DATA.video).mean(dim=(1, 2, 3))
+
+
 class FramesDataset(Dataset):
-    """Clip i has K frames, frame k filled with the value (i + 1) * (k - 2) / 10."""
+    """Clip i has K compact (uint8) frames, frame k a flat grey of level ``frame_levels``."""
 
     def __init__(self, n: int = 4, k: int = 5):
         self.n, self.k = n, k
@@ -144,8 +158,8 @@ class FramesDataset(Dataset):
         return self.n
 
     def __getitem__(self, i):
-        values = torch.tensor([(i + 1) * (k - 2) / 10 for k in range(self.k)])
-        return {"fbank": torch.zeros(6, 2), "frames": values.view(self.k, 1, 1, 1).expand(self.k, 3, 2, 2).clone(),
+        levels = frame_levels(i, self.k)
+        return {"fbank": torch.zeros(6, 2), "frames": levels.view(self.k, 1, 1, 1).expand(self.k, 3, 2, 2).clone(),
                 "label": torch.tensor(i % 3), "index": torch.tensor(i)}  # fmt: skip
 
 
@@ -162,10 +176,10 @@ class KnownFrameModel(torch.nn.Module):
 def test_clip_scores_average_the_probabilities_of_every_frame(label_mode):
     data = FramesDataset()
     loader = DataLoader(data, batch_size=3, shuffle=False)
-    scores, targets = clip_scores(KnownFrameModel(), loader, label_mode, CPU)
+    scores, targets = clip_scores(KnownFrameModel(), loader, label_mode, CPU, data=DATA)
     assert torch.equal(targets, torch.tensor([0, 1, 2, 0]))
     for i in range(len(data)):
-        values = torch.tensor([(i + 1) * (k - 2) / 10 for k in range(data.k)])
+        values = frame_values(i, data.k)
         logits = values[:, None] * (torch.arange(3.0) + 1) - torch.arange(3.0)  # (K, C)
         probs = torch.sigmoid(logits) if label_mode == "multi_hot" else torch.softmax(logits, dim=-1)
         assert torch.allclose(scores[i], probs.mean(dim=0), atol=1e-6)
@@ -181,8 +195,10 @@ def test_one_frame_per_clip_is_scored_as_it_is():
             sample["frames"] = sample["frames"][2]  # (3, S, S): the "middle" policy's shape
             return sample
 
-    scores, _ = clip_scores(KnownFrameModel(), DataLoader(MiddleOnly(), batch_size=2), "single", CPU)
-    assert torch.allclose(scores, torch.softmax(-torch.arange(3.0), -1).expand(4, 3), atol=1e-6)  # frame value 0
+    scores, _ = clip_scores(KnownFrameModel(), DataLoader(MiddleOnly(), batch_size=2), "single", CPU, data=DATA)
+    value = frame_values(0, 5)[2]  # frame 2 has level 100 in every clip
+    expected = torch.softmax(value * (torch.arange(3.0) + 1) - torch.arange(3.0), -1)
+    assert torch.allclose(scores, expected.expand(4, 3), atol=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["av", "a", "v", "sum"])

@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Subset
 
 from pcavmae_cli.engine.data.dataset import AudioVisualDataset
 from pcavmae_cli.engine.data.manifest import atomic_write_text
+from pcavmae_cli.engine.data.model_inputs import model_inputs
 from pcavmae_cli.engine.data.preprocess import preprocess
 from pcavmae_cli.engine.errors import UserError
 from pcavmae_cli.engine.evaluate.predict import FEATURES, _frames_5d, backbone_features
@@ -44,7 +45,7 @@ from pcavmae_cli.engine.evaluate.runner import Checkpoint, checkpoint_recipe, op
 from pcavmae_cli.engine.model import PCAVMAE, Backbone
 from pcavmae_cli.engine.progress import ProgressReporter as Reporter
 from pcavmae_cli.engine.progress import SilentReporter
-from pcavmae_cli.engine.schema import Recipe
+from pcavmae_cli.engine.schema import DataConfig, Recipe
 from pcavmae_cli.engine.train import checkpoint as ckpt
 from pcavmae_cli.engine.train.data import close_loader, embed_loader
 from pcavmae_cli.engine.train.runtime import Runtime, resolve_runtime
@@ -98,14 +99,18 @@ def _fingerprint(cp: Checkpoint, frames: str, manifest: Path, n: int) -> str:
 
 
 @torch.no_grad()
-def embed_chunk(backbone: Backbone, loader: DataLoader, start: int, n: int, rt: Runtime) -> dict[str, torch.Tensor]:
-    """``backbone_features`` of clips ``start .. start + n - 1``: ``{name: (n, width)}`` float32."""
+def embed_chunk(
+    backbone: Backbone, loader: DataLoader, start: int, n: int, rt: Runtime, data: DataConfig
+) -> dict[str, torch.Tensor]:
+    """``backbone_features`` of clips ``start .. start + n - 1``: ``{name: (n, width)}`` float32.
+
+    ``loader`` yields compact samples, normalised on the device with ``data``'s statistics.
+    """
     out: dict[str, torch.Tensor] = {}
     for batch in loader:
-        fbank = batch["fbank"].to(rt.device)
-        frames = _frames_5d(batch["frames"]).to(rt.device)
+        inputs = model_inputs(batch, data, rt.device)
         with rt.autocast():
-            feats = backbone_features(backbone, fbank, frames)
+            feats = backbone_features(backbone, inputs["fbank"], _frames_5d(inputs["frames"]))
         rows = batch["index"] - start
         for name, value in feats.items():
             if name not in out:
@@ -216,7 +221,7 @@ def embed(
             raise UserError(f"--videos {videos}: no clip could be preprocessed; see {failures}")
     else:
         manifest = Path(data)
-    dataset = AudioVisualDataset(manifest, cfg.data, frames=policy)
+    dataset = AudioVisualDataset(manifest, cfg.data, frames=policy, compact=True)
     n = len(dataset)
     if n == 0:
         raise UserError(f"{manifest}: no clips to embed")
@@ -236,7 +241,7 @@ def embed(
             if feats is None:
                 loader = embed_loader(Subset(dataset, range(start, stop)), cfg.data.loader, rt)
                 try:
-                    feats = embed_chunk(backbone, loader, start, stop - start, rt)
+                    feats = embed_chunk(backbone, loader, start, stop - start, rt, cfg.data)
                 finally:
                     close_loader(loader)
                 _save_chunk(path, feats, ids, key)

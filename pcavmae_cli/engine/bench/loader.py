@@ -1,9 +1,11 @@
 """Samples per second of the training data loader, for either data layout.
 
 It times the loader pre-training really uses (``engine/train/data.py``: the seeded batch
-sampler, one random frame + the fbank per sample, persistent workers, the recipe's
-``data.loader`` settings), so ``pcav bench`` and ``benchmarks/data_pipeline.py`` report what a
-run will see. Worker start-up is left out of the timing: a run pays it once.
+sampler, one random frame + the fbank per sample as compact samples -- uint8 frame, fbank in
+the store's dtype -- persistent workers, the recipe's ``data.loader`` settings), so ``pcav
+bench`` and ``benchmarks/data_pipeline.py`` report what a run will see. The normalisation is
+not timed: training does it on the device, after the loader (``data.model_inputs``). Worker
+start-up is left out of the timing: a run pays it once.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def bench_loader(
     loader_cfg = data.loader.__class__(**{**vars(data.loader), "num_workers": workers})
     if batch_size is not None:
         loader_cfg.batch_size = batch_size
-    dataset = AudioVisualDataset(manifest, data, frames="random")
+    dataset = AudioVisualDataset(manifest, data, frames="random", compact=True)
     sampler = EpochBatchSampler(len(dataset), loader_cfg.batch_size, seed)
     loader = train_loader(dataset, sampler, loader_cfg, Runtime(torch.device("cpu"), None))
     threads_before = torch.get_num_threads()

@@ -20,7 +20,9 @@ frame index) K is 1 and the score is that frame's probabilities.
 With several frames per clip, the audio side is computed once and every frame-dependent
 feature is averaged over the frames.
 
-Rows are in manifest order (the batch's ``index``), whatever order the loader yields.
+Rows are in manifest order (the batch's ``index``), whatever order the loader yields. The
+loaders' batches are compact samples (``AudioVisualDataset(compact=True)``), normalised on the
+device by ``model_inputs`` with the recipe's ``data`` statistics.
 """
 
 from __future__ import annotations
@@ -32,9 +34,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from pcavmae_cli.engine.data.model_inputs import model_inputs
 from pcavmae_cli.engine.evaluate.metrics import LabelMode
 from pcavmae_cli.engine.model.backbone import Backbone
 from pcavmae_cli.engine.model.embed import audio_image
+from pcavmae_cli.engine.schema import DataConfig
 from pcavmae_cli.engine.train.runtime import Runtime
 
 FEATURES = ("z_a", "z_v", "joint", "audio", "video")
@@ -58,13 +62,16 @@ def clip_scores(
     label_mode: LabelMode,
     rt: Runtime,
     advance: Callable[..., None] = lambda n=1, note="": None,
+    *,
+    data: DataConfig,
 ) -> tuple[Tensor, Tensor]:
     """Frame-averaged class probabilities of every clip, and the clips' label targets.
 
     Args:
         model: has ``frame_logits(fbank (B, T, F), frames (B, K, 3, S, S)) -> (B, K, C)``
             (``Classifier``); it is put in eval mode.
-        loader: batches with ``fbank``, ``frames``, ``label`` and ``index``.
+        loader: batches of compact samples with ``fbank``, ``frames``, ``label`` and ``index``.
+        data: the recipe's ``data`` section, whose statistics normalise them.
     Returns:
         scores ``(N, C)`` float32 on the CPU; targets ``(N, C)`` multi-hot or ``(N,)`` indices.
     """
@@ -72,10 +79,9 @@ def clip_scores(
     n = len(loader.dataset)
     scores = targets = None
     for batch in loader:
-        fbank = batch["fbank"].to(rt.device, non_blocking=True)
-        frames = _frames_5d(batch["frames"]).to(rt.device, non_blocking=True)
+        inputs = model_inputs(batch, data, rt.device)
         with rt.autocast():
-            logits = model.frame_logits(fbank, frames)  # (B, K, C)
+            logits = model.frame_logits(inputs["fbank"], _frames_5d(inputs["frames"]))  # (B, K, C)
         probs = activation(logits, label_mode).mean(dim=1).cpu()  # (B, C): the mean over frames
         label = batch["label"]
         if scores is None:
@@ -112,16 +118,18 @@ def clip_features(
     loader: DataLoader,
     rt: Runtime,
     advance: Callable[..., None] = lambda n=1, note="": None,
+    *,
+    data: DataConfig,
 ) -> dict[str, Tensor]:
-    """``backbone_features`` of every clip of ``loader``'s dataset: ``{name: (N, width)}`` float32, CPU."""
+    """``backbone_features`` of every clip of ``loader``'s dataset (compact samples, normalised
+    with ``data``'s statistics): ``{name: (N, width)}`` float32, CPU."""
     backbone.eval()
     n = len(loader.dataset)
     out: dict[str, Tensor] = {}
     for batch in loader:
-        fbank = batch["fbank"].to(rt.device, non_blocking=True)
-        frames = _frames_5d(batch["frames"]).to(rt.device, non_blocking=True)
+        inputs = model_inputs(batch, data, rt.device)
         with rt.autocast():
-            feats = backbone_features(backbone, fbank, frames)
+            feats = backbone_features(backbone, inputs["fbank"], _frames_5d(inputs["frames"]))
         index = batch["index"]
         for name, value in feats.items():
             if name not in out:

@@ -219,11 +219,11 @@ def evaluate(
     label_mode: str | None = None
 
     def features_of(manifest: Path, backbone, labels: LabelSet | None) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-        ds = AudioVisualDataset(manifest, cfg.data, frames=policy, labels=labels)
+        ds = AudioVisualDataset(manifest, cfg.data, frames=policy, labels=labels, compact=True)
         loader = embed_loader(ds, cfg.data.loader, rt)
         try:
             with reporter.progress(f"embed {manifest.parent.name}", len(loader)) as advance:
-                feats = clip_features(backbone, loader, rt, advance)
+                feats = clip_features(backbone, loader, rt, advance, data=cfg.data)
         finally:
             close_loader(loader)
         return feats, (ds.targets() if labels is not None else None)
@@ -232,11 +232,11 @@ def evaluate(
         labels = _labels(cfg, labels_csv, task)
         label_mode = cfg.data.label_mode
         model = _classifier(cp, cfg, labels, rt)
-        ds = AudioVisualDataset(data, cfg.data, frames=policy, labels=labels)
+        ds = AudioVisualDataset(data, cfg.data, frames=policy, labels=labels, compact=True)
         loader = embed_loader(ds, cfg.data.loader, rt)
         try:
             with reporter.progress(f"classify {data.parent.name}", len(loader)) as advance:
-                scores, targets = clip_scores(model, loader, label_mode, rt, advance)
+                scores, targets = clip_scores(model, loader, label_mode, rt, advance, data=cfg.data)
         finally:
             close_loader(loader)
         metrics, classes = classification_metrics(scores, targets, label_mode, labels.names)

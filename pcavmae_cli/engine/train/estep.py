@@ -26,9 +26,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from pcavmae_cli.engine.data.model_inputs import model_inputs
 from pcavmae_cli.engine.model import MomentumEncoder
 from pcavmae_cli.engine.prototypes import Prototypes, estep, save_prototypes
-from pcavmae_cli.engine.schema import PrototypeConfig
+from pcavmae_cli.engine.schema import DataConfig, PrototypeConfig
 from pcavmae_cli.engine.train.distributed import bounds, comm_device, sum_across
 from pcavmae_cli.engine.train.runtime import Runtime
 
@@ -42,9 +43,13 @@ def embed_training_set(
     check_stop: Callable[[], None] = lambda: None,
     first_row: int = 0,
     rounds: int = 0,
+    *,
+    data: DataConfig,
 ) -> tuple[Tensor, Tensor]:
     """z_a, z_v ``(n, proj_dim)`` float32 of the n clips of ``loader``'s dataset, row =
     manifest index - ``first_row`` (the loader holds manifest rows ``first_row ..`` of a shard).
+    Its batches are compact samples, normalised on the device with ``data``'s statistics
+    (``model_inputs``).
 
     ``check_stop`` runs once per batch and then again up to ``rounds`` calls in all: under DDP it
     is a collective, and shards with fewer batches must call it as often as the others.
@@ -55,13 +60,13 @@ def embed_training_set(
     for batch in loader:
         check_stop()
         calls += 1
+        batch = model_inputs(batch, data, rt.device)
         with rt.autocast():
-            emb = momentum.embed(batch["fbank"].to(rt.device, non_blocking=True),
-                                 batch["frames"].to(rt.device, non_blocking=True))
+            emb = momentum.embed(batch["fbank"], batch["frames"])
         if z_a is None:
             z_a = torch.empty(n, emb.z_a.shape[1], device=rt.device)
             z_v = torch.empty(n, emb.z_v.shape[1], device=rt.device)
-        index = batch["index"].to(rt.device) - first_row
+        index = batch["index"] - first_row
         z_a[index], z_v[index] = emb.z_a.float(), emb.z_v.float()
         advance(1)
     for _ in range(calls, rounds):
@@ -91,16 +96,17 @@ def run_estep(
     *,
     n_total: int | None = None,
     rounds: int = 0,
+    data: DataConfig,
 ) -> list[Prototypes]:
     """Prototypes of epoch ``epoch`` at every granularity; written under ``folder`` by rank 0.
 
     ``loader`` holds this rank's shard of the manifest: rows ``bounds(N, world, rank)`` (all of
     them in one process), ``n_total`` the manifest's N (default: the loader's, one process),
-    ``rounds`` the most batches of any shard.
+    ``rounds`` the most batches of any shard; ``data`` normalises its compact batches.
     """
     n_total = len(loader.dataset) if n_total is None else n_total
     first_row, _ = bounds(n_total, rt.world_size, rt.rank)
-    z_a, z_v = embed_training_set(momentum, loader, rt, advance, check_stop, first_row, rounds)
+    z_a, z_v = embed_training_set(momentum, loader, rt, advance, check_stop, first_row, rounds, data=data)
     protos = estep(z_a, z_v, cfg, epoch=epoch)
     if rt.world_size > 1:
         protos = [global_assignments(p, first_row, n_total, rt.device) for p in protos]

@@ -45,6 +45,7 @@ from torch.nn.parallel import DistributedDataParallel
 from pcavmae_cli.engine import config
 from pcavmae_cli.engine.data.dataset import AudioVisualDataset
 from pcavmae_cli.engine.data.manifest import atomic_write_text, read_label_csv
+from pcavmae_cli.engine.data.model_inputs import model_inputs
 from pcavmae_cli.engine.errors import UserError
 from pcavmae_cli.engine.evaluate.metrics import classification_metrics
 from pcavmae_cli.engine.evaluate.predict import clip_scores
@@ -169,10 +170,14 @@ class FineTuner:
         self.num_classes = len(labels.mids)
         self.label_mode = data.label_mode
         self.metric = task_metric(data.label_mode)
-        self.dataset = AudioVisualDataset(data.train_manifest, data, frames=loader_cfg.train_frame, labels=labels)
+        self.dataset = AudioVisualDataset(
+            data.train_manifest, data, frames=loader_cfg.train_frame, labels=labels, compact=True
+        )
         self.eval_dataset = None
         if data.eval_manifest is not None:
-            self.eval_dataset = AudioVisualDataset(data.eval_manifest, data, frames=loader_cfg.eval_frames, labels=labels)
+            self.eval_dataset = AudioVisualDataset(
+                data.eval_manifest, data, frames=loader_cfg.eval_frames, labels=labels, compact=True
+            )
         weights = None
         if ft.balanced_sampling:
             weights = balanced_weights(self.dataset.targets(), self.num_classes)
@@ -315,11 +320,12 @@ class FineTuner:
         )
 
     def batch_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Soft targets, mixup, SpecAugment, fbank noise, label smoothing, forward, loss."""
+        """Normalisation (of the compact batch), soft targets, mixup, SpecAugment, fbank noise,
+        label smoothing, forward, loss."""
         ft = self.cfg.finetune
-        fbank = batch["fbank"].to(self.rt.device, non_blocking=True)
-        frames = batch["frames"].to(self.rt.device, non_blocking=True)
-        targets = augment.one_hot_targets(batch["label"].to(self.rt.device), self.label_mode, self.num_classes)
+        batch = model_inputs(batch, self.cfg.data, self.rt.device)
+        fbank, frames = batch["fbank"], batch["frames"]
+        targets = augment.one_hot_targets(batch["label"], self.label_mode, self.num_classes)
         if ft.mixup > 0:
             mixed = augment.mixup(fbank, frames, targets, ft.mixup, ft.mixup_alpha)
             fbank, frames, targets = mixed.fbank, mixed.frames, mixed.targets
@@ -415,7 +421,9 @@ class FineTuner:
         if self.eval_loader is None:
             return None
         with self.reporter.progress(title, len(self.eval_loader)) as advance:
-            scores, targets = clip_scores(model, self.eval_loader, self.label_mode, self.rt, advance)
+            scores, targets = clip_scores(
+                model, self.eval_loader, self.label_mode, self.rt, advance, data=self.cfg.data
+            )
         model.train()
         summary, _ = classification_metrics(scores, targets, self.label_mode, self.class_names)
         return summary

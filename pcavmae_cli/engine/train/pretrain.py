@@ -38,6 +38,7 @@ from torch.utils.data import Subset
 from pcavmae_cli.engine import config
 from pcavmae_cli.engine.data.dataset import AudioVisualDataset
 from pcavmae_cli.engine.data.manifest import atomic_write_text
+from pcavmae_cli.engine.data.model_inputs import model_inputs
 from pcavmae_cli.engine.errors import UserError
 from pcavmae_cli.engine.model import PCAVMAE, MomentumEncoder
 from pcavmae_cli.engine.prototypes import Prototypes, load_prototypes, prototypes_active
@@ -132,7 +133,7 @@ class Trainer:
         self.run_dir = Path(cfg.train.run_dir)
         resume_from = self._check_run_dir()
         data, loader_cfg = cfg.data, cfg.data.loader
-        self.dataset = AudioVisualDataset(data.train_manifest, data, frames=loader_cfg.train_frame)
+        self.dataset = AudioVisualDataset(data.train_manifest, data, frames=loader_cfg.train_frame, compact=True)
         check_clusters(cfg, len(self.dataset))
 
         self.sampler = EpochBatchSampler(
@@ -148,7 +149,7 @@ class Trainer:
         # the E-step's shard of the manifest, and the most batches any rank's shard takes
         self.embed_rounds = max(-(-size // loader_cfg.batch_size) for size in split(n, world))
         if cfg.prototypes is not None:
-            middle = AudioVisualDataset(data.train_manifest, data, frames="middle")
+            middle = AudioVisualDataset(data.train_manifest, data, frames="middle", compact=True)
             shard = middle if world == 1 else Subset(middle, range(*bounds(n, world, self.rt.rank)))
             self.embed_loader = embed_loader(shard, loader_cfg, self.rt)
         steps_per_epoch = -(-self.sampler.batches_per_epoch // self.plan.accum_steps)
@@ -272,6 +273,7 @@ class Trainer:
             protos = run_estep(
                 self.momentum, self.embed_loader, protos_cfg, epoch, self.rt, folder, advance,
                 lambda: self._check_stop(stop), n_total=len(self.dataset), rounds=self.embed_rounds,
+                data=self.cfg.data,
             )  # fmt: skip
         return [p.to(self.rt.device) for p in protos]
 
@@ -300,7 +302,7 @@ class Trainer:
             for batch in self.loader:
                 if self.ddp is None:
                     stop.check()  # under DDP the ranks agree on it with the loss reduction below
-                batch = {k: v.to(self.rt.device, non_blocking=True) for k, v in batch.items()}
+                batch = model_inputs(batch, cfg.data, self.rt.device)  # compact samples, normalised here
                 shard = self._shard(st.position + in_group)
                 group = min(accum, n_batches - st.position)
                 last_of_group = in_group + 1 == group

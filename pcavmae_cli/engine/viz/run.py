@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Subset
 from pcavmae_cli.engine import config
 from pcavmae_cli.engine.data.dataset import AudioVisualDataset
 from pcavmae_cli.engine.data.manifest import ClipRecord, read_label_csv, read_manifest
+from pcavmae_cli.engine.data.model_inputs import model_inputs
 from pcavmae_cli.engine.errors import UserError
 from pcavmae_cli.engine.model import PCAVMAE, MomentumEncoder
 from pcavmae_cli.engine.prototypes import Prototypes, joint_embedding, load_prototypes
@@ -164,11 +165,13 @@ def embed_clips(
     device: torch.device,
     batch_size: int = 16,
 ) -> ClipEmbeddings:
-    """Embed the clips ``indices`` of ``dataset`` (its frame policy; the E-step uses ``middle``)."""
-    loader = DataLoader(Subset(dataset, list(indices)), batch_size=batch_size, shuffle=False)
+    """Embed the clips ``indices`` of ``dataset`` (its frame policy; the E-step uses ``middle``),
+    loaded as compact samples and normalised on ``device``, as the E-step does."""
+    loader = DataLoader(Subset(dataset.compact_view(), list(indices)), batch_size=batch_size, shuffle=False)
     za, zv = [], []
     for batch in loader:
-        emb = encoder.embed(batch["fbank"].to(device), batch["frames"].to(device))
+        batch = model_inputs(batch, dataset.cfg, device)
+        emb = encoder.embed(batch["fbank"], batch["frames"])
         za.append(emb.z_a.float().cpu())
         zv.append(emb.z_v.float().cpu())
     if not za:
