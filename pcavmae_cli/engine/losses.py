@@ -60,14 +60,20 @@ def select_prototypes(
     its own prototype again as a "negative" whenever two clips of a batch share it). With
     ``num_negatives`` None or 0, or not fewer than the non-positive prototypes, all K are used.
 
+    Sampling needs the number of distinct positives on the host (``torch.unique``, then a draw
+    from the rest), a read of the device per call; without it nothing is read, so the default
+    (all K) returns before ``unique``.
+
     Args:
         labels: (B,) assigned prototype of each clip.
     Returns:
         columns (C,) int64 prototype ids and targets (B,) positions of ``labels`` in columns.
     """
+    if not num_negatives:
+        return torch.arange(k, device=labels.device), labels
     positives = torch.unique(labels)  # sorted
     rest = k - positives.numel()
-    if not num_negatives or num_negatives >= rest:
+    if num_negatives >= rest:
         return torch.arange(k, device=labels.device), labels
     is_positive = torch.zeros(k, dtype=torch.bool, device=labels.device)
     is_positive[positives] = True
