@@ -1,8 +1,11 @@
 """Fine-tuning targets, augmentations and loss, on whole batches (docs/method.md ("Downstream")).
 
-Every random draw comes from the global torch RNG of the main process, so the RNG state saved at an optimiser-step boundary makes a resumed run draw the same masks,
-partners and mixing weights. Shapes: fbank ``(B, T, F)``, frames ``(B, 3, S, S)``, targets
-``(B, C)`` floats.
+Every random draw comes from the global torch RNG of the main process, so the RNG state saved
+at an optimiser-step boundary makes a resumed run draw the same masks, partners and mixing
+weights. The draws are made on the CPU and copied to the batch's device with
+``runtime.host_to_device``, which does not make the host wait for the GPU; nothing here reads a
+device value back, so the training step can run ahead of the GPU. Shapes: fbank ``(B, T, F)``,
+frames ``(B, 3, S, S)``, targets ``(B, C)`` floats.
 
 Order, as CAV-MAE's data loader: mixup, then SpecAugment, then the fbank noise. CAV-MAE mixes
 waveforms before the fbank and masks before normalising; here both act on the normalised fbank
@@ -19,12 +22,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pcavmae_cli.engine.evaluate.metrics import LabelMode
+from pcavmae_cli.engine.train.runtime import host_to_device
 
 
 def one_hot_targets(label: Tensor, label_mode: LabelMode, num_classes: int) -> Tensor:
-    """Dataset labels as float ``(B, C)``: multi-hot rows as they are, class indices one-hot."""
+    """Dataset labels as float ``(B, C)``: multi-hot rows as they are, class indices one-hot.
+
+    A scatter rather than ``F.one_hot``, whose range checks read the labels back on the CPU."""
     if label_mode == "single":
-        return F.one_hot(label.long(), num_classes).float()
+        index = label.long().view(-1, 1)
+        return torch.zeros(index.shape[0], num_classes, device=label.device).scatter_(1, index, 1.0)
     return label.float()
 
 
@@ -53,10 +60,11 @@ def mixup(fbank: Tensor, frames: Tensor, targets: Tensor, prob: float, alpha: fl
     """
     B = fbank.shape[0]
     dev = fbank.device
-    partner = torch.randperm(B).to(dev)
-    draw = torch.rand(B).to(dev) < prob
+    partner = host_to_device(torch.randperm(B), dev)
+    draw = host_to_device(torch.rand(B), dev) < prob
     a = torch.tensor(float(alpha))
-    lam = torch.distributions.Beta(a, a).sample((B,)).to(dev)
+    # no argument validation: it reads its CPU checks back, and checks.py has refused alpha <= 0
+    lam = host_to_device(torch.distributions.Beta(a, a, validate_args=False).sample((B,)), dev)
     lam = torch.where(draw, lam, torch.ones_like(lam))
 
     def mix(x: Tensor) -> Tensor:
@@ -81,7 +89,7 @@ def spec_augment(fbank: Tensor, freq_mask: int, time_mask: int) -> Tensor:
         pos = torch.arange(size)
         band = (pos >= start[:, None]) & (pos < (start + w)[:, None])  # (B, size)
         keep &= ~(band[:, None, :] if dim == 2 else band[:, :, None])
-    return fbank * keep.to(fbank.device, fbank.dtype)
+    return fbank * host_to_device(keep, fbank.device).to(fbank.dtype)
 
 
 def fbank_noise(fbank: Tensor) -> Tensor:
@@ -89,10 +97,10 @@ def fbank_noise(fbank: Tensor) -> Tensor:
     time by U{-10, .., 9} frames."""
     B, T, Fq = fbank.shape
     scale = torch.rand(B, 1, 1) / 10
-    noisy = fbank + (torch.rand(B, T, Fq) * scale).to(fbank.device, fbank.dtype)
+    noisy = fbank + host_to_device(torch.rand(B, T, Fq) * scale, fbank.device).to(fbank.dtype)
     shift = torch.randint(-10, 10, (B,))
     src = (torch.arange(T)[None, :] - shift[:, None]) % T  # rolled[t] = x[t - shift]
-    return noisy.gather(1, src.to(fbank.device)[:, :, None].expand(B, T, Fq))
+    return noisy.gather(1, host_to_device(src, fbank.device)[:, :, None].expand(B, T, Fq))
 
 
 def classification_loss(logits: Tensor, targets: Tensor, label_mode: LabelMode) -> Tensor:

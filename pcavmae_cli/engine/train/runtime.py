@@ -86,6 +86,22 @@ def resolve_runtime(cfg: TrainConfig) -> Runtime:
     )
 
 
+def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t.to(device)`` without making the host wait for the GPU.
+
+    A plain copy from ordinary (pageable) CPU memory to CUDA waits until everything queued on
+    the stream has run; values drawn on the CPU inside the training step (the augmentations'
+    draws, from the global CPU RNG that checkpoints restore) would make every step a sync. The
+    tensor is staged in pinned memory, whose block the caching host allocator keeps until the
+    copy is done, and copied without blocking. Elsewhere it is a copy that asks not to block.
+    """
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 def seed_everything(seed: int) -> None:
     """Seed torch (CPU and every GPU) and Python's ``random``."""
     random.seed(seed)
