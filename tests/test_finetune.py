@@ -31,7 +31,7 @@ from pcavmae_cli.engine.train.data import EpochBatchSampler, balanced_weights
 from pcavmae_cli.engine.train.finetune import FineTuner, finetune
 from pcavmae_cli.engine.train.metrics import read_metrics
 from pcavmae_cli.engine.train.optim import build_finetune_optimizer, set_lr
-from pcavmae_cli.engine.train.pretrain import SilentReporter, StepInfo, pretrain
+from pcavmae_cli.engine.train.pretrain import SilentReporter, StepInfo, TrainingDiverged, pretrain
 from pcavmae_cli.engine.train.runtime import Runtime
 from pcavmae_cli.engine.train.schedule import StepSchedule
 from pcavmae_cli.engine.train.stop import Interrupted
@@ -454,6 +454,32 @@ def test_the_loop_trains_the_head_at_its_multiplier(corpus, pretrained, tmp_path
         is_head = {id(p) in head for p in group["params"]}
         assert len(is_head) == 1
         assert group["lr"] == pytest.approx(lr * (7 if is_head.pop() else 1))
+
+
+@pytest.mark.parametrize("log_every", [1, 100])
+def test_a_non_finite_loss_stops_fine_tuning_naming_its_step(corpus, tmp_path, monkeypatch, log_every):
+    """Batch 8 (step 4, epoch 1) is NaN; read at step 4's line or at the end of epoch 1."""
+    calls = []
+    real = augment.classification_loss
+
+    def poisoned(logits, targets, label_mode):
+        calls.append(1)
+        return real(logits, targets, label_mode) * (float("nan") if len(calls) == 8 else 1.0)
+
+    monkeypatch.setattr(augment, "classification_loss", poisoned)
+    run_dir = tmp_path / "run"
+    cfg = config.load_recipe("finetune_demo", [
+        *TINY_FINETUNE, f"data.train_manifest={corpus['train']}", f"data.label_csv={corpus['labels']}",
+        "data.eval_manifest=null", "finetune.init_from=null", f"train.run_dir={run_dir}", "finetune.epochs=2",
+        f"train.log_every={log_every}",
+    ])  # fmt: skip
+    with pytest.raises(TrainingDiverged) as err:
+        finetune(cfg)
+    last = run_dir / "checkpoints" / "last"
+    assert str(err.value) == (
+        f"the fine-tuning loss is nan at step 4 (epoch 1); the run stopped, the last good checkpoint is {last} (step 3)"
+    )
+    assert ckpt.load_state(last)["train"]["step"] == 3
 
 
 def test_random_init_fine_tuning_needs_no_checkpoint(corpus, tmp_path):

@@ -236,7 +236,8 @@ def test_a_run_folder_is_not_overwritten_without_resume(corpus, tmp_path):
 # ---------------------------------------------------------------- divergence
 
 
-def test_a_non_finite_loss_stops_naming_step_part_and_checkpoint(corpus, tmp_path, monkeypatch):
+def poison_batch_6(monkeypatch):
+    """L_r of the 6th batch (epoch 1's first: step 4) is NaN."""
     calls = {"n": 0}
     real = objective.reconstruction_loss
 
@@ -246,15 +247,36 @@ def test_a_non_finite_loss_stops_naming_step_part_and_checkpoint(corpus, tmp_pat
         return value * float("nan") if calls["n"] == 2 * 6 else value
 
     monkeypatch.setattr(objective, "reconstruction_loss", poisoned)
+
+
+# log_every 1: read at step 4's step line; 100: at the end of epoch 1 (step 6), two steps later
+@pytest.mark.parametrize("log_every", [1, 100])
+def test_a_non_finite_loss_stops_naming_step_part_and_checkpoint(corpus, tmp_path, monkeypatch, log_every):
+    poison_batch_6(monkeypatch)
     run_dir = tmp_path / "run"
     with pytest.raises(TrainingDiverged) as err:
-        pretrain(recipe(corpus, run_dir))
+        pretrain(recipe(corpus, run_dir, f"train.log_every={log_every}"))
     last = run_dir / "checkpoints" / "last"
     assert str(err.value) == (
         f"loss part 'r' is nan at step 4 (epoch 1, stage 'joint'); the run stopped, "
         f"the last good checkpoint is {last} (step 3)"
     )
     assert ckpt.load_state(last)["train"]["step"] == 3
+
+
+def test_a_stop_with_an_unread_nan_raises_instead_of_saving(corpus, tmp_path, monkeypatch):
+    """The losses are read at flush points; the one before writing ``last`` finds the NaN of step
+    4 still pending when the run is stopped at step 5, and nothing is written over step 3's."""
+    poison_batch_6(monkeypatch)
+
+    def stop_at_step_5(info: StepInfo) -> None:
+        if info.step == 5:
+            raise KeyboardInterrupt
+
+    run_dir = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match="loss part 'r' is nan at step 4 .*/checkpoints/last \\(step 3\\)"):
+        pretrain(recipe(corpus, run_dir, "train.log_every=100"), on_step=stop_at_step_5)
+    assert ckpt.load_state(run_dir / "checkpoints" / "last")["train"]["step"] == 3
 
 
 # ---------------------------------------------------------------- resume and checkpoints
@@ -322,6 +344,29 @@ def test_kill_and_resume_ends_with_exactly_the_same_weights(corpus, reference, t
     assert [e["loss_total"] for e in result.epochs] == [e["loss_total"] for e in ref.epochs]
     steps = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl", "step")]
     assert steps == list(range(1, 10))  # no step logged twice
+
+
+def test_a_stop_between_step_lines_resumes_with_the_same_means(corpus, reference, tmp_path):
+    """Step lines every 3 steps (an epoch): stopped at step 5, the checkpoint holds the running
+    means up to it, read from the device before writing; the resumed run's lines are the
+    uninterrupted ones."""
+    ref_dir, ref = reference
+    run_dir = tmp_path / "run"
+
+    def stop_at_step_5(info: StepInfo) -> None:
+        if info.step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted):
+        pretrain(recipe(corpus, run_dir, "train.log_every=3"), on_step=stop_at_step_5)
+    result = pretrain(recipe(corpus, run_dir, "train.log_every=3", "train.resume=true"))
+    mine, theirs = tensors_of(run_dir / "checkpoints" / "last"), tensors_of(ref_dir / "checkpoints" / "last")
+    assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
+    fields = [f"loss_{p}" for p in LOSS_PARTS]
+    assert [[e[f] for f in fields] for e in result.epochs] == [[e[f] for f in fields] for e in ref.epochs]
+    lines = read_metrics(run_dir / "metrics.jsonl", "step")
+    assert [r["step"] for r in lines] == [3, 6, 9]
+    assert [lines[1][f] for f in fields] == [result.epochs[1][f] for f in fields]  # step 6's window is epoch 1
 
 
 def test_sigterm_stops_at_the_next_batch_with_a_checkpoint(corpus, tmp_path):

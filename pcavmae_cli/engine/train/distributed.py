@@ -11,13 +11,13 @@ same recipe gives the same global batches, the same accumulation and the same co
 negatives at 1, 2 or 8 processes. ``BatchShard`` holds one micro-batch's split: ``gather`` puts
 the ranks' embeddings back together *with gradient* (the loss sees the global batch, as in one
 process), ``local_weight`` scales the per-rank losses so that DDP's gradient average equals the
-gradient of the global-batch loss, and ``mean`` reduces logged values to their global means.
+gradient of the global-batch loss. The logged values are reduced to their global means at flush
+points, many micro-batches in one all-reduce (``pending.py``).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING
@@ -119,7 +119,6 @@ class BatchShard:
 
     sizes: tuple[int, ...]
     rank: int
-    device: torch.device  # where ``mean``'s all-reduce runs (``comm_device``)
 
     @property
     def total(self) -> int:
@@ -154,18 +153,6 @@ class BatchShard:
         else:
             parts = all_gather(padded, group=_gather_group())
         return torch.cat([p[:n] for p, n in zip(parts, self.sizes)])
-
-    def mean(self, values: Sequence[float], flags: Sequence[float] = ()) -> tuple[list[float], list[float]]:
-        """Global means of per-rank means ``values`` (weighted by clips), and ``flags`` summed.
-
-        One all-reduce per micro-batch carries both, so a stop request or a NaN seen by any rank
-        reaches every rank at the same batch and they stop together.
-        """
-        n = self.sizes[self.rank]
-        payload = torch.tensor([v * n for v in values] + list(flags), dtype=torch.float64, device=self.device)
-        dist.all_reduce(payload)
-        out = (payload / self.total).tolist()
-        return out[: len(values)], payload[len(values) :].tolist()
 
 
 def agree(flag: bool, device: torch.device) -> bool:

@@ -24,6 +24,11 @@ of every global batch (mixup pairs clips within a rank's slice), the loss is wei
 DDP's average is the global batch's mean, the logged loss is reduced across ranks together with
 any stop request, every rank validates (identical numbers, so all agree on ``best``), and only
 rank 0 writes.
+
+As in pre-training, the step reads nothing back from the device: each micro-batch's loss stays
+there until a flush point (``pending.py``: every ``train.log_every`` steps, at the end of an
+epoch, before a checkpoint write), where it is read, checked and, under DDP, reduced in one
+all-reduce with the stop requests (so a stop waits for the next flush point).
 """
 
 from __future__ import annotations
@@ -58,10 +63,11 @@ from pcavmae_cli.engine.train.data import EpochBatchSampler, balanced_weights, c
 from pcavmae_cli.engine.train.distributed import BatchShard, check_batches_fit_world, comm_device, split, world_from_env
 from pcavmae_cli.engine.train.metrics import Meter, MetricsLog, read_metrics
 from pcavmae_cli.engine.train.optim import build_finetune_optimizer, set_lr
+from pcavmae_cli.engine.train.pending import Flushed, FlushedBatch, PendingLosses, finite_weights
 from pcavmae_cli.engine.train.pretrain import ProgressReporter, SilentReporter, StepInfo, TrainingDiverged
 from pcavmae_cli.engine.train.runtime import capture_rng, resolve_runtime, restore_rng, seed_everything
 from pcavmae_cli.engine.train.schedule import Schedule, StepSchedule
-from pcavmae_cli.engine.train.stop import StopRequests, run_stoppable
+from pcavmae_cli.engine.train.stop import StopRequests, call_on_step, run_stoppable
 
 STATE_FORMAT = 1
 STAGE = "finetune"  # the ``stage`` of metrics lines and ``StepInfo``
@@ -215,6 +221,8 @@ class FineTuner:
         )
         self.state = FinetuneState()
         self.epoch_meter, self.window_meter = Meter(("loss",)), Meter(("loss",))
+        self.pending = PendingLosses()  # losses not read from the device yet (pending.py)
+        self.shown: dict[str, float | None] = {"loss": None}  # the last step line's mean
         self.average: dict[str, torch.Tensor] | None = None
         self.resumed_from_step = None
         if resume_from is not None:
@@ -261,21 +269,20 @@ class FineTuner:
         return {**dataclasses.asdict(self.cfg.model), "mode": self.cfg.finetune.mode, "num_classes": self.num_classes}
 
     def _snapshot(self) -> dict[str, Any]:
-        """The small part of the state at an optimiser-step boundary."""
-        return {
-            "train": dataclasses.asdict(self.state),
-            "rng": capture_rng(self.rt.device),
-            "epoch_meter": self.epoch_meter.state_dict(),
-            "window_meter": self.window_meter.state_dict(),
-        }
+        """The small part of the state at an optimiser-step boundary; the running means are added
+        by ``_save``, after the flush that brings them up to it (as in pre-training)."""
+        return {"train": dataclasses.asdict(self.state), "rng": capture_rng(self.rt.device)}
 
     def _save(self, name: str, weights: dict[str, Any] | None = None) -> Path | None:
+        self._settle()  # never a checkpoint after an unread NaN
         if not self.rt.is_main:
             return None
         state = {
             "format": STATE_FORMAT,
             "kind": STAGE,
             **self.boundary,
+            "epoch_meter": self.epoch_meter.state_dict(),
+            "window_meter": self.window_meter.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "batch_size": self.cfg.data.loader.batch_size,
             "settings": self._settings(),
@@ -350,7 +357,7 @@ class FineTuner:
         if self.rt.world_size == 1:
             return None
         sizes = split(self.sampler.global_size(b), self.rt.world_size)
-        return BatchShard(tuple(sizes), self.rt.rank, comm_device(self.rt.device))
+        return BatchShard(tuple(sizes), self.rt.rank)
 
     def _epoch(self, stop: StopRequests) -> None:
         st = self.state
@@ -369,23 +376,17 @@ class FineTuner:
             for batch in self.loader:
                 shard = self._shard(st.position + in_group)
                 if shard is None:
-                    stop.check()  # under DDP: agreed in the loss reduction below
+                    stop.check()  # under DDP: agreed at flush points (_flush)
                 group = min(accum, n_batches - st.position)
                 last_of_group = in_group + 1 == group
                 with contextlib.nullcontext() if shard is None or last_of_group else self.net.no_sync():
                     loss = self.batch_loss(batch)
-                    value = float(loss.detach())
-                    if shard is not None:  # the global batch's mean loss, and whether any rank stops
-                        (value,), (asked,) = shard.mean([value], [float(stop.reason is not None)])
-                        if asked:
-                            raise KeyboardInterrupt(stop.reason or "another process stopped")
+                    clips = batch["fbank"].shape[0]
+                    n = clips if shard is None else shard.total
+                    self.pending.add(st.step + 1, {"loss": loss}, clips, n)  # read at the next flush, not now
+                    if shard is not None:
                         loss = loss * shard.local_weight  # DDP averages: sum_r n_r / B grad(L_r)
-                    if not math.isfinite(value):
-                        raise self._diverged(value)
                     (loss / group).backward()
-                n = batch["fbank"].shape[0] if shard is None else shard.total
-                self.epoch_meter.add({"loss": value}, n)
-                self.window_meter.add({"loss": value}, n)
                 epoch_samples += n
                 in_group += 1
                 if in_group < group:
@@ -395,17 +396,57 @@ class FineTuner:
                 st.position += group
                 st.step += 1
                 self.boundary = self._snapshot()
-                means = self.window_meter.means()
-                if st.step % self.cfg.train.log_every == 0:
+                log_step = st.step % self.cfg.train.log_every == 0
+                interrupted = call_on_step(self.on_step, StepInfo(st.step, epoch, st.position, STAGE, lr, self.shown),
+                                           defer=log_step)  # fmt: skip
+                asked = False
+                if log_step:  # a flush point: read the window, write its step line
+                    asked = self._flush(stop, interrupted is not None)
                     rate = self.window_meter.samples / max(time.perf_counter() - window_start, 1e-9)
-                    self._log("step", epoch, lr, means["loss"], rate)
+                    self.shown = self.window_meter.means()
+                    self._log("step", epoch, lr, self.shown["loss"], rate)
                     self.window_meter, window_start = Meter(("loss",)), time.perf_counter()
-                    self.boundary["window_meter"] = self.window_meter.state_dict()
-                if self.on_step is not None:
-                    self.on_step(StepInfo(st.step, epoch, st.position, STAGE, lr, means))
                 rate = epoch_samples / max(time.perf_counter() - epoch_start, 1e-9)
-                advance(1, f"loss {self.epoch_meter.means()['loss']:.3f} {rate:.0f}/s")
+                mean = self.epoch_meter.means()["loss"]  # as of the last flush
+                advance(1, f"loss {'-' if mean is None else f'{mean:.3f}'} {rate:.0f}/s")
+                if interrupted is not None:
+                    raise interrupted
+                if asked:
+                    raise KeyboardInterrupt(stop.reason or "another process stopped")
+        if self._flush(stop):  # the epoch line and the best/last checkpoints need every value
+            raise KeyboardInterrupt(stop.reason or "another process stopped")
         self._end_epoch(epoch, lr, time.perf_counter() - epoch_start, epoch_samples)
+
+    def _flush(self, stop: StopRequests, asked: bool = False) -> bool:
+        """A flush point, as ``Trainer._flush``: read the pending losses into the running means,
+        raise on the first non-finite one; under DDP returns whether any rank asked to stop."""
+        reduce_on = None if self.rt.world_size == 1 else comm_device(self.rt.device)
+        flushed = self.pending.flush(reduce_on, stop.reason is not None or asked)
+        self._check_finite(flushed)
+        self._add(flushed.batches)
+        return flushed.stop
+
+    def _check_finite(self, flushed: Flushed) -> None:
+        bad = flushed.first_non_finite()
+        if bad is not None:
+            step, _, value = bad
+            raise self._diverged(step, f"the fine-tuning loss is {value}")
+
+    def _add(self, batches: list[FlushedBatch]) -> None:
+        for batch in batches:
+            self.epoch_meter.add(batch.values, batch.samples)
+            self.window_meter.add(batch.values, batch.samples)
+
+    def _settle(self) -> None:
+        """Before a checkpoint write, as ``Trainer._settle``: read what is pending without any
+        collective, raise on a NaN, bring the running means up to the saved boundary."""
+        if not len(self.pending):
+            return
+        flushed = self.pending.flush()
+        self._check_finite(flushed)
+        if self.rt.world_size > 1 and not finite_weights(self.model):
+            raise self._diverged(flushed.batches[0].step, "the weights are not finite (another process's loss diverged)")
+        self._add([b for b in flushed.batches if b.step <= self.boundary["train"]["step"]])
 
     def _optimizer_step(self) -> float:
         if self.cfg.optim.grad_clip is not None:
@@ -482,12 +523,12 @@ class FineTuner:
             record.update({f"val_{k}": v for k, v in val.items()})
         self.metrics.write(record)
 
-    def _diverged(self, value: float) -> TrainingDiverged:
+    def _diverged(self, step: int, what: str) -> TrainingDiverged:
         if self.last_saved is None:
             where = "no checkpoint was written yet"
         else:
             where = f"the last good checkpoint is {self.last_saved[0]} (step {self.last_saved[1]})"
         return TrainingDiverged(
-            f"the fine-tuning loss is {value} at step {self.state.step + 1} (epoch {self.state.epoch}); "
+            f"{what} at step {step} (epoch {self.state.epoch}); "
             f"the run stopped, {where}"
         )

@@ -9,7 +9,6 @@ computed are absent from the result (and ``null`` in ``metrics.jsonl``).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from contextlib import nullcontext
 
@@ -103,10 +102,3 @@ def loss_values(logged: dict[str, Tensor]) -> dict[str, float]:
     names = list(logged)
     return dict(zip(names, torch.stack([logged[n] for n in names]).tolist()))
 
-
-def first_non_finite(values: dict[str, float]) -> tuple[str, float] | None:
-    """The first loss part (``total`` last) that is NaN or infinite, with its value."""
-    for name in sorted(values, key=lambda n: n == "total"):
-        if not math.isfinite(values[name]):
-            return name, values[name]
-    return None

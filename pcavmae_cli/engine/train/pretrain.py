@@ -7,6 +7,14 @@ then the M-step runs over the epoch's batches (``objective.batch_losses``), accu
 gradients to ``optim.effective_batch`` before each AdamW step, after which the learning rate
 follows ``schedule.Schedule`` and the momentum encoder moves towards the model.
 
+The step reads nothing back from the device, so the host can queue work ahead of the GPU: the
+logged loss parts stay on the device (``pending.PendingLosses``) until a flush point -- every
+``train.log_every`` steps (the step line), the end of an epoch, and before any checkpoint write --
+where they are read in one transfer, checked for NaN / inf (``TrainingDiverged`` names the step
+the bad batch belonged to) and added to the running means in batch order, so the logged numbers
+are those of a per-batch read. The progress note and ``StepInfo.losses`` show the means as of the
+last flush.
+
 Resume (``train.resume=true``) restores weights, optimiser, step, epoch, the position inside the
 epoch, the RNG states and the running means from ``checkpoints/last`` and goes on as if nothing
 had happened: the data order and per-clip randomness are functions of (seed, epoch, clip)
@@ -15,10 +23,12 @@ epoch's prototypes from ``prototypes/`` instead of recomputing them from moved w
 
 The same loop runs under torchrun (``distributed.py``): the model is wrapped in DDP (rebuilt when
 a stage changes what trains), each rank takes its slice of every global batch, the contrastive
-losses see the gathered global batch, the logged parts are reduced across ranks (one all-reduce
-per micro-batch, which also carries stop requests so that all ranks stop at the same batch),
-the E-step is sharded, and only rank 0 writes. Checkpoints hold the unwrapped model and the
-global RNG state, which every rank shares, so they resume at any world size.
+losses see the gathered global batch, the logged parts are reduced across ranks at the flush
+points (one all-reduce per flush, which also carries the ranks' stop requests, so that all ranks
+stop at the same step: under DDP a Ctrl-C or SIGTERM is taken at the next flush point, up to
+``train.log_every`` steps later, or in the E-step), the E-step is sharded, and only rank 0
+writes. Checkpoints hold the unwrapped model and the global RNG state, which every rank shares,
+so they resume at any world size.
 """
 
 from __future__ import annotations
@@ -59,11 +69,12 @@ from pcavmae_cli.engine.train.distributed import (
 from pcavmae_cli.engine.train.estep import run_estep
 from pcavmae_cli.engine.train.fast import StepCompiler, set_activation_checkpointing
 from pcavmae_cli.engine.train.metrics import Meter, MetricsLog, format_losses, loss_fields, read_metrics
-from pcavmae_cli.engine.train.objective import BatchObjective, batch_losses, first_non_finite, loss_values
+from pcavmae_cli.engine.train.objective import BatchObjective, batch_losses
 from pcavmae_cli.engine.train.optim import build_optimizer, set_lr
+from pcavmae_cli.engine.train.pending import Flushed, FlushedBatch, PendingLosses, finite_weights
 from pcavmae_cli.engine.train.runtime import capture_rng, resolve_runtime, restore_rng, seed_everything
 from pcavmae_cli.engine.train.schedule import Schedule
-from pcavmae_cli.engine.train.stop import StopRequests, run_stoppable
+from pcavmae_cli.engine.train.stop import StopRequests, call_on_step, run_stoppable
 
 STATE_FORMAT = 1
 
@@ -81,7 +92,7 @@ class StepInfo:
     position: int  # batches of this epoch done
     stage: str
     lr: float
-    losses: dict[str, float | None]  # means since the last step line
+    losses: dict[str, float | None]  # means of the last step line (the window read at the last flush)
 
 
 @dataclass
@@ -165,6 +176,8 @@ class Trainer:
         self.ddp_parts: tuple[str, ...] | None = None
         self.state = TrainState()
         self.epoch_meter, self.window_meter = Meter(), Meter()
+        self.pending = PendingLosses()  # logged parts not read from the device yet (pending.py)
+        self.shown: dict[str, float | None] = Meter().means()  # the last step line's means
         self.resumed_from_step = None
         if resume_from is not None:
             self._resume(resume_from)
@@ -209,17 +222,16 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def _snapshot(self) -> dict[str, Any]:
-        """The small part of the state at an optimiser-step boundary (weights are unchanged in between)."""
-        return {
-            "train": dataclasses.asdict(self.state),
-            "rng": capture_rng(self.rt.device),
-            "epoch_meter": self.epoch_meter.state_dict(),
-            "window_meter": self.window_meter.state_dict(),
-        }
+        """The small part of the state at an optimiser-step boundary (weights are unchanged in
+        between). The running means are added when a checkpoint is written (``_save``), after the
+        flush that brings them up to this boundary."""
+        return {"train": dataclasses.asdict(self.state), "rng": capture_rng(self.rt.device)}
 
     def _save(self, name: str) -> Path | None:
         """Write checkpoint ``name`` from the last boundary (rank 0 only; the other ranks note
-        where it went, so that every rank's divergence message names it)."""
+        where it went, so that every rank's divergence message names it). What is still pending
+        is read first: a NaN among it raises instead of saving garbage weights."""
+        self._settle()
         if not self.rt.is_main:
             if name == "last":
                 self.last_saved = (ckpt.checkpoints_root(self.run_dir) / name, self.boundary["train"]["step"])
@@ -227,6 +239,8 @@ class Trainer:
         state = {
             "format": STATE_FORMAT,
             **self.boundary,
+            "epoch_meter": self.epoch_meter.state_dict(),
+            "window_meter": self.window_meter.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "batch_size": self.cfg.data.loader.batch_size,
             "model_config": dataclasses.asdict(self.cfg.model),
@@ -301,7 +315,7 @@ class Trainer:
             in_group = 0
             for batch in self.loader:
                 if self.ddp is None:
-                    stop.check()  # under DDP the ranks agree on it with the loss reduction below
+                    stop.check()  # under DDP the ranks agree on it at flush points (_flush)
                 batch = model_inputs(batch, cfg.data, self.rt.device)  # compact samples, normalised here
                 shard = self._shard(st.position + in_group)
                 group = min(accum, n_batches - st.position)
@@ -311,14 +325,10 @@ class Trainer:
                         total, logged = batch_losses(net, batch, stage.loss, protos, self.rt)
                     else:  # DDP around BatchObjective: the loss is the wrapped forward's output
                         total, logged = net(batch, stage.loss, protos, self.rt, shard)
-                    values = self._reduce(logged, shard, stop)
-                    bad = first_non_finite(values)
-                    if bad is not None:
-                        raise self._diverged(bad, stage)
                     (total / group).backward()
-                n = batch["fbank"].shape[0] if shard is None else shard.total
-                self.epoch_meter.add(values, n)
-                self.window_meter.add(values, n)
+                clips = batch["fbank"].shape[0]
+                n = clips if shard is None else shard.total
+                self.pending.add(st.step + 1, logged, clips, n)  # read at the next flush, not now
                 epoch_samples += n
                 in_group += 1
                 if in_group < group:
@@ -328,16 +338,24 @@ class Trainer:
                 st.position += group
                 st.step += 1
                 self.boundary = self._snapshot()
-                means = self.window_meter.means()
-                if st.step % cfg.train.log_every == 0:
+                log_step = st.step % cfg.train.log_every == 0
+                info = StepInfo(st.step, epoch, st.position, stage.name, lr, self.shown)
+                interrupted = call_on_step(self.on_step, info, defer=log_step)
+                asked = False
+                if log_step:  # a flush point: read the window, write its step line
+                    asked = self._flush(stage, stop, interrupted is not None)
                     rate = self.window_meter.samples / max(time.perf_counter() - window_start, 1e-9)
-                    self._log("step", epoch, stage, lr, means, rate, prototypes=protos is not None)
+                    self.shown = self.window_meter.means()
+                    self._log("step", epoch, stage, lr, self.shown, rate, prototypes=protos is not None)
                     self.window_meter, window_start = Meter(), time.perf_counter()
-                    self.boundary["window_meter"] = self.window_meter.state_dict()
-                if self.on_step is not None:
-                    self.on_step(StepInfo(st.step, epoch, st.position, stage.name, lr, means))
                 rate = epoch_samples / max(time.perf_counter() - epoch_start, 1e-9)
-                advance(1, f"{format_losses(self.epoch_meter.means())} {rate:.0f}/s")
+                advance(1, f"{format_losses(self.epoch_meter.means())} {rate:.0f}/s")  # as of the last flush
+                if interrupted is not None:
+                    raise interrupted
+                if asked:
+                    raise KeyboardInterrupt(stop.reason or "another process stopped")
+        if self._flush(stage, stop):  # the epoch line and the best/last checkpoints need every value
+            raise KeyboardInterrupt(stop.reason or "another process stopped")
         seconds = time.perf_counter() - epoch_start
         self._end_epoch(epoch, stage_index, stage, lr, protos, seconds, estep_seconds, epoch_samples)
 
@@ -365,19 +383,52 @@ class Trainer:
         if self.rt.world_size == 1:
             return None
         sizes = split(self.sampler.global_size(b), self.rt.world_size)
-        return BatchShard(tuple(sizes), self.rt.rank, comm_device(self.rt.device))
+        return BatchShard(tuple(sizes), self.rt.rank)
 
-    def _reduce(self, logged: dict[str, torch.Tensor], shard: BatchShard | None, stop: StopRequests) -> dict[str, float]:
-        """The logged parts as floats; under DDP their global-batch means, computed in the one
-        all-reduce that also tells every rank whether any rank was asked to stop."""
-        values = loss_values(logged)
-        if shard is None:
-            return values
-        names = list(values)
-        means, (asked,) = shard.mean([values[k] for k in names], [float(stop.reason is not None)])
-        if asked:
-            raise KeyboardInterrupt(stop.reason or "another process stopped")
-        return dict(zip(names, means))
+    def _flush(self, stage: StageConfig, stop: StopRequests, asked: bool = False) -> bool:
+        """A flush point: read the pending losses (one transfer), raise ``TrainingDiverged`` at
+        the first non-finite one, else add them to the running means in batch order.
+
+        Under DDP the read is one all-reduce that also carries this rank's stop request (or
+        ``asked``); returns whether any rank asked, so that all stop at this boundary. In one
+        process ``stop.check`` runs before every batch instead, and this returns ``False``.
+        """
+        reduce_on = None if self.rt.world_size == 1 else comm_device(self.rt.device)
+        flushed = self.pending.flush(reduce_on, stop.reason is not None or asked)
+        self._check_finite(flushed, stage)
+        self._add(flushed.batches)
+        return flushed.stop
+
+    def _check_finite(self, flushed: Flushed, stage: StageConfig) -> None:
+        bad = flushed.first_non_finite()
+        if bad is not None:
+            step, part, value = bad
+            raise self._diverged(stage, step, f"loss part '{part}' is {value}")
+
+    def _add(self, batches: list[FlushedBatch]) -> None:
+        for batch in batches:
+            self.epoch_meter.add(batch.values, batch.samples)
+            self.window_meter.add(batch.values, batch.samples)
+
+    def _settle(self) -> None:
+        """Before a checkpoint write: read what is pending without any collective (on a stop, a
+        rank may be alone here), raise on a NaN among it, and bring the running means up to the
+        boundary the checkpoint holds (a partial step past it is discarded, to be redone).
+
+        Under DDP this happens only off the flush points (another rank's loader died, or
+        ``on_step`` raised on one rank): the values are then this rank's (the contrastive parts
+        are global-batch values anyway; L_r is this rank's clips), and since a NaN on another
+        rank reaches these weights through the gradient all-reduce, the weights are checked too.
+        """
+        if not len(self.pending):
+            return
+        stage = stage_of(self.cfg, self.state.epoch)[1]
+        flushed = self.pending.flush()
+        self._check_finite(flushed, stage)
+        if self.rt.world_size > 1 and not finite_weights(self.model):
+            what = "the weights are not finite (another process's loss diverged)"
+            raise self._diverged(stage, flushed.batches[0].step, what)
+        self._add([b for b in flushed.batches if b.step <= self.boundary["train"]["step"]])
 
     def _check_stop(self, stop: StopRequests) -> None:
         """``stop.check``, agreed across ranks under DDP (a collective: every rank calls it)."""
@@ -435,13 +486,13 @@ class Trainer:
             "time": round(time.time(), 3), **extra,
         })  # fmt: skip
 
-    def _diverged(self, bad: tuple[str, float], stage: StageConfig) -> TrainingDiverged:
-        part, value = bad
+    def _diverged(self, stage: StageConfig, step: int, what: str) -> TrainingDiverged:
+        """``{what} at step 4 (epoch 1, stage 'joint'); the run stopped, the last good checkpoint is ...``"""
         if self.last_saved is None:
             where = "no checkpoint was written yet"
         else:
             where = f"the last good checkpoint is {self.last_saved[0]} (step {self.last_saved[1]})"
         return TrainingDiverged(
-            f"loss part '{part}' is {value} at step {self.state.step + 1} (epoch {self.state.epoch}, "
+            f"{what} at step {step} (epoch {self.state.epoch}, "
             f"stage '{stage.name}'); the run stopped, {where}"
         )

@@ -3,6 +3,8 @@
 The first SIGINT (Ctrl-C) or SIGTERM only sets a flag; the loop checks it before each batch
 (and each E-step batch) and raises ``KeyboardInterrupt`` there, which the loop answers by
 writing ``checkpoints/last`` from the last optimiser-step boundary and raising ``Interrupted``.
+Under DDP the ranks agree on the flags in the E-step and at the training loop's flush points
+(``pending.py``), so a stop there waits for the next one: up to ``train.log_every`` steps.
 A second Ctrl-C raises ``ForcedStop`` at once and nothing is written (the previous ``last``
 stays). Handlers are installed only in the main thread (Python allows no other).
 """
@@ -91,3 +93,19 @@ def run_stoppable(
             raise Interrupted(path, train["step"], train["epoch"], str(exc) or "KeyboardInterrupt") from None
         finally:
             cleanup()
+
+
+def call_on_step(on_step: Callable[[Any], None] | None, info: Any, *, defer: bool) -> KeyboardInterrupt | None:
+    """``on_step(info)`` if given. With ``defer`` (a flush point comes next in the loop), a
+    ``KeyboardInterrupt`` it raises is returned instead, for the loop to raise after the flush:
+    the step line is written first and, under DDP, the flush tells every rank to stop too.
+    Elsewhere it propagates at once (nothing read is due at that boundary)."""
+    if on_step is None:
+        return None
+    try:
+        on_step(info)
+    except KeyboardInterrupt as exc:
+        if not defer:
+            raise
+        return exc
+    return None
