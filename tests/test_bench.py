@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
+from pcavmae_cli.engine.bench import flops
 from pcavmae_cli.engine.bench.kmeans import bench_kmeans, objective, unit_features
 from pcavmae_cli.engine.bench.peak import matmul_peak
 from pcavmae_cli.engine.bench.step import count_flops
@@ -19,6 +21,18 @@ def test_matmul_peak_is_a_positive_rate_for_both_dtypes():
     for dtype in (torch.float32, torch.bfloat16):
         rate = matmul_peak(dtype, CPU, shape=(256, 128, 192), seconds=0.02, repeats=2)
         assert 0 < rate < 1e5  # GFLOP/s: positive and below any CPU or GPU
+
+
+def test_attention_flops_are_counted_on_the_cpu():
+    """torch's counter has no formula for the CPU attention kernel; without ``flops`` it counts 0.
+
+    B=2, H=3, N=5 tokens, d=4: each attention product is 2*B*H*N*N*d = 1200 FLOPs; the forward
+    has two (Q K^T, P V), the backward five (four gradient products and the recomputed scores,
+    as torch counts its GPU kernels).
+    """
+    q, k, v = (torch.randn(2, 3, 5, 4, requires_grad=True) for _ in range(3))
+    assert flops.count(lambda: F.scaled_dot_product_attention(q, k, v)) == 2 * 1200
+    assert flops.count(lambda: F.scaled_dot_product_attention(q, k, v).sum().backward()) == 7 * 1200
 
 
 def test_step_flops_grow_with_the_model(corpus, tmp_path):  # noqa: F811

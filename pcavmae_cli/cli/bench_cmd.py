@@ -70,9 +70,9 @@ def bench(
                        [[p, f"{peaks[p]:.0f}"] for p in precisions]))  # fmt: skip
         show(*tables[-1])
         flops = step.count_flops(cfg, batch, dev)
-        rows, plain_rate = [], {}
-        for p in precisions:
-            for fast in (False, True):
+        measured, plain_rate = {}, {}
+        for fast in (False, True):  # every plain step before any fast one (build_step's docstring)
+            for p in precisions:
                 try:
                     r = step.measure_step(cfg, batch, dev, p, fast=fast, steps=steps, warmup=1, flops_per_sample=flops)
                 except RuntimeError as exc:  # e.g. a compiled backward failing at run time
@@ -82,11 +82,12 @@ def bench(
                     console.print(f"fast {p} step failed ({type(exc).__name__}: {first}); set train.compile=false")
                     continue
                 plain_rate.setdefault(p, r.samples_per_s)
-                rows.append([
+                measured[p, fast] = [
                     recipe, r.variant, p, str(batch), f"{flops / 1e9:.4g}", f"{r.samples_per_s:.3g}",
                     f"{r.flops_per_s / 1e9:.4g}", f"{100 * r.flops_per_s / 1e9 / peaks[p]:.3g} %",
                     f"{r.samples_per_s / plain_rate[p]:.2f}x",
-                ])  # fmt: skip
+                ]  # fmt: skip
+        rows = [measured[key] for key in sorted(measured, key=lambda key: (precisions.index(key[0]), key[1]))]
         tables.append((
             "Pre-training step (forward, losses, backward, AdamW; synthetic full-size inputs)",
             ["recipe", "step", "precision", "batch", "GFLOP/sample", "samples/s", "GFLOP/s", "MFU", "vs plain"],

@@ -4,10 +4,11 @@ A step is what the training loop does per batch: forward (masking, encoders, joi
 decoder), the first stage's losses (with prototypes active, so L_PJE and L_PCPE are computed at
 their real cost), backward and an AdamW update. Inputs are synthetic and full size (the recipe's
 fbank and frame sizes), so no data is needed. FLOPs are counted by ``torch.utils.flop_counter``
-on one eager step (matrix products and attention; elementwise work is not counted).
+on one eager step (matrix products and attention, the CPU attention kernel included:
+``flops``; elementwise work is not counted).
 
 Two configurations of the same recipe are compared: ``plain`` (eager, torch's default AdamW:
-the unoptimised step) and ``fast`` (fused AdamW, plus ``torch.compile`` when the recipe sets
+the unoptimised step) and ``fast`` (fused AdamW, on the CPU the training allocator settings, plus ``torch.compile`` when the recipe sets
 ``train.compile``, plus activation checkpointing when it sets that).
 """
 
@@ -20,12 +21,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
+from pcavmae_cli.engine.bench import flops
 from pcavmae_cli.engine.bench.peak import sync
 from pcavmae_cli.engine.model import PCAVMAE
 from pcavmae_cli.engine.prototypes import Prototypes
 from pcavmae_cli.engine.schema import Recipe
+from pcavmae_cli.engine.train.allocator import keep_freed_memory
 from pcavmae_cli.engine.train.fast import StepCompiler, set_activation_checkpointing
 from pcavmae_cli.engine.train.objective import batch_losses
 from pcavmae_cli.engine.train.optim import build_optimizer
@@ -67,7 +69,13 @@ def fake_prototypes(n_clips: int, dim: int, k: int, device: torch.device) -> lis
 def build_step(
     cfg: Recipe, batch_size: int, device: torch.device, precision: str, *, fast: bool
 ) -> Callable[[], None]:
-    """One optimiser step of ``cfg``'s first stage on a fixed synthetic batch (B = ``batch_size``)."""
+    """One optimiser step of ``cfg``'s first stage on a fixed synthetic batch (B = ``batch_size``).
+
+    ``fast`` on the CPU also keeps freed memory in the process (``allocator``), as training
+    does; that setting lasts for the process, so measure the plain steps first.
+    """
+    if fast and device.type == "cpu":
+        keep_freed_memory()
     torch.manual_seed(0)
     model = PCAVMAE(cfg.model).to(device)
     stage = cfg.stages[0]
@@ -96,9 +104,7 @@ def build_step(
 def count_flops(cfg: Recipe, batch_size: int, device: torch.device) -> float:
     """FLOPs per sample of one eager fp32 step (the count does not depend on precision)."""
     step = build_step(cfg, batch_size, device, "fp32", fast=False)
-    with FlopCounterMode(display=False) as counter:
-        step()
-    return counter.get_total_flops() / batch_size
+    return flops.count(step) / batch_size
 
 
 def time_step(step: Callable[[], None], device: torch.device, steps: int, warmup: int) -> float:

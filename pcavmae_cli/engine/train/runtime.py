@@ -27,6 +27,7 @@ import torch
 
 from pcavmae_cli.engine.errors import UserError
 from pcavmae_cli.engine.schema import TrainConfig
+from pcavmae_cli.engine.train.allocator import keep_freed_memory
 from pcavmae_cli.engine.train.distributed import init_from_env
 
 
@@ -81,6 +82,8 @@ def resolve_runtime(cfg: TrainConfig) -> Runtime:
     wants_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     world = init_from_env(use_cuda=wants_cuda)  # sets cuda:LOCAL_RANK as the current device
     device = resolve_device(cfg.device)
+    if device.type == "cpu":
+        keep_freed_memory()  # no page faults for the buffers each step frees and takes again
     return Runtime(
         device=device, dtype=resolve_precision(cfg.precision, device), rank=world.rank, world_size=world.world_size
     )
