@@ -5,7 +5,9 @@
 - A checkpoint written by 2 ranks resumes in 1 process, and one written by 1 resumes in 2; both
   end where an uninterrupted run ends.
 - Spherical k-means and the whole E-step on 2 real gloo ranks (uneven shards) against one process.
-- ``pcav finetune --nproc 2`` runs.
+- ``pcav finetune --nproc 2`` runs, and its validation metrics are one process's for the same
+  weights; ``FineTuner.validate`` on 2 real gloo ranks scores each rank's shard of the eval set
+  only (3 + 2 clips of 5, 1 + 0 of 1) and every rank gets the scores of one process.
 
 The corpus has 11 clips and the global batch is 4 clips: the last batch of an epoch (3 clips)
 splits 2 + 1, and the E-step's shards are 6 + 5 clips, so the uneven cases run every epoch.
@@ -16,11 +18,16 @@ them. Losses: ``LOSS_TOL`` 1e-4 absolute (measured 8e-7 over the 6 steps); a wro
 scale, a missing gather or other masks move them by 1e-2 or more. Weights: AdamW's step is about
 lr * sign(g) where g is near 0, so a rounding-level difference can flip such an element's step,
 a difference of up to 2 lr per step: ``WEIGHT_TOL`` is 2 lr = 2e-3 absolute (measured 5.5e-4).
+Validation scores: a rank's batches hold other clips than one process's, and a CPU forward pass
+may round a row differently in another batch, so ``SCORE_TOL`` is 1e-6 on probabilities in [0, 1]
+(measured 1.2e-7, one rounding step); the metrics from them, ``METRIC_TOL`` 1e-6 (measured:
+equal). Between ranks the shared scores must be equal bit for bit (a row is summed with zeros).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -30,13 +37,19 @@ import safetensors.torch as st
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.utils.data import DataLoader
 
 from pcavmae_cli.engine import config
+from pcavmae_cli.engine.model import Classifier
 from pcavmae_cli.engine.prototypes import Comm, TorchComm, density_peaks, estep, spherical_kmeans
+from pcavmae_cli.engine.train import checkpoint as ckpt
 from pcavmae_cli.engine.train.distributed import bounds, split
+from pcavmae_cli.engine.train.finetune import FineTuner
 from pcavmae_cli.engine.train.metrics import read_metrics
-from pcavmae_cli.engine.train.pretrain import StepInfo, TrainingDiverged, pretrain
+from pcavmae_cli.engine.train.pretrain import SilentReporter, StepInfo, TrainingDiverged, pretrain
+from pcavmae_cli.engine.train.runtime import Runtime
 from pcavmae_cli.engine.train.stop import Interrupted
+from pcavmae_cli.engine.train.validation import eval_shard, shared_clip_scores
 from tests.cli_helpers import pcav
 from tests.test_pretrain import TINY
 from tests.tiny_corpus import TINY_FINETUNE, write_corpus
@@ -47,6 +60,8 @@ N_CLIPS = 11
 RUN = [*TINY, "data.loader.batch_size=4", "optim.effective_batch=8", "prototypes.num_clusters=[2, 3]"]
 LOSS_TOL = 1e-4  # absolute, on losses of order 1 (module docstring)
 WEIGHT_TOL = 2e-3  # absolute: twice the demo recipe's optim.lr (module docstring)
+SCORE_TOL = 1e-6  # absolute, on probabilities: a rank's batches differ from one process's (module docstring)
+METRIC_TOL = 1e-6  # absolute, on validation metrics computed from those scores
 
 
 @pytest.fixture(scope="module")
@@ -279,22 +294,147 @@ def test_kmeans_estep_and_density_peaks_on_two_ranks_match_one_process(tmp_path)
 # ---------------------------------------------------------------- fine-tuning
 
 
-def test_finetune_runs_on_two_processes(tmp_path, reference):
-    root = tmp_path / "ft"
-    train = write_corpus(root, 2, 5)
-    val = write_corpus(root, 2, 2, seed=1, name="val")
+@pytest.fixture(scope="module")
+def ft_corpus(tmp_path_factory):
+    """10 training clips of two classes, eval sets of 5 clips (shards 3 + 2) and of 1 clip (1 + 0)."""
+    root = tmp_path_factory.mktemp("ft_corpus")
+    out = {"train": write_corpus(root, 2, 5), "labels": root / "labels.csv"}
+    for name, n in (("val", 5), ("one", 1)):
+        manifest = write_corpus(root, 2, 3, seed=1, name=name)
+        manifest.write_text("\n".join(manifest.read_text().splitlines()[:n]) + "\n")
+        out[name] = manifest
+    return out
+
+
+def ft_args(ft_corpus, run_dir, eval_set="val", *extra):
+    return [*TINY_FINETUNE, f"data.train_manifest={ft_corpus['train']}", f"data.eval_manifest={ft_corpus[eval_set]}",
+            f"data.label_csv={ft_corpus['labels']}", f"train.run_dir={run_dir}", *extra]  # fmt: skip
+
+
+def assert_same_metrics(got, want, tol):
+    """Validation summaries (``val_`` keys of metrics lines or ``validate``'s dict) within ``tol``;
+    a NaN (a class without positives) must be NaN in both."""
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        if value is None or math.isnan(value):
+            assert got[key] is None or math.isnan(got[key]), key
+        else:
+            assert got[key] == pytest.approx(value, abs=tol, rel=0), key
+
+
+def test_finetune_runs_on_two_processes(tmp_path, reference, ft_corpus):
+    """Its validations (each rank scoring a shard of the 5 eval clips) log the metrics one process
+    computes for the same weights: those of ``checkpoints/last``, saved right after the last
+    epoch's validation, and of ``checkpoints/averaged``."""
     run_dir = tmp_path / "ft_run"
     done = pcav(
         "finetune", "--recipe", "finetune_demo", "--nproc", "2", "--init-from", str(reference),
-        *TINY_FINETUNE, f"data.train_manifest={train}", f"data.eval_manifest={val}",
-        f"data.label_csv={root / 'labels.csv'}", f"train.run_dir={run_dir}", "finetune.epochs=2",
-        timeout=300,
+        *ft_args(ft_corpus, run_dir), "finetune.epochs=2", "finetune.average_from_epoch=1", timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     epochs = read_metrics(run_dir / "metrics.jsonl", "epoch")
     assert [e["epoch"] for e in epochs] == [0, 1]  # written once, by rank 0
     assert all(json.dumps(e["loss"]) != "null" for e in epochs)
     assert (run_dir / "checkpoints" / "last" / "model.safetensors").is_file()
+
+    cfg = config.load_recipe("finetune_demo", ft_args(ft_corpus, tmp_path / "one", "val",
+                                                      f"finetune.init_from={reference}"))  # fmt: skip
+    one = FineTuner(cfg, SilentReporter(), None)
+    (averaged,) = read_metrics(run_dir / "metrics.jsonl", "averaged")
+    for line, name in ((epochs[-1], "last"), (averaged, "averaged")):
+        ckpt.load_module(run_dir / "checkpoints" / name / "model.safetensors", one.model, one.rt.device)
+        want = one.validate(one.model, "validate")
+        assert want[one.metric] is not None
+        logged = {k[len("val_"):]: v for k, v in line.items() if k.startswith("val_")}
+        assert_same_metrics(logged, want, METRIC_TOL)
+
+
+class Recorder:
+    """Patched into ``FineTuner``: how many clips its validation ran through the model, and the
+    (scores, targets) it computed the metrics from."""
+
+    def __init__(self):
+        from pcavmae_cli.engine.train import finetune
+
+        self.clips, self.scored = 0, None
+        frame_logits, metrics = Classifier.frame_logits, finetune.classification_metrics
+
+        def counting(model, fbank, frames):
+            self.clips += fbank.shape[0]
+            return frame_logits(model, fbank, frames)
+
+        def recording(scores, targets, *args):
+            self.scored = scores.clone(), targets.clone()
+            return metrics(scores, targets, *args)
+
+        self.patches = [(Classifier, "frame_logits", counting), (finetune, "classification_metrics", recording)]
+
+    def validate(self, cfg) -> dict:
+        """A ``FineTuner`` for ``cfg`` (no training), validated once: clips, metrics, scores, targets."""
+        self.clips, tuner = 0, FineTuner(cfg, SilentReporter(), None)
+        metrics = tuner.validate(tuner.model, "validate")
+        return {"clips": self.clips, "metrics": metrics, "scores": self.scored[0], "targets": self.scored[1]}
+
+
+def _validate_rank(rank: int, world: int, port: int, cases: dict[str, list[str]], out_dir: str) -> None:
+    """One rank of a torchrun-like fine-tuning start: ``Recorder.validate`` of each case."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # fmt: skip
+    torch.set_num_threads(1)
+    recorder = Recorder()
+    for owner, name, value in recorder.patches:
+        setattr(owner, name, value)
+    try:
+        results = {name: recorder.validate(config.load_recipe("finetune_demo", o)) for name, o in cases.items()}
+    finally:
+        dist.destroy_process_group()
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_each_rank_validates_its_shard_and_all_get_the_scores_of_one_process(ft_corpus, tmp_path, monkeypatch):
+    """5 eval clips on 2 ranks score 3 + 2 clips; 1 clip scores 1 + 0 (an empty shard works, its
+    rank contributes zeros). Every rank computes its metrics from the same (N, C) scores -- bit for
+    bit, so the same metrics and ``best`` -- and they are one process's to ``SCORE_TOL``."""
+    cases = {"five": ("val", "multi_hot"), "five_single": ("val", "single"), "one": ("one", "multi_hot")}
+
+    def overrides(name, where):
+        eval_set, mode = cases[name]
+        return ft_args(ft_corpus, tmp_path / where / name, eval_set, "finetune.init_from=null",
+                       f"data.label_mode={mode}")  # fmt: skip
+
+    per_rank = {name: overrides(name, "ranks") for name in cases}
+    mp.spawn(_validate_rank, args=(2, free_port(), per_rank, str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    recorder = Recorder()
+    for owner, name, value in recorder.patches:
+        monkeypatch.setattr(owner, name, value)
+    for name in cases:
+        want = recorder.validate(config.load_recipe("finetune_demo", overrides(name, "one")))  # same seeded weights
+        n = want["scores"].shape[0]
+        assert want["clips"] == n and want["scores"].shape == (n, 2)
+        assert [r[name]["clips"] for r in ranks] == split(n, 2), name  # each rank ran its shard only
+        first, second = (r[name] for r in ranks)
+        assert torch.equal(first["scores"], second["scores"]) and torch.equal(first["targets"], second["targets"])
+        assert_same_metrics(first["metrics"], second["metrics"], 0.0)
+        torch.testing.assert_close(first["scores"], want["scores"], atol=SCORE_TOL, rtol=0)
+        assert torch.equal(first["targets"], want["targets"]), name
+        assert_same_metrics(first["metrics"], want["metrics"], METRIC_TOL)
+
+
+def test_a_loader_that_is_not_the_ranks_shard_is_refused():
+    """Scoring the whole eval set on a rank (the old way) would fill rows twice: refused."""
+    loader = DataLoader(range(5), batch_size=2)
+    rt = Runtime(torch.device("cpu"), None, rank=1, world_size=2)
+    with pytest.raises(ValueError, match="not rank 1's shard of 2"):
+        shared_clip_scores(torch.nn.Identity(), loader, "multi_hot", 2, rt, rows=5, data=None)
+
+
+def test_in_one_process_the_shard_is_the_whole_eval_set():
+    rt = Runtime(torch.device("cpu"), None)
+    data = range(5)
+    assert eval_shard(data, rt) is data
+    assert list(eval_shard(data, Runtime(torch.device("cpu"), None, rank=1, world_size=2))) == [3, 4]
+    assert list(eval_shard(range(1), Runtime(torch.device("cpu"), None, rank=1, world_size=2))) == []
 
 
 # ---------------------------------------------------------------- the --nproc launcher

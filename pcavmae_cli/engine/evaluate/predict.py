@@ -64,6 +64,7 @@ def clip_scores(
     advance: Callable[..., None] = lambda n=1, note="": None,
     *,
     data: DataConfig,
+    rows: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Frame-averaged class probabilities of every clip, and the clips' label targets.
 
@@ -72,11 +73,15 @@ def clip_scores(
             (``Classifier``); it is put in eval mode.
         loader: batches of compact samples with ``fbank``, ``frames``, ``label`` and ``index``.
         data: the recipe's ``data`` section, whose statistics normalise them.
+        rows: N, the manifest's clips, when ``loader`` holds only some of them (a ``Subset``: a
+            rank's shard in fine-tuning's validation): its clips fill their rows (the batch's
+            ``index``), the others stay zero. Default: ``len(loader.dataset)``.
     Returns:
-        scores ``(N, C)`` float32 on the CPU; targets ``(N, C)`` multi-hot or ``(N,)`` indices.
+        scores ``(N, C)`` float32 on the CPU; targets ``(N, C)`` multi-hot or ``(N,)`` indices;
+        ``None, None`` for a loader without batches.
     """
     model.eval()
-    n = len(loader.dataset)
+    n = len(loader.dataset) if rows is None else rows
     scores = targets = None
     for batch in loader:
         inputs = model_inputs(batch, data, rt.device)

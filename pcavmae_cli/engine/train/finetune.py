@@ -22,8 +22,9 @@ The pieces are pre-training's: ``runtime`` (device, bf16 autocast, RNG states), 
 Under torchrun (``distributed.py``) the classifier is wrapped in DDP, each rank takes its slice
 of every global batch (mixup pairs clips within a rank's slice), the loss is weighted so that
 DDP's average is the global batch's mean, the logged loss is reduced across ranks together with
-any stop request, every rank validates (identical numbers, so all agree on ``best``), and only
-rank 0 writes.
+any stop request, each rank scores its contiguous shard of the eval manifest and one all-reduce
+gives every rank the whole score matrix (``validation.py``: identical numbers, so all agree on
+``best``), and only rank 0 writes.
 
 As in pre-training, the step reads nothing back from the device: each micro-batch's loss stays
 there until a flush point (``pending.py``: every ``train.log_every`` steps, at the end of an
@@ -53,7 +54,6 @@ from pcavmae_cli.engine.data.manifest import atomic_write_text, read_label_csv
 from pcavmae_cli.engine.data.model_inputs import model_inputs
 from pcavmae_cli.engine.errors import UserError
 from pcavmae_cli.engine.evaluate.metrics import classification_metrics
-from pcavmae_cli.engine.evaluate.predict import clip_scores
 from pcavmae_cli.engine.model import PCAVMAE, Classifier, LoadReport, load_pretrained, load_pretraining_state
 from pcavmae_cli.engine.schema import Recipe
 from pcavmae_cli.engine.train import augment
@@ -68,6 +68,7 @@ from pcavmae_cli.engine.train.pretrain import ProgressReporter, SilentReporter, 
 from pcavmae_cli.engine.train.runtime import capture_rng, resolve_runtime, restore_rng, seed_everything
 from pcavmae_cli.engine.train.schedule import Schedule, StepSchedule
 from pcavmae_cli.engine.train.stop import StopRequests, call_on_step, run_stoppable
+from pcavmae_cli.engine.train.validation import eval_shard, shared_clip_scores
 
 STATE_FORMAT = 1
 STAGE = "finetune"  # the ``stage`` of metrics lines and ``StepInfo``
@@ -197,7 +198,9 @@ class FineTuner:
         )  # fmt: skip
         check_batches_fit_world(self.sampler, self.rt.world_size)
         self.loader = train_loader(self.dataset, self.sampler, loader_cfg, self.rt)
-        self.eval_loader = embed_loader(self.eval_dataset, loader_cfg, self.rt) if self.eval_dataset else None
+        self.eval_loader = None  # this rank's shard of the eval manifest (validation.py)
+        if self.eval_dataset is not None:
+            self.eval_loader = embed_loader(eval_shard(self.eval_dataset, self.rt), loader_cfg, self.rt)
         steps_per_epoch = -(-self.sampler.batches_per_epoch // self.plan.accum_steps)
         if ft.lr_schedule == "step":
             self.schedule = StepSchedule(
@@ -458,13 +461,15 @@ class FineTuner:
         return lr
 
     def validate(self, model: Classifier, title: str) -> dict[str, float] | None:
-        """The task metrics of ``model`` on ``data.eval_manifest`` (``None`` without one)."""
+        """The task metrics of ``model`` on ``data.eval_manifest`` (``None`` without one); under
+        torchrun each rank scores its shard and all get the same numbers (``validation.py``)."""
         if self.eval_loader is None:
             return None
         with self.reporter.progress(title, len(self.eval_loader)) as advance:
-            scores, targets = clip_scores(
-                model, self.eval_loader, self.label_mode, self.rt, advance, data=self.cfg.data
-            )
+            scores, targets = shared_clip_scores(
+                model, self.eval_loader, self.label_mode, self.num_classes, self.rt, advance,
+                rows=len(self.eval_dataset), data=self.cfg.data,
+            )  # fmt: skip
         model.train()
         summary, _ = classification_metrics(scores, targets, self.label_mode, self.class_names)
         return summary
