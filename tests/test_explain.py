@@ -94,7 +94,7 @@ def test_explain_command_with_a_finetuned_model(trained_demo_run, tmp_path):
     result = pcav("explain", clip, "--checkpoint", str(tmp_path / "finetune"), "--out", str(out), "--device", "cpu")
     assert result.returncode == 0, result.stderr
     assert "granularity 0: nearest prototypes" in result.stdout and "prediction: " in result.stdout
-    assert f"logit of '" in result.stdout and "residual" in result.stdout
+    assert "logit of '" in result.stdout and "residual" in result.stdout
 
     data = json.loads((out / "explain.json").read_text())
     assert data["clip_id"] == clip and data["run_dir"] == str(trained_demo_run.run_dir)

@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 
-from pcavmae_cli.engine.train import fast
 from pcavmae_cli.engine.train.fast import FallbackCompiled, set_activation_checkpointing
 from pcavmae_cli.engine.train.objective import batch_losses
 from pcavmae_cli.engine.train.optim import build_optimizer
