@@ -63,7 +63,7 @@ from pcavmae_cli.engine.train.data import EpochBatchSampler, balanced_weights, c
 from pcavmae_cli.engine.train.distributed import BatchShard, check_batches_fit_world, comm_device, split, world_from_env
 from pcavmae_cli.engine.train.metrics import Meter, MetricsLog, read_metrics
 from pcavmae_cli.engine.train.optim import build_finetune_optimizer, set_lr
-from pcavmae_cli.engine.train.pending import Flushed, FlushedBatch, PendingLosses, finite_weights
+from pcavmae_cli.engine.train.pending import PendingLosses, finite_weights
 from pcavmae_cli.engine.train.pretrain import ProgressReporter, SilentReporter, StepInfo, TrainingDiverged
 from pcavmae_cli.engine.train.runtime import capture_rng, resolve_runtime, restore_rng, seed_everything
 from pcavmae_cli.engine.train.schedule import Schedule, StepSchedule
@@ -424,32 +424,25 @@ class FineTuner:
         """A flush point, as ``Trainer._flush``: read the pending losses into the running means,
         raise on the first non-finite one; under DDP returns whether any rank asked to stop."""
         reduce_on = None if self.rt.world_size == 1 else comm_device(self.rt.device)
-        flushed = self.pending.flush(reduce_on, stop.reason is not None or asked)
-        self._check_finite(flushed)
-        self._add(flushed.batches)
+        flushed = self.pending.read_into(
+            (self.epoch_meter, self.window_meter), self._loss_diverged,
+            reduce_on=reduce_on, stop=stop.reason is not None or asked,
+        )  # fmt: skip
         return flushed.stop
 
-    def _check_finite(self, flushed: Flushed) -> None:
-        bad = flushed.first_non_finite()
-        if bad is not None:
-            step, _, value = bad
-            raise self._diverged(step, f"the fine-tuning loss is {value}")
-
-    def _add(self, batches: list[FlushedBatch]) -> None:
-        for batch in batches:
-            self.epoch_meter.add(batch.values, batch.samples)
-            self.window_meter.add(batch.values, batch.samples)
+    def _loss_diverged(self, step: int, _part: str, value: float) -> TrainingDiverged:
+        return self._diverged(step, f"the fine-tuning loss is {value}")
 
     def _settle(self) -> None:
         """Before a checkpoint write, as ``Trainer._settle``: read what is pending without any
         collective, raise on a NaN, bring the running means up to the saved boundary."""
         if not len(self.pending):
             return
-        flushed = self.pending.flush()
-        self._check_finite(flushed)
+        flushed = self.pending.read_into(
+            (self.epoch_meter, self.window_meter), self._loss_diverged, up_to=self.boundary["train"]["step"]
+        )
         if self.rt.world_size > 1 and not finite_weights(self.model):
             raise self._diverged(flushed.batches[0].step, "the weights are not finite (another process's loss diverged)")
-        self._add([b for b in flushed.batches if b.step <= self.boundary["train"]["step"]])
 
     def _optimizer_step(self) -> float:
         if self.cfg.optim.grad_clip is not None:

@@ -25,12 +25,14 @@ the same sums, raise on the same NaN, and agree to stop at the same step.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from pcavmae_cli.engine.train.distributed import sum_across
+from pcavmae_cli.engine.train.metrics import Meter
 
 
 def first_non_finite(values: dict[str, float]) -> tuple[str, float] | None:
@@ -120,6 +122,28 @@ class PendingLosses:
                 row = [v / p.samples for v in row]
             batches.append(FlushedBatch(p.step, dict(zip(p.names, row)), p.samples))
         return Flushed(batches, asked)
+
+    def read_into(
+        self,
+        meters: Sequence[Meter],
+        diverged: Callable[[int, str, float], Exception],
+        *,
+        reduce_on: torch.device | None = None,
+        stop: bool = False,
+        up_to: int | None = None,
+    ) -> Flushed:
+        """``flush``, then what both training loops do with it: raise ``diverged(step, part,
+        value)`` at the first non-finite micro-batch, else add every micro-batch (of steps up to
+        ``up_to``, if given: a checkpoint's boundary) to ``meters`` in batch order."""
+        flushed = self.flush(reduce_on, stop)
+        bad = flushed.first_non_finite()
+        if bad is not None:
+            raise diverged(*bad)
+        for batch in flushed.batches:
+            if up_to is None or batch.step <= up_to:
+                for meter in meters:
+                    meter.add(batch.values, batch.samples)
+        return flushed
 
 
 def finite_weights(model: torch.nn.Module) -> bool:

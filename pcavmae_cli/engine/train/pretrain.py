@@ -71,7 +71,7 @@ from pcavmae_cli.engine.train.fast import StepCompiler, set_activation_checkpoin
 from pcavmae_cli.engine.train.metrics import Meter, MetricsLog, format_losses, loss_fields, read_metrics
 from pcavmae_cli.engine.train.objective import BatchObjective, batch_losses
 from pcavmae_cli.engine.train.optim import build_optimizer, set_lr
-from pcavmae_cli.engine.train.pending import Flushed, FlushedBatch, PendingLosses, finite_weights
+from pcavmae_cli.engine.train.pending import PendingLosses, finite_weights
 from pcavmae_cli.engine.train.runtime import capture_rng, resolve_runtime, restore_rng, seed_everything
 from pcavmae_cli.engine.train.schedule import Schedule
 from pcavmae_cli.engine.train.stop import StopRequests, call_on_step, run_stoppable
@@ -394,21 +394,14 @@ class Trainer:
         process ``stop.check`` runs before every batch instead, and this returns ``False``.
         """
         reduce_on = None if self.rt.world_size == 1 else comm_device(self.rt.device)
-        flushed = self.pending.flush(reduce_on, stop.reason is not None or asked)
-        self._check_finite(flushed, stage)
-        self._add(flushed.batches)
+        flushed = self.pending.read_into(
+            (self.epoch_meter, self.window_meter), self._loss_diverged(stage),
+            reduce_on=reduce_on, stop=stop.reason is not None or asked,
+        )  # fmt: skip
         return flushed.stop
 
-    def _check_finite(self, flushed: Flushed, stage: StageConfig) -> None:
-        bad = flushed.first_non_finite()
-        if bad is not None:
-            step, part, value = bad
-            raise self._diverged(stage, step, f"loss part '{part}' is {value}")
-
-    def _add(self, batches: list[FlushedBatch]) -> None:
-        for batch in batches:
-            self.epoch_meter.add(batch.values, batch.samples)
-            self.window_meter.add(batch.values, batch.samples)
+    def _loss_diverged(self, stage: StageConfig) -> Callable[[int, str, float], TrainingDiverged]:
+        return lambda step, part, value: self._diverged(stage, step, f"loss part '{part}' is {value}")
 
     def _settle(self) -> None:
         """Before a checkpoint write: read what is pending without any collective (on a stop, a
@@ -423,12 +416,12 @@ class Trainer:
         if not len(self.pending):
             return
         stage = stage_of(self.cfg, self.state.epoch)[1]
-        flushed = self.pending.flush()
-        self._check_finite(flushed, stage)
+        flushed = self.pending.read_into(
+            (self.epoch_meter, self.window_meter), self._loss_diverged(stage), up_to=self.boundary["train"]["step"]
+        )
         if self.rt.world_size > 1 and not finite_weights(self.model):
             what = "the weights are not finite (another process's loss diverged)"
             raise self._diverged(stage, flushed.batches[0].step, what)
-        self._add([b for b in flushed.batches if b.step <= self.boundary["train"]["step"]])
 
     def _check_stop(self, stop: StopRequests) -> None:
         """``stop.check``, agreed across ranks under DDP (a collective: every rank calls it)."""
