@@ -89,6 +89,8 @@ def test_a_compact_sample_ships_uint8_frames_and_the_stores_fbank(corpus, layout
     assert one["frames"].shape == (3, s, s) and every["frames"].shape == (data.video.n_frames, 3, s, s)
     # The bytes a worker sends: a regression to float32 frames (or a float32 pack fbank) fails here.
     assert one["frames"].nbytes == 3 * s * s
+    # ... and holds no more than that: not a view into the whole decoded 20 px frame.
+    assert one["frames"].untyped_storage().nbytes() == 3 * s * s
     assert one["fbank"].nbytes == t * m * fbank_dtype.itemsize
     assert sum(v.nbytes for v in one.values()) == 3 * s * s + t * m * fbank_dtype.itemsize + 8  # + index
 

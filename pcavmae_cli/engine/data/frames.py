@@ -49,7 +49,9 @@ def decode_crop(data: torch.Tensor, cfg: VideoConfig, name: str) -> torch.Tensor
         raise UserError(f"{name}: cannot decode JPEG ({exc})") from None
     if min(image.shape[-2:]) < cfg.crop_size:
         image = TF.resize(image, cfg.crop_size, antialias=True)
-    return TF.center_crop(image, [cfg.crop_size, cfg.crop_size])
+    # contiguous(): a copy of the crop (150 kB at 224 px), so a sample held on to does not keep
+    # the whole decoded frame alive through a view.
+    return TF.center_crop(image, [cfg.crop_size, cfg.crop_size]).contiguous()
 
 
 def normalise(frames: torch.Tensor, cfg: VideoConfig) -> torch.Tensor:
