@@ -79,3 +79,50 @@ def test_stats_on_a_missing_manifest_is_a_user_error(tmp_path):
     result = pcav("stats", str(tmp_path / "nope.jsonl"))
     assert result.returncode == 1
     assert result.stderr.strip() == f"error: manifest not found: {tmp_path / 'nope.jsonl'}"
+
+
+def test_help_text_reflows_sentences_and_keeps_meant_breaks():
+    from pcavmae_cli.cli.help_text import reflow
+
+    doc = """Summary that was wrapped
+        at the source's width.
+
+        A sentence,
+        continued. A second line kept:
+          indented kept
+        - a bullet
+          under it
+
+        Example:
+          pcav demo out
+          --flag
+        """
+    assert reflow(doc) == (
+        "Summary that was wrapped at the source's width.\n\n"
+        "A sentence, continued. A second line kept:\n  indented kept\n- a bullet\n  under it\n\n"
+        "Example:\n  pcav demo out\n  --flag"
+    )
+
+
+def test_no_command_help_breaks_a_sentence_across_lines():
+    """Every registered command, sub-commands too: a line ends a sentence or the next is indented."""
+    import typer.main
+
+    from pcavmae_cli.cli.app import app
+
+    def commands(group, path):
+        for name, sub in getattr(group, "commands", {}).items():
+            yield [*path, name], sub
+            yield from commands(sub, [*path, name])
+
+    seen = 0
+    for path, command in commands(typer.main.get_command(app), []):
+        seen += 1
+        for paragraph in (command.help or "").split("\n\n"):
+            if paragraph.startswith("Example"):
+                continue
+            lines = paragraph.split("\n")
+            for line, following in zip(lines, lines[1:]):
+                assert line.rstrip().endswith((".", ":", "!", "?")) or following.startswith((" ", "- ")), (
+                    path, line)
+    assert seen >= 20

@@ -29,6 +29,7 @@ from pcavmae_cli.cli import (
     visualize_cmd,
 )
 from pcavmae_cli.cli.console import console, error_line
+from pcavmae_cli.cli.help_text import reflow_commands
 from pcavmae_cli.engine.errors import UserError
 
 app = typer.Typer(
@@ -74,6 +75,7 @@ app.command("explain")(explain_cmd.explain)
 app.command("embed")(embed_cmd.embed)
 app.add_typer(convert_cmd.app, name="convert")
 app.command("bench")(bench_cmd.bench)
+reflow_commands(app)
 
 
 def main() -> None:

@@ -50,14 +50,13 @@ def download(
     retry_failed: bool = typer.Option(False, "--retry-failed/--no-retry-failed", help=RETRY_HELP),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, metavar="N", help="Only the first N segments."),
 ) -> None:
-    """Fetch the YouTube videos of an AudioSet or VGGSound segments CSV with yt-dlp and cut
-    each to its window (AudioSet: start..end; VGGSound: start..start+10 s).
+    """Fetch the YouTube videos of an AudioSet or VGGSound segments CSV and cut each to its window.
 
-    Writes DIR/videos/{ytid}_{start}.mp4 (H.264 + AAC), DIR/downloaded.jsonl
-    and DIR/failures.jsonl. Parallel (--jobs) and resumable: a rerun skips
-    the clips already in DIR/videos. Videos that cannot be fetched (private,
-    removed, 404, ...) are listed with the reason in failures.jsonl and do
-    not stop the run: it exits 0 unless no clip at all is available.
+    yt-dlp fetches each video; the window is start..end (AudioSet) or start..start+10 s (VGGSound).
+    Writes DIR/videos/{ytid}_{start}.mp4 (H.264 + AAC), DIR/downloaded.jsonl and DIR/failures.jsonl.
+    Parallel (--jobs) and resumable: a rerun skips the clips already in DIR/videos. Videos that
+    cannot be fetched (private, removed, 404, ...) are listed with the reason in failures.jsonl and
+    do not stop the run: it exits 0 unless no clip at all is available.
 
     Example:
       pcav download audioset --csv balanced_train_segments.csv --out data/as --jobs 8
