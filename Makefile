@@ -10,4 +10,4 @@ demo: setup
 
 # Set up, then run the whole test suite (CI runs exactly this through .ci/run).
 test: setup
-	.venv/bin/python -m pytest -q
+	.venv/bin/python -m pytest -q -rs  # -rs: say why each skipped test was skipped (only GPU tests may skip)
