@@ -97,3 +97,28 @@ def trained_demo_run(tmp_path_factory):
     pretrain(cfg)
     return SimpleNamespace(out=out, run_dir=run_dir, train_manifest=manifests["train"],
                            eval_manifest=manifests["eval"], label_csv=corpus.label_csv, overrides=overrides)  # fmt: skip
+
+
+# ---------------------------------------------------------------- skips
+
+GPU_SKIP_REASON = "needs a CUDA GPU"  # the one reason a test may skip (tests/test_cuda.py)
+_other_skips: list[str] = []
+
+
+def pytest_runtest_logreport(report):
+    """Note every skip (and xfail) whose reason is not a missing GPU."""
+    if report.skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        if GPU_SKIP_REASON not in reason or hasattr(report, "wasxfail"):
+            _other_skips.append(f"{report.nodeid}: {reason}")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A skip for any reason but a missing GPU fails the run: a skipped test is a test not run."""
+    if _other_skips and exitstatus == 0:
+        session.exitstatus = 1
+
+
+def pytest_terminal_summary(terminalreporter):
+    for line in _other_skips:
+        terminalreporter.write_line(f"skipped, which fails the run (only '{GPU_SKIP_REASON}' may skip): {line}", red=True)
