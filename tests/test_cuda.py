@@ -32,6 +32,7 @@ from pcavmae_cli.engine.train.optim import build_optimizer
 from pcavmae_cli.engine.train.pretrain import StepInfo, pretrain
 from pcavmae_cli.engine.train.runtime import Runtime
 from pcavmae_cli.engine.train.stop import Interrupted
+from tests.test_distributed import WEIGHT_TOL
 from tests.test_model_inputs import corpus as compact_corpus  # noqa: F401
 from tests.test_pretrain import N_CLIPS, corpus, fixed_batch, fixed_prototypes, recipe, tensors_of  # noqa: F401
 from tests.test_prototypes import sphere_blobs
@@ -195,8 +196,10 @@ def test_a_gpu_run_stopped_and_resumed_ends_with_the_uninterrupted_weights(corpu
     assert result.resumed_from_step == 5 and result.steps == 9
     mine, theirs = tensors_of(run_dir / "checkpoints" / "last"), tensors_of(ref_dir / "checkpoints" / "last")
     assert mine.keys() == theirs.keys()
+    # Atomics in some CUDA backward kernels make two runs differ by rounding, and AdamW turns a
+    # rounding-level gradient (an attention key bias has none) into a step of about lr: 2 lr.
     worst = {k: float((mine[k].float() - theirs[k].float()).abs().max()) for k in mine}
-    assert max(worst.values()) < 1e-4, sorted(worst.items(), key=lambda kv: -kv[1])[:5]
+    assert max(worst.values()) < WEIGHT_TOL, sorted(worst.items(), key=lambda kv: -kv[1])[:5]
     for got, want in zip(result.epochs, ref.epochs):
         assert got["loss_total"] == pytest.approx(want["loss_total"], rel=1e-4)
 

@@ -66,6 +66,22 @@ def test_encoder_decoder_and_embed_shapes_small_inputs():
     assert emb.z_a.shape == emb.z_v.shape == (3, 8) and emb.joint.shape == (3, 32)
 
 
+def test_without_pooling_the_decoder_projections_are_not_in_the_graph():
+    """``pool_decoder=False`` (no L_PCPE this batch): zd_a, zd_v are None and the projections get
+    no gradient at all (None, not zeros), the same reconstructions as with pooling."""
+    m = model()
+    audio, frames = inputs(SMALL)
+    torch.manual_seed(0)
+    pooled = m(audio, frames)
+    torch.manual_seed(0)
+    out = m(audio, frames, pool_decoder=False)
+    assert out.zd_a is None and out.zd_v is None and torch.equal(out.pred_a, pooled.pred_a)
+    (out.pred_a.sum() + out.pred_v.sum() + out.z_a.sum()).backward()
+    projections = [*m.dproj_a.parameters(), *m.dproj_v.parameters()]
+    assert projections and all(p.grad is None for p in projections)
+    assert m.decoder.pred_a.weight.grad is not None
+
+
 def test_mlp_projection_heads_and_bad_sizes():
     m = model(dataclasses.replace(SMALL, proj_hidden_dim=12))
     assert m.backbone.proj_a[0].out_features == 12 and m.dproj_v[-1].out_features == 8

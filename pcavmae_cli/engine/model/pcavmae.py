@@ -40,8 +40,8 @@ PARTS: dict[str, tuple[str, ...]] = {
 class DecoderOutput:
     pred_a: torch.Tensor  # (B, N_a, p*p) predicted fbank patches
     pred_v: torch.Tensor  # (B, N_v, p*p*3) predicted pixel patches
-    zd_a: torch.Tensor  # (B, proj_dim) unit norm: masked audio tokens of the decoder, pooled, projected
-    zd_v: torch.Tensor  # (B, proj_dim)
+    zd_a: torch.Tensor | None  # (B, proj_dim) unit norm: masked audio tokens of the decoder, pooled, projected
+    zd_v: torch.Tensor | None  # (B, proj_dim); both None when not pooled
 
 
 @dataclass
@@ -115,9 +115,12 @@ class PCAVMAE(nn.Module):
         """tokens ``(B, K_a, D)``, ``(B, K_v, D)`` -> z_a, z_v ``(B, proj_dim)`` unit norm; see ``Backbone``."""
         return self.backbone.clip_embeddings(tokens_a, tokens_v)
 
-    def forward_decoder(self, enc: EncoderOutput) -> DecoderOutput:
-        """Reconstruct all patches from the joint tokens; pool the masked decoder tokens into zd_a, zd_v."""
+    def forward_decoder(self, enc: EncoderOutput, pool: bool = True) -> DecoderOutput:
+        """Reconstruct all patches from the joint tokens; with ``pool``, pool the masked decoder
+        tokens into zd_a, zd_v (L_PCPE's input), else leave them ``None``."""
         pred_a, pred_v, h_a, h_v = self.decoder(enc.joint, enc.tokens_a.shape[1], enc.ids_restore_a, enc.ids_restore_v)
+        if not pool:
+            return DecoderOutput(pred_a, pred_v, None, None)
         zd_a = F.normalize(self.dproj_a(masked_mean(h_a, enc.mask_a)), dim=-1)
         zd_v = F.normalize(self.dproj_v(masked_mean(h_v, enc.mask_v)), dim=-1)
         return DecoderOutput(pred_a, pred_v, zd_a, zd_v)
@@ -136,7 +139,9 @@ class PCAVMAE(nn.Module):
             out.append(t)
         return out[0], out[1]
 
-    def forward(self, audio: torch.Tensor, frames: torch.Tensor, decode: bool = True) -> PCAVMAEOutput:
+    def forward(
+        self, audio: torch.Tensor, frames: torch.Tensor, decode: bool = True, pool_decoder: bool = True
+    ) -> PCAVMAEOutput:
         """One pre-training pass with the recipe's mask ratios.
 
         Args:
@@ -144,13 +149,17 @@ class PCAVMAE(nn.Module):
             frames: ``(B, 3, S, S)`` normalised RGB.
             decode: ``False`` skips the decoder (the stage without it), leaving its fields ``None``;
                 a flag rather than a separate method so that DDP's forward hooks still run.
+            pool_decoder: ``False`` leaves zd_a, zd_v ``None`` (no L_PCPE this batch), so the
+                decoder projections get no gradient rather than a zero one: under torch.compile
+                an unused output would give them zeros, and AdamW would then decay and count steps
+                for weights that eager training leaves alone.
         """
         cfg = self.cfg
         enc = self.forward_encoder(audio, frames, cfg.mask_ratio_audio, cfg.mask_ratio_video, with_joint=decode)
         z_a, z_v = self.clip_embeddings(enc.tokens_a, enc.tokens_v)
         out = PCAVMAEOutput(z_a, z_v, enc.mask_a, enc.mask_v)
         if decode:
-            dec = self.forward_decoder(enc)
+            dec = self.forward_decoder(enc, pool=pool_decoder)
             out.zd_a, out.zd_v, out.pred_a, out.pred_v = dec.zd_a, dec.zd_v, dec.pred_a, dec.pred_v
             out.target_a, out.target_v = self.targets(audio, frames)
         return out

@@ -29,6 +29,11 @@ def decodes(loss: LossConfig, prototypes_on: bool) -> bool:
     return loss.w_r != 0 or (loss.w_pcpe != 0 and prototypes_on)
 
 
+def pools(loss: LossConfig, prototypes_on: bool) -> bool:
+    """Whether a batch needs the decoder's pooled projections zd_a, zd_v (L_PCPE)."""
+    return loss.w_pcpe != 0 and prototypes_on
+
+
 def batch_losses(
     model: PCAVMAE,
     batch: dict[str, Tensor],
@@ -56,7 +61,7 @@ def batch_losses(
     on = protos is not None
     rows = nullcontext() if shard is None else global_batch_rows(shard.start, shard.total)
     with rt.autocast(), rows:
-        out = model(batch["fbank"], batch["frames"], decode=decodes(loss, on))
+        out = model(batch["fbank"], batch["frames"], decode=decodes(loss, on), pool_decoder=pools(loss, on))
     whole = (lambda t: t) if shard is None else shard.gather
     index = whole(batch["index"])
     parts: dict[str, Tensor] = {}
