@@ -148,8 +148,7 @@ def test_torch_compile_on_the_gpu_compiles_and_gives_the_eager_forward(corpus, t
     model = model.to(GPU)
     batch = {k: v.to(GPU) for k, v in fixed_batch(cfg).items()}
     step = FallbackCompiled(model)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(inductor, "fallback_random", True)  # the compiled graph draws eager's masks
+    with inductor.patch(fallback_random=True):  # the compiled graph draws eager's masks
         torch.manual_seed(0)
         compiled = step(batch["fbank"], batch["frames"])
     assert step.compiled is not None, [str(w.message) for w in recwarn]  # no fallback to eager

@@ -6,13 +6,18 @@ import json
 
 import pytest
 import torch
+import torch._inductor.config as inductor
 
+from pcavmae_cli.engine import config
 from pcavmae_cli.engine.train.fast import FallbackCompiled, set_activation_checkpointing
+from pcavmae_cli.engine.train.finetune import FineTuner
+from pcavmae_cli.engine.train.metrics import read_metrics
 from pcavmae_cli.engine.train.objective import batch_losses
 from pcavmae_cli.engine.train.optim import build_optimizer
-from pcavmae_cli.engine.train.pretrain import pretrain
+from pcavmae_cli.engine.train.pretrain import SilentReporter, pretrain
 from pcavmae_cli.engine.train.runtime import Runtime
 from tests.test_pretrain import corpus, fixed_batch, fixed_prototypes, recipe, tiny_model  # noqa: F401
+from tests.tiny_corpus import TINY_FINETUNE, write_corpus
 
 CPU = Runtime(torch.device("cpu"), None)
 
@@ -134,18 +139,21 @@ class warnings_as_errors:
         return self._ctx.__exit__(*exc)
 
 
-def test_a_compiled_run_gives_the_eager_runs_losses_and_optimiser_state(corpus, tmp_path, monkeypatch, recwarn):  # noqa: F811
+@pytest.fixture
+def eager_random():
+    """Inductor draws random numbers as eager does (the same masks, dropout), for this test only
+    (``config.patch``: monkeypatch would delete the config entry on undo)."""
+    with inductor.patch(fallback_random=True):
+        yield
+
+
+def test_a_compiled_run_gives_the_eager_runs_losses_and_optimiser_state(corpus, tmp_path, eager_random, recwarn):  # noqa: F811
     """Real torch.compile (inductor), the whole pre-training run: warm-up (decoder, no L_PCPE),
     epochs with prototypes, the encoder-only stage. With inductor drawing eager's random masks
     (``fallback_random``) the compiled run is the eager one up to float rounding: step losses
     within 1e-4 and every AdamW slot counting the same steps. A parameter the loss does not use
     (the decoder projections during warm-up) must get no gradient, as in eager, not a zero one
     that AdamW would decay and count (which moved L_PCPE by 2e-2 once prototypes started)."""
-    import torch._inductor.config as inductor
-
-    from pcavmae_cli.engine.train.metrics import read_metrics
-
-    monkeypatch.setattr(inductor, "fallback_random", True)
     runs = {}
     for compiled in (False, True):
         run_dir = tmp_path / f"compile_{compiled}"
@@ -160,3 +168,35 @@ def test_a_compiled_run_gives_the_eager_runs_losses_and_optimiser_state(corpus, 
         assert c_total == pytest.approx(total, abs=1e-4), step
         assert (c_pcpe is None) == (pcpe is None) and (pcpe is None or c_pcpe == pytest.approx(pcpe, abs=1e-4)), step
     assert compiled_steps == eager_steps and len(set(eager_steps.values())) > 1  # dproj counts fewer steps
+
+
+def test_fine_tuning_honours_compile_and_activation_checkpointing(tmp_path, eager_random, recwarn):
+    """``train.compile`` and ``train.activation_checkpointing`` apply to fine-tuning too: each
+    run gives the plain run's step losses (inductor drawing eager's random numbers), compile
+    without falling back to eager, and AdamW counts the same steps for every parameter."""
+    train, held_out = write_corpus(tmp_path, 3, 4, name="train"), write_corpus(tmp_path, 3, 2, seed=1, name="eval")
+    runs = {}
+    for name, switch in {"plain": [], "compiled": ["train.compile=true"],
+                         "checkpointed": ["train.activation_checkpointing=true"]}.items():  # fmt: skip
+        run_dir = tmp_path / name
+        cfg = config.load_recipe("finetune_demo", [
+            *TINY_FINETUNE, f"data.train_manifest={train}", f"data.eval_manifest={held_out}",
+            f"data.label_csv={tmp_path / 'labels.csv'}", "finetune.init_from=null", f"train.run_dir={run_dir}",
+            "finetune.epochs=2", *switch,
+        ])  # fmt: skip
+        tuner = FineTuner(cfg, SilentReporter(), on_step=None)
+        compiler = tuner.compiler
+        tuner.run()
+        state = torch.load(run_dir / "checkpoints/last/state.pt", weights_only=True)["optimizer"]["state"]
+        losses = [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl", "step")]
+        runs[name] = losses, {pid: int(slots["step"]) for pid, slots in state.items()}, compiler
+    assert not [w for w in recwarn if "train.compile" in str(w.message)]
+    compiled = [wrapper for _, wrapper in runs["compiled"][2]._wrapped.values()]
+    assert len(compiled) == 1 and compiled[0].compiled is not None  # the step ran compiled
+    assert not runs["plain"][2]._wrapped
+    plain_losses, plain_steps, _ = runs["plain"]
+    assert len(plain_losses) == 6
+    for name in ("compiled", "checkpointed"):
+        losses, steps, _ = runs[name]
+        assert losses == pytest.approx(plain_losses, abs=1e-5), name
+        assert steps == plain_steps, name

@@ -61,6 +61,7 @@ from pcavmae_cli.engine.train import checkpoint as ckpt
 from pcavmae_cli.engine.train.checks import check_finetune
 from pcavmae_cli.engine.train.data import EpochBatchSampler, balanced_weights, close_loader, embed_loader, train_loader
 from pcavmae_cli.engine.train.distributed import BatchShard, check_batches_fit_world, comm_device, split, world_from_env
+from pcavmae_cli.engine.train.fast import StepCompiler, set_activation_checkpointing
 from pcavmae_cli.engine.train.metrics import Meter, MetricsLog, read_metrics
 from pcavmae_cli.engine.train.optim import build_finetune_optimizer, set_lr
 from pcavmae_cli.engine.train.pending import PendingLosses, finite_weights
@@ -219,6 +220,8 @@ class FineTuner:
                 load_pretraining_state(self.model, PCAVMAE(cfg.model).state_dict(), "a freshly initialised PCAV-MAE")
         self.model.to(self.rt.device)
         self.net: torch.nn.Module = self.model  # under torchrun: the DDP wrapper, built at the first epoch
+        set_activation_checkpointing(self.model, cfg.train.activation_checkpointing)
+        self.compiler = StepCompiler(cfg.train.compile)  # the training forward; validation stays eager
         self.optimizer = build_finetune_optimizer(
             self.model, cfg.optim, head_lr_multiplier=ft.head_lr_multiplier, layer_decay=ft.layer_decay
         )
@@ -345,7 +348,7 @@ class FineTuner:
             fbank = augment.fbank_noise(fbank)
         targets = augment.smooth_targets(targets, ft.label_smoothing)
         with self.rt.autocast():
-            logits = self.net(fbank, frames)
+            logits = self.compiler(self.net)(fbank, frames)
         return augment.classification_loss(logits, targets, self.label_mode)
 
     def _wrap(self) -> None:
