@@ -5,6 +5,7 @@
 - A checkpoint written by 2 ranks resumes in 1 process, and one written by 1 resumes in 2; both
   end where an uninterrupted run ends.
 - Spherical k-means and the whole E-step on 2 real gloo ranks (uneven shards) against one process.
+- ``train.compile=true`` on 2 ranks (torch.compile under DDP) against one eager process.
 - ``pcav finetune --nproc 2`` runs, and its validation metrics are one process's for the same
   weights; ``FineTuner.validate`` on 2 real gloo ranks scores each rank's shard of the eval set
   only (3 + 2 clips of 5, 1 + 0 of 1) and every rank gets the scores of one process.
@@ -194,6 +195,42 @@ def _pretrain_rank(rank: int, world: int, port: int, overrides: list[str], out_d
         dist.destroy_process_group()
     with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
         f.write(outcome)
+
+
+def _compiled_rank(rank: int, world: int, port: int, overrides: list[str], out_dir: str) -> None:
+    """One rank of a ``train.compile=true`` run, inductor drawing eager's random masks; writes the
+    compile warnings it saw (none: no fallback to eager)."""
+    import warnings
+
+    import torch._inductor.config as inductor
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # fmt: skip
+    torch.set_num_threads(1)
+    with inductor.patch(fallback_random=True), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            pretrain(config.load_recipe("demo", overrides))
+        finally:
+            dist.destroy_process_group()
+    compile_warnings = [str(w.message) for w in caught if "train.compile" in str(w.message)]
+    with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+        f.write("\n".join(compile_warnings))
+
+
+def test_compile_under_ddp_gives_the_losses_of_one_eager_process(tmp_path):
+    """``train.compile=true`` on 2 gloo ranks (DDP's graph splitting, the gathers, unused
+    parameters in warm-up) against one eager process: the same step losses. 12 clips, so every
+    batch splits 2 + 2 and each rank compiles one graph per stage and prototype state."""
+    manifest = write_corpus(tmp_path / "corpus", 2, 6)
+    eager_dir, compiled_dir = tmp_path / "eager", tmp_path / "compiled"
+    pretrain(config.load_recipe("demo", args(manifest, eager_dir)))
+    mp.spawn(_compiled_rank, args=(2, free_port(), args(manifest, compiled_dir, "train.compile=true"), str(tmp_path)),
+             nprocs=2)  # fmt: skip
+    assert outcomes(tmp_path) == ["", ""]  # no rank fell back to eager
+    got = step_losses(compiled_dir)
+    assert_same_losses(got, step_losses(eager_dir))
+    assert None not in got[4].values() and got[6]["loss_pje"] is not None  # every part was compared
 
 
 def outcomes(folder) -> list[str]:
