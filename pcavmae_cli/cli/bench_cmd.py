@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich import box
 from rich.table import Table
 
 from pcavmae_cli.cli import options
@@ -83,14 +84,14 @@ def bench(
                     continue
                 plain_rate.setdefault(p, r.samples_per_s)
                 measured[p, fast] = [
-                    recipe, r.variant, p, str(batch), f"{flops / 1e9:.4g}", f"{r.samples_per_s:.3g}",
+                    r.variant, p, str(batch), f"{flops / 1e9:.4g}", f"{r.samples_per_s:.3g}",
                     f"{r.flops_per_s / 1e9:.4g}", f"{100 * r.flops_per_s / 1e9 / peaks[p]:.3g} %",
                     f"{r.samples_per_s / plain_rate[p]:.2f}x",
                 ]  # fmt: skip
         rows = [measured[key] for key in sorted(measured, key=lambda key: (precisions.index(key[0]), key[1]))]
         tables.append((
-            "Pre-training step (forward, losses, backward, AdamW; synthetic full-size inputs)",
-            ["recipe", "step", "precision", "batch", "GFLOP/sample", "samples/s", "GFLOP/s", "MFU", "vs plain"],
+            f"Pre-training step of {recipe} (forward, losses, backward, AdamW; synthetic full-size inputs)",
+            ["step", "precision", "batch", "GFLOP/sample", "samples/s", "GFLOP/s", "MFU", "vs plain"],
             rows,
         ))  # fmt: skip
         show(*tables[-1])
@@ -122,10 +123,11 @@ def bench(
 
 def show(title: str, header: list[str], rows: list[list[str]]) -> None:
     console.print(f"[bold]{title}[/]")
-    table = Table()
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)  # fits 80 columns
     for name in header:
-        justify = "left" if name in ("recipe", "step", "precision", "layout", "dtype") else "right"
-        table.add_column(name, justify=justify, overflow="fold")  # a narrow terminal wraps, never cuts
+        justify = "left" if name in ("step", "precision", "layout", "dtype") else "right"
+        # whole header words; a narrow terminal folds the cells, never cuts them
+        table.add_column(name, justify=justify, overflow="fold", min_width=len(name))
     for row in rows:
         table.add_row(*row)
     console.print(table)
