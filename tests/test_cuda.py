@@ -223,9 +223,15 @@ def test_fine_tuning_on_the_gpu_runs_on_a_gpu_pretrained_model(gpu_reference, tm
 
 
 def test_kmeans_on_the_gpu_finds_the_cpus_clusters():
+    """The same partition and centroids; compared up to the clusters' numbering, since a k-means++
+    draw that falls within rounding of a boundary may pick another (equally good) start row."""
     x, _, _ = sphere_blobs(k=8, per=40, noise=0.3)
-    want = spherical_kmeans(x, 8, iters=10, seed=3, comm=Comm())
-    got = spherical_kmeans(x.to(GPU), 8, iters=10, seed=3, comm=Comm())
-    assert got[0].device.type == "cuda"
-    assert torch.equal(got[1].cpu(), want[1])
-    assert torch.allclose(got[0].cpu(), want[0], atol=1e-5)
+    want_centroids, want = spherical_kmeans(x, 8, iters=10, seed=3, comm=Comm())
+    got_centroids, got = spherical_kmeans(x.to(GPU), 8, iters=10, seed=3, comm=Comm())
+    assert got_centroids.device.type == "cuda"
+    got, got_centroids = got.cpu(), got_centroids.cpu()
+    same_as = {int(c): want[got == c].unique().tolist() for c in got.unique()}
+    assert all(len(cpu) == 1 for cpu in same_as.values()), same_as  # each GPU cluster is one CPU cluster
+    order = [same_as[c][0] for c in range(8)]
+    assert sorted(order) == list(range(8))
+    assert torch.allclose(got_centroids, want_centroids[order], atol=1e-5)
