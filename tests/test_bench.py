@@ -23,6 +23,18 @@ def test_matmul_peak_is_a_positive_rate_for_both_dtypes():
         assert 0 < rate < 1e5  # GFLOP/s: positive and below any CPU or GPU
 
 
+def test_mfu_divides_by_the_faster_of_the_two_products(monkeypatch):
+    """A GPU runs the small ViT-B MLP product below its peak: the square product sets the bar."""
+    from pcavmae_cli.engine.bench import peak
+
+    rates = {peak.VIT_B_MLP: 562.0, (8192, 8192, 8192): 790.0}
+    monkeypatch.setattr(peak, "matmul_peak", lambda dtype, device, shape=peak.VIT_B_MLP, seconds=1.0: rates[shape])
+    got = peak.device_peak(torch.bfloat16, torch.device("cuda"))
+    assert (got.vit_b_mlp, got.square, got.square_side, got.best) == (562.0, 790.0, 8192, 790.0)
+    rates[(2048, 2048, 2048)] = 100.0
+    assert peak.device_peak(torch.float32, CPU).best == 562.0  # on a CPU the ViT-B shape may be faster
+
+
 def test_attention_flops_are_counted_on_the_cpu():
     """torch's counter has no formula for the CPU attention kernel; without ``flops`` it counts 0.
 
@@ -74,7 +86,8 @@ def test_pcav_bench_prints_and_appends_sane_positive_figures(corpus, tmp_path): 
     assert text.startswith("# Benchmarks") and "### pcav bench" in text and "load average" in text
     assert "`pcav bench --recipe demo" in text
     peaks = rows_starting(text, "fp32", "bf16")
-    assert len(peaks) == 2 and all(float(row[1]) > 0 for row in peaks)
+    assert len(peaks) == 2 and all(len(row) == 3 and float(row[1]) > 0 and float(row[2]) > 0 for row in peaks)
+    assert "2048x2048 @ 2048x2048" in text  # the square product's shape on a CPU
     assert "Pre-training step of demo" in text
     steps = [row for row in rows_starting(text, "plain", "fast") if row[1] in ("fp32", "bf16")]
     assert [(row[0], row[1]) for row in steps] == [("plain", "fp32"), ("fast", "fp32"), ("plain", "bf16"), ("fast", "bf16")]
