@@ -29,12 +29,14 @@ from pcavmae_cli.engine.train.finetune import finetune
 from pcavmae_cli.engine.train.metrics import read_metrics
 from pcavmae_cli.engine.train.objective import batch_losses
 from pcavmae_cli.engine.train.optim import build_optimizer
-from pcavmae_cli.engine.train.pretrain import StepInfo, pretrain
+from pcavmae_cli.engine.train.pretrain import pretrain
 from pcavmae_cli.engine.train.runtime import Runtime
 from pcavmae_cli.engine.train.stop import Interrupted
 from tests.test_distributed import WEIGHT_TOL
 from tests.test_model_inputs import corpus as compact_corpus  # noqa: F401
-from tests.test_pretrain import N_CLIPS, corpus, fixed_batch, fixed_prototypes, recipe, tensors_of  # noqa: F401
+from tests.test_pretrain import (  # noqa: F401 - corpus: the module-scoped fixture
+    N_CLIPS, corpus, fixed_batch, fixed_prototypes, recipe, stop_at, tensors_of,
+)
 from tests.test_prototypes import sphere_blobs
 from tests.tiny_corpus import TINY_FINETUNE, write_corpus
 
@@ -184,13 +186,8 @@ def test_a_gpu_run_writes_finite_losses_and_checkpoints_a_cpu_loads(gpu_referenc
 def test_a_gpu_run_stopped_and_resumed_ends_with_the_uninterrupted_weights(corpus, gpu_reference, tmp_path):  # noqa: F811
     ref_dir, ref = gpu_reference
     run_dir = tmp_path / "run"
-
-    def stop_at_step_5(info: StepInfo) -> None:
-        if info.step == 5:
-            raise KeyboardInterrupt
-
     with pytest.raises(Interrupted):
-        pretrain(recipe(corpus, run_dir, *ON_GPU, "data.loader.num_workers=2"), on_step=stop_at_step_5)
+        pretrain(recipe(corpus, run_dir, *ON_GPU, "data.loader.num_workers=2"), on_step=stop_at(5))
     result = pretrain(recipe(corpus, run_dir, *ON_GPU, "train.resume=true"))
     assert result.resumed_from_step == 5 and result.steps == 9
     mine, theirs = tensors_of(run_dir / "checkpoints" / "last"), tensors_of(ref_dir / "checkpoints" / "last")

@@ -52,7 +52,7 @@ from pcavmae_cli.engine.train.runtime import Runtime
 from pcavmae_cli.engine.train.stop import Interrupted
 from pcavmae_cli.engine.train.validation import eval_shard, shared_clip_scores
 from tests.cli_helpers import pcav
-from tests.test_pretrain import TINY
+from tests.test_pretrain import TINY, stop_at
 from tests.tiny_corpus import TINY_FINETUNE, write_corpus
 
 N_CLIPS = 11
@@ -255,13 +255,8 @@ def test_a_two_rank_checkpoint_resumes_in_one_process(corpus, reference, tmp_pat
 
 def test_a_one_process_checkpoint_resumes_in_two(corpus, reference, tmp_path):
     run_dir = tmp_path / "run"
-
-    def stop(info: StepInfo) -> None:
-        if info.step == STOP_STEP:
-            raise KeyboardInterrupt("test stop")
-
     with pytest.raises(Interrupted):
-        pretrain(config.load_recipe("demo", args(corpus, run_dir)), on_step=stop)
+        pretrain(config.load_recipe("demo", args(corpus, run_dir)), on_step=stop_at(STOP_STEP))
     done = pcav("pretrain", "--recipe", "demo", "--nproc", "2", *args(corpus, run_dir, "train.resume=true"), timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert_same_losses(step_losses(run_dir), step_losses(reference))

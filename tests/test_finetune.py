@@ -31,10 +31,11 @@ from pcavmae_cli.engine.train.data import EpochBatchSampler, balanced_weights
 from pcavmae_cli.engine.train.finetune import FineTuner, finetune
 from pcavmae_cli.engine.train.metrics import read_metrics
 from pcavmae_cli.engine.train.optim import build_finetune_optimizer, set_lr
-from pcavmae_cli.engine.train.pretrain import SilentReporter, StepInfo, TrainingDiverged, pretrain
+from pcavmae_cli.engine.train.pretrain import SilentReporter, TrainingDiverged, pretrain
 from pcavmae_cli.engine.train.runtime import Runtime
 from pcavmae_cli.engine.train.schedule import StepSchedule
 from pcavmae_cli.engine.train.stop import Interrupted
+from tests.test_pretrain import stop_at
 from tests.tiny_corpus import TINY_FINETUNE, TINY_MODEL, write_corpus
 
 CPU = Runtime(torch.device("cpu"), None)
@@ -425,13 +426,8 @@ def test_kill_and_resume_ends_with_exactly_the_same_weights(corpus, pretrained, 
     ref_dir, ref = reference
     run_dir = tmp_path / "run"
     extra = ["finetune.balanced_sampling=true", "finetune.average_from_epoch=2"]
-
-    def stop_at_step_5(info: StepInfo) -> None:  # epoch 1, mid-epoch, after mixup draws
-        if info.step == 5:
-            raise KeyboardInterrupt
-
-    with pytest.raises(Interrupted) as stop:
-        finetune(ft_recipe(corpus, pretrained, run_dir, *extra), on_step=stop_at_step_5)
+    with pytest.raises(Interrupted) as stop:  # at step 5: epoch 1, mid-epoch, after mixup draws
+        finetune(ft_recipe(corpus, pretrained, run_dir, *extra), on_step=stop_at(5))
     assert (stop.value.step, stop.value.epoch) == (5, 1)
     result = finetune(ft_recipe(corpus, pretrained, run_dir, *extra, "train.resume=true"))
     assert result.resumed_from_step == 5 and result.steps == 9

@@ -74,6 +74,16 @@ def corpus(tmp_path_factory):
     return manifest
 
 
+def stop_at(step: int):
+    """An ``on_step`` callback that presses Ctrl-C when the run reaches ``step``."""
+
+    def press(info: StepInfo) -> None:
+        if info.step == step:
+            raise KeyboardInterrupt
+
+    return press
+
+
 def recipe(corpus, run_dir, *overrides):
     return config.load_recipe("demo", [*TINY, f"data.train_manifest={corpus}", f"train.run_dir={run_dir}", *overrides])
 
@@ -268,14 +278,9 @@ def test_a_stop_with_an_unread_nan_raises_instead_of_saving(corpus, tmp_path, mo
     """The losses are read at flush points; the one before writing ``last`` finds the NaN of step
     4 still pending when the run is stopped at step 5, and nothing is written over step 3's."""
     poison_batch_6(monkeypatch)
-
-    def stop_at_step_5(info: StepInfo) -> None:
-        if info.step == 5:
-            raise KeyboardInterrupt
-
     run_dir = tmp_path / "run"
     with pytest.raises(TrainingDiverged, match="loss part 'r' is nan at step 4 .*/checkpoints/last \\(step 3\\)"):
-        pretrain(recipe(corpus, run_dir, "train.log_every=100"), on_step=stop_at_step_5)
+        pretrain(recipe(corpus, run_dir, "train.log_every=100"), on_step=stop_at(5))
     assert ckpt.load_state(run_dir / "checkpoints" / "last")["train"]["step"] == 3
 
 
@@ -352,13 +357,8 @@ def test_a_stop_between_step_lines_resumes_with_the_same_means(corpus, reference
     uninterrupted ones."""
     ref_dir, ref = reference
     run_dir = tmp_path / "run"
-
-    def stop_at_step_5(info: StepInfo) -> None:
-        if info.step == 5:
-            raise KeyboardInterrupt
-
     with pytest.raises(Interrupted):
-        pretrain(recipe(corpus, run_dir, "train.log_every=3"), on_step=stop_at_step_5)
+        pretrain(recipe(corpus, run_dir, "train.log_every=3"), on_step=stop_at(5))
     result = pretrain(recipe(corpus, run_dir, "train.log_every=3", "train.resume=true"))
     mine, theirs = tensors_of(run_dir / "checkpoints" / "last"), tensors_of(ref_dir / "checkpoints" / "last")
     assert all(torch.equal(mine[k], theirs[k]) for k in theirs)

@@ -42,9 +42,9 @@ def bench(
     """Measure this machine: FLOPs/sample, step samples/s and MFU, loader samples/s, E-step seconds.
 
     MFU is the step's achieved FLOP/s over the matrix-multiply peak measured in the same run
-    (fp32 and bf16; the faster of a ViT-B MLP-shaped and a large square product). The step uses synthetic full-size inputs; "plain"
-    is the eager step with torch's default AdamW, "fast" the recipe's settings with fused AdamW
-    (add train.compile=true to compile it).
+    (fp32 and bf16; the faster of a ViT-B MLP-shaped and a large square product). The step uses
+    synthetic full-size inputs; "plain" is the eager step with torch's default AdamW, "fast" the
+    recipe's settings with fused AdamW (add train.compile=true to compile it).
 
     Example: pcav bench --recipe pretrain_cavmae --batch 4 --estep-n 200000 --append docs/benchmarks.md
     """

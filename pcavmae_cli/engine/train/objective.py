@@ -26,7 +26,7 @@ from pcavmae_cli.engine.train.runtime import Runtime
 
 def decodes(loss: LossConfig, prototypes_on: bool) -> bool:
     """Whether a batch of this stage needs the decoder (L_r, or L_PCPE once prototypes exist)."""
-    return loss.w_r != 0 or (loss.w_pcpe != 0 and prototypes_on)
+    return loss.w_r != 0 or pools(loss, prototypes_on)
 
 
 def pools(loss: LossConfig, prototypes_on: bool) -> bool:
