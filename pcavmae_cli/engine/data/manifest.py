@@ -14,6 +14,7 @@ file names inside ``video``; default ``frame_{k}.jpg``, k from 0).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import tempfile
@@ -159,13 +160,16 @@ def read_label_csv(path: str | Path) -> LabelSet:
         if reader.fieldnames is None or not {"index", "mid", "display_name"} <= set(reader.fieldnames):
             raise UserError(f"{path}: expected a header 'index,mid,display_name'")
         mids, names = [], []
-        for lineno, row in enumerate(reader, 2):
+        for row in reader:
+            lineno = reader.line_num  # the row's last line: a quoted label may hold newlines
             try:
                 index = int(row["index"])
             except (TypeError, ValueError):
                 raise UserError(f"{path}:{lineno}: index {row['index']!r} is not an integer") from None
             if index != len(mids):
                 raise UserError(f"{path}:{lineno}: index {index} out of order (expected {len(mids)})")
+            if row["mid"] is None or row["display_name"] is None:
+                raise UserError(f"{path}:{lineno}: expected 3 fields 'index,mid,display_name'")
             mids.append(row["mid"])
             names.append(row["display_name"])
     if not mids:
@@ -174,11 +178,10 @@ def read_label_csv(path: str | Path) -> LabelSet:
 
 
 def write_label_csv(path: Path, labels: LabelSet) -> None:
-    lines = ["index,mid,display_name"]
-    for i, (mid, name) in enumerate(zip(labels.mids, labels.names)):
-        lines.append(",".join([str(i), _csv_field(mid), _csv_field(name)]))
-    atomic_write_text(path, "\n".join(lines) + "\n")
-
-
-def _csv_field(text: str) -> str:
-    return f'"{text}"' if ("," in text or '"' in text) else text
+    """Write ``index,mid,display_name`` rows with the csv module, so that any label (quotes,
+    commas, newlines: VGGSound labels are free text) reads back as it was written."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["index", "mid", "display_name"])
+    writer.writerows([i, mid, name] for i, (mid, name) in enumerate(zip(labels.mids, labels.names)))
+    atomic_write_text(path, buffer.getvalue())
