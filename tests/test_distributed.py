@@ -47,7 +47,8 @@ from pcavmae_cli.engine.train import checkpoint as ckpt
 from pcavmae_cli.engine.train.distributed import bounds, split
 from pcavmae_cli.engine.train.finetune import FineTuner
 from pcavmae_cli.engine.train.metrics import read_metrics
-from pcavmae_cli.engine.train.pretrain import SilentReporter, StepInfo, TrainingDiverged, pretrain
+from pcavmae_cli.engine.progress import SilentReporter
+from pcavmae_cli.engine.train.pretrain import StepInfo, TrainingDiverged, pretrain
 from pcavmae_cli.engine.train.runtime import Runtime
 from pcavmae_cli.engine.train.stop import Interrupted
 from pcavmae_cli.engine.train.validation import eval_shard, shared_clip_scores

@@ -14,7 +14,8 @@ from pcavmae_cli.engine.train.finetune import FineTuner
 from pcavmae_cli.engine.train.metrics import read_metrics
 from pcavmae_cli.engine.train.objective import batch_losses
 from pcavmae_cli.engine.train.optim import build_optimizer
-from pcavmae_cli.engine.train.pretrain import SilentReporter, pretrain
+from pcavmae_cli.engine.progress import SilentReporter
+from pcavmae_cli.engine.train.pretrain import pretrain
 from pcavmae_cli.engine.train.runtime import Runtime
 from tests.test_pretrain import corpus, fixed_batch, fixed_prototypes, recipe, tiny_model  # noqa: F401
 from tests.tiny_corpus import TINY_FINETUNE, write_corpus

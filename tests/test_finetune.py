@@ -31,7 +31,8 @@ from pcavmae_cli.engine.train.data import EpochBatchSampler, balanced_weights
 from pcavmae_cli.engine.train.finetune import FineTuner, finetune
 from pcavmae_cli.engine.train.metrics import read_metrics
 from pcavmae_cli.engine.train.optim import build_finetune_optimizer, set_lr
-from pcavmae_cli.engine.train.pretrain import SilentReporter, TrainingDiverged, pretrain
+from pcavmae_cli.engine.progress import SilentReporter
+from pcavmae_cli.engine.train.pretrain import TrainingDiverged, pretrain
 from pcavmae_cli.engine.train.runtime import Runtime
 from pcavmae_cli.engine.train.schedule import StepSchedule
 from pcavmae_cli.engine.train.stop import Interrupted

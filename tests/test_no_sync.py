@@ -25,7 +25,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from pcavmae_cli.engine import config
 from pcavmae_cli.engine.train import augment
 from pcavmae_cli.engine.train.finetune import FineTuner
-from pcavmae_cli.engine.train.pretrain import SilentReporter, Trainer
+from pcavmae_cli.engine.progress import SilentReporter
+from pcavmae_cli.engine.train.pretrain import Trainer
 from tests.test_pretrain import TINY, corpus  # noqa: F401 - the module-scoped corpus fixture
 from tests.tiny_corpus import TINY_FINETUNE, write_corpus
 

@@ -9,6 +9,7 @@ from typing import Any
 import typer
 
 from pcavmae_cli.cli.console import RichReporter, err_console
+from pcavmae_cli.engine.progress import SilentReporter
 
 
 def run_as_rank(run: Callable[..., Any], cfg: Any) -> Any | None:
@@ -21,7 +22,7 @@ def run_as_rank(run: Callable[..., Any], cfg: Any) -> Any | None:
 
     main = world_from_env().rank == 0
     try:
-        result = run(cfg, RichReporter(bar_width=None) if main else None)
+        result = run(cfg, RichReporter(bar_width=None) if main else SilentReporter())
     except Interrupted as stop:
         if not main:
             raise typer.Exit(130) from None

@@ -44,7 +44,7 @@ from pcavmae_cli.engine.evaluate.predict import FEATURES, _frames_5d, backbone_f
 from pcavmae_cli.engine.evaluate.runner import Checkpoint, checkpoint_recipe, open_checkpoint
 from pcavmae_cli.engine.model import PCAVMAE, Backbone
 from pcavmae_cli.engine.progress import ProgressReporter as Reporter
-from pcavmae_cli.engine.progress import SilentReporter
+from pcavmae_cli.engine.progress import default_reporter
 from pcavmae_cli.engine.schema import DataConfig, Recipe
 from pcavmae_cli.engine.train import checkpoint as ckpt
 from pcavmae_cli.engine.train.data import close_loader, embed_loader
@@ -201,7 +201,7 @@ def embed(
         raise UserError(f"--format: expected npy or safetensors, got '{fmt}'")
     if fmt == "safetensors" and out.suffix != ".safetensors":
         raise UserError(f"--out {out}: a safetensors output is a file ending in .safetensors")
-    reporter = reporter or SilentReporter()
+    reporter = default_reporter(reporter)
     cp = open_checkpoint(checkpoint)
     cfg = checkpoint_recipe(cp.folder, overrides)
     policy = frames or cfg.evaluate.frames

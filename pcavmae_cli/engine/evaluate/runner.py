@@ -41,7 +41,7 @@ from pcavmae_cli.engine.evaluate.probes import knn, linear_probe
 from pcavmae_cli.engine.evaluate.retrieval import retrieval_metrics
 from pcavmae_cli.engine.model import PCAVMAE, Classifier
 from pcavmae_cli.engine.progress import ProgressReporter as Reporter
-from pcavmae_cli.engine.progress import SilentReporter
+from pcavmae_cli.engine.progress import default_reporter
 from pcavmae_cli.engine.schema import Recipe
 from pcavmae_cli.engine.train import checkpoint as ckpt
 from pcavmae_cli.engine.train.data import close_loader, embed_loader
@@ -195,7 +195,7 @@ def evaluate(
     started = time.perf_counter()
     if task not in TASKS:
         raise UserError(f"unknown task '{task}'; choose one of {', '.join(TASKS)}")
-    reporter = reporter or SilentReporter()
+    reporter = default_reporter(reporter)
     cp = open_checkpoint(checkpoint)
     cfg = checkpoint_recipe(cp.folder, overrides)
     data = Path(data)

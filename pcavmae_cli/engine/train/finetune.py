@@ -65,7 +65,8 @@ from pcavmae_cli.engine.train.fast import StepCompiler, set_activation_checkpoin
 from pcavmae_cli.engine.train.metrics import Meter, MetricsLog, read_metrics
 from pcavmae_cli.engine.train.optim import build_finetune_optimizer, set_lr
 from pcavmae_cli.engine.train.pending import PendingLosses, finite_weights
-from pcavmae_cli.engine.train.pretrain import ProgressReporter, SilentReporter, StepInfo, TrainingDiverged
+from pcavmae_cli.engine.progress import default_reporter
+from pcavmae_cli.engine.train.pretrain import ProgressReporter, StepInfo, TrainingDiverged
 from pcavmae_cli.engine.train.runtime import capture_rng, resolve_runtime, restore_rng, seed_everything
 from pcavmae_cli.engine.train.schedule import Schedule, StepSchedule
 from pcavmae_cli.engine.train.stop import StopRequests, call_on_step, run_stoppable
@@ -154,7 +155,7 @@ def finetune(
     ``TrainingDiverged`` for a non-finite loss, ``Interrupted`` after writing ``checkpoints/last``
     on Ctrl-C / SIGTERM / a ``KeyboardInterrupt`` from ``on_step``.
     """
-    return FineTuner(cfg, reporter or SilentReporter(), on_step).run()
+    return FineTuner(cfg, default_reporter(reporter), on_step).run()
 
 
 class FineTuner:

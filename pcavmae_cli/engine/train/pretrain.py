@@ -52,7 +52,7 @@ from pcavmae_cli.engine.data.model_inputs import model_inputs
 from pcavmae_cli.engine.errors import UserError
 from pcavmae_cli.engine.model import PCAVMAE, MomentumEncoder
 from pcavmae_cli.engine.prototypes import Prototypes, load_prototypes, prototypes_active
-from pcavmae_cli.engine.progress import ProgressReporter, SilentReporter
+from pcavmae_cli.engine.progress import ProgressReporter, default_reporter
 from pcavmae_cli.engine.schema import Recipe, StageConfig
 from pcavmae_cli.engine.train import checkpoint as ckpt
 from pcavmae_cli.engine.train.checks import check_clusters, check_recipe, is_stage_end, stage_of
@@ -130,7 +130,7 @@ def pretrain(
     non-finite loss, and ``Interrupted`` after writing ``checkpoints/last`` when stopped by Ctrl-C,
     SIGTERM or a ``KeyboardInterrupt`` (from ``on_step``, say).
     """
-    return Trainer(cfg, reporter or SilentReporter(), on_step).run()
+    return Trainer(cfg, default_reporter(reporter), on_step).run()
 
 
 class Trainer:
