@@ -8,6 +8,7 @@ the reference's numbers.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from pcavmae_cli.engine.convert import convert_cavmae
 from pcavmae_cli.engine.errors import UserError
 from pcavmae_cli.engine.evaluate.predict import backbone_features
 from pcavmae_cli.engine.model import PCAVMAE, Classifier, load_pretrained
+from pcavmae_cli.engine.tensor_io import load_tensors_only
 from pcavmae_cli.engine.train import checkpoint as ckpt
 from tests.cavmae_reference import CAVMAE, CAVMAEFT, checkpoint_state, randomise
 
@@ -69,8 +71,14 @@ def test_pretrain_import_reproduces_cavmae_forward(tmp_path):
     ref = reference_pretrain()
     result = convert_cavmae(save(tmp_path, checkpoint_state(ref)), tmp_path / "run", overrides=OVERRIDES)
     assert result.kind == "pretrain" and result.conversion.pos_embed == "fixed"
+    assert result.conversion.decoder_pos_embed == "fixed"
     model, cfg = load_converted(result.checkpoint, "pretrain")
-    assert cfg.model.projection_heads is False
+    assert cfg.model.projection_heads is False and cfg.model.decoder_pos_embed == "fixed"
+    assert_same_pretrain_forward(ref, model)
+
+
+def assert_same_pretrain_forward(ref: CAVMAE, model: PCAVMAE) -> None:
+    """Masks, joint tokens, contrastive embeddings, reconstructions and unmasked features agree."""
     audio, frames = inputs()
 
     torch.manual_seed(3)
@@ -95,6 +103,51 @@ def test_pretrain_import_reproduces_cavmae_forward(tmp_path):
 
 
 @torch.no_grad()
+def test_learned_decoder_positions_are_imported_exactly(tmp_path):
+    """A CAVMAE trained with tr_pos=True: every position table moved away from sin-cos."""
+    ref = reference_pretrain()
+    g = torch.Generator().manual_seed(5)
+    for name in ("pos_embed_a", "pos_embed_v", "decoder_pos_embed_a", "decoder_pos_embed_v"):
+        table = getattr(ref, name)
+        table.add_(torch.randn(table.shape, generator=g) * 0.3)
+    result = convert_cavmae(save(tmp_path, checkpoint_state(ref)), tmp_path / "run", overrides=OVERRIDES)
+    conv = result.conversion
+    assert (conv.pos_embed, conv.decoder_pos_embed) == ("learned", "learned")
+    assert conv.mapped["decoder_pos_embed_v"] == "decoder.pos_embed_v" and "decoder_pos_embed_v" not in conv.dropped
+    model, cfg = load_converted(result.checkpoint, "pretrain")
+    assert cfg.model.decoder_pos_embed == "learned"
+    assert torch.equal(model.decoder.pos_embed_a, ref.decoder_pos_embed_a)  # bit for bit
+    assert torch.equal(model.decoder.pos_embed_v, ref.decoder_pos_embed_v)
+    assert torch.equal(model.backbone.encoder_v.pos_embed, ref.pos_embed_v)
+    assert_same_pretrain_forward(ref, model)
+    # Only the decoder's tables trained: the encoders' stay fixed, the decoder's are kept.
+    ref = reference_pretrain()
+    ref.decoder_pos_embed_a.add_(0.5)
+    ref.decoder_pos_embed_v.add_(0.5)
+    path = save(tmp_path, checkpoint_state(ref), "dec.pth")
+    conv = convert_cavmae(path, tmp_path / "dec", overrides=OVERRIDES).conversion
+    assert (conv.pos_embed, conv.decoder_pos_embed) == ("fixed", "learned")
+    model, _ = load_converted(tmp_path / "dec" / "checkpoints" / "last", "pretrain")
+    assert_same_pretrain_forward(ref, model)
+
+
+def test_a_learned_decoder_table_trains():
+    from pcavmae_cli.engine.losses import reconstruction_loss
+    from pcavmae_cli.engine.train.optim import build_optimizer
+
+    cfg = config.load_recipe("cavmae_base", [*OVERRIDES, "model.decoder_pos_embed=learned"])
+    torch.manual_seed(0)
+    model = PCAVMAE(cfg.model)
+    assert "decoder.pos_embed_a" in model.state_dict() and "decoder.pos_embed_a" in model.named_parts()["decoder"]
+    before = model.decoder.pos_embed_a.detach().clone()
+    optimizer = build_optimizer(model, cfg.optim, fused=False)
+    out = model(*inputs(), pool_decoder=False)
+    reconstruction_loss(out.pred_a, out.target_a, out.mask_a).backward()
+    optimizer.step()
+    assert not torch.equal(model.decoder.pos_embed_a.detach(), before)
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("mode, cavmae_mode", [("av", "multimodal"), ("a", "audioonly"), ("v", "videoonly")])
 def test_finetune_import_reproduces_cavmaeft_logits(tmp_path, mode, cavmae_mode):
     ref = reference_finetune()
@@ -104,6 +157,21 @@ def test_finetune_import_reproduces_cavmaeft_logits(tmp_path, mode, cavmae_mode)
     model, _ = load_converted(result.checkpoint, "finetune")
     audio, frames = inputs()
     torch.testing.assert_close(model(audio, frames), ref(audio, frames, cavmae_mode), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "finetune"])
+def test_the_run_folder_records_cavmae_input_normalisation(tmp_path, kind):
+    """CAV-MAE's dataloader feeds (fbank - mean) / std with its AudioSet/VGGSound statistics: the
+    converted run says so even when the recipe asks for another scale, so evaluate and embed
+    feed the model what it was trained on."""
+    ref = reference_pretrain() if kind == "pretrain" else reference_finetune()
+    recipe = tmp_path / "ast_scaled.yaml"
+    base = "cavmae_base" if kind == "pretrain" else "finetune_cavmae"
+    recipe.write_text(f"extends: {base}\ndata:\n  audio:\n    fbank: {{mean: -4.2, std: 4.0, std_scale: 2.0}}\n")
+    for name, out in ((None, "default"), (str(recipe), "ast")):
+        convert_cavmae(save(tmp_path, checkpoint_state(ref)), tmp_path / out, recipe=name, overrides=OVERRIDES)
+        fbank = config.load_recipe(str(tmp_path / out / "config.yaml")).data.audio.fbank
+        assert (fbank.mean, fbank.std, fbank.std_scale) == (-5.081, 4.4849, 1.0)
 
 
 def test_every_source_key_is_mapped_or_dropped_with_a_reason(tmp_path):
@@ -122,16 +190,21 @@ def test_every_source_key_is_mapped_or_dropped_with_a_reason(tmp_path):
 def test_an_extra_source_key_fails_naming_it(tmp_path):
     state = checkpoint_state(reference_pretrain())
     state["module.cls_token"] = torch.zeros(1, 1, 32)
-    with pytest.raises(UserError, match="unexpected key 'cls_token'"):
+    with pytest.raises(UserError, match="unexpected key 'module.cls_token'"):  # as the file spells it
         convert_cavmae(save(tmp_path, state), tmp_path / "run", overrides=OVERRIDES)
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_a_missing_source_key_fails_naming_the_target(tmp_path):
+def test_a_missing_source_key_fails_naming_the_cavmae_key_and_the_target(tmp_path):
     state = checkpoint_state(reference_pretrain())
     del state["module.blocks_u.0.attn.qkv.weight"]
-    with pytest.raises(UserError, match="'backbone.joint.blocks.0.attn.qkv.weight'"):
+    named = r"no key 'module.blocks_u.0.attn.qkv.weight' for 'backbone.joint.blocks.0.attn.qkv.weight'"
+    with pytest.raises(UserError, match=named):
         convert_cavmae(save(tmp_path, state), tmp_path / "run", overrides=OVERRIDES)
+    finetune = {k.removeprefix("module."): v for k, v in checkpoint_state(reference_finetune()).items()}
+    del finetune["blocks_a.1.norm2.bias"]  # no DataParallel prefix: none in the message either
+    with pytest.raises(UserError, match=r"no key 'blocks_a.1.norm2.bias' for 'encoder_a.blocks.1.norm2.x.bias'"):
+        convert_cavmae(save(tmp_path, finetune), tmp_path / "ft", overrides=OVERRIDES)
 
 
 def test_a_shape_mismatch_fails_naming_the_key(tmp_path):
@@ -145,11 +218,57 @@ def test_a_foreign_checkpoint_is_refused(tmp_path):
         convert_cavmae(save(tmp_path, {"module.encoder.weight": torch.zeros(2)}), tmp_path / "run", overrides=OVERRIDES)
 
 
-def test_pickled_code_is_not_run(tmp_path):
-    path = tmp_path / "evil.pth"
-    torch.save({"state_dict": checkpoint_state(reference_pretrain()), "extra": torch.nn.Linear(2, 2)}, path)
-    with pytest.raises(UserError, match="weights-only"):
+class Payload:
+    """An object whose unpickling runs code: it would create ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_pickled_code_is_not_run_and_the_refusal_says_so_plainly(tmp_path):
+    from tests.cli_helpers import pcav
+
+    path, marker = tmp_path / "evil.pth", tmp_path / "code-ran"
+    torch.save({"state_dict": checkpoint_state(reference_pretrain()), "extra": Payload(marker)}, path)
+    with pytest.raises(UserError, match="holds pickled Python code") as err:
         convert_cavmae(path, tmp_path / "run", overrides=OVERRIDES)
+    assert "\x1b" not in str(err.value) and "weights_only=False" not in str(err.value)
+    result = pcav("convert", "cavmae", str(path), str(tmp_path / "run"), *OVERRIDES)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and str(path) in lines[0], result.stderr
+    assert "pcav will not run it" in lines[0]
+    assert "\x1b" not in result.stderr and "weights_only=False" not in result.stderr
+    assert not marker.exists() and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_every_torch_file_pcav_reads_refuses_pickled_code(tmp_path):
+    """One loader (``tensor_io.load_tensors_only``) for a run's ``state.pt`` and ``.pt`` prototypes too."""
+    from pcavmae_cli.engine.prototypes.step import load_prototypes
+
+    marker = tmp_path / "code-ran"
+    (tmp_path / "last").mkdir()
+    torch.save({"train": {"step": 1}, "extra": Payload(marker)}, tmp_path / "last" / "state.pt")
+    torch.save({"tensors": {}, "extra": Payload(marker)}, tmp_path / "prototypes-epoch0003.pt")
+    with pytest.raises(UserError, match=r"state\.pt.*holds pickled Python code"):
+        ckpt.load_state(tmp_path / "last")
+    with pytest.raises(UserError, match=r"prototypes-epoch0003\.pt.*holds pickled Python code"):
+        load_prototypes(tmp_path, 3)
+    assert not marker.exists()
+
+
+def test_a_damaged_torch_file_is_named_as_damaged_not_as_pickled_code(tmp_path):
+    """Garbage and a cut file are not code: the message must not send the user hunting for it."""
+    whole = tmp_path / "whole.pt"
+    torch.save({"a": torch.ones(3)}, whole)
+    (tmp_path / "cut.pt").write_bytes(whole.read_bytes()[:60])
+    (tmp_path / "garbage.pt").write_bytes(b"\x80\x02" + b"not a torch file" * 8)
+    for name in ("cut.pt", "garbage.pt"):
+        with pytest.raises(UserError, match=rf"{name}: not a readable torch file of tensors") as err:
+            load_tensors_only(tmp_path / name)
+        assert "pickled" not in str(err.value) and "\x1b" not in str(err.value)
 
 
 def test_converted_pretraining_initialises_cavmae_style_finetuning(tmp_path):

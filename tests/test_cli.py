@@ -43,9 +43,9 @@ def test_version():
 def test_recipes_list_and_show_with_override():
     listed = pcav("recipes", "list")
     assert listed.returncode == 0 and "demo" in listed.stdout and "base" in listed.stdout
-    shown = pcav("recipes", "show", "demo", "data.loader.batch_size=3")
+    shown = pcav("recipes", "show", "demo", "data.loader.batch_size=4")
     assert shown.returncode == 0, shown.stderr
-    assert yaml.safe_load(shown.stdout)["data"]["loader"]["batch_size"] == 3
+    assert yaml.safe_load(shown.stdout)["data"]["loader"]["batch_size"] == 4
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ import torch
 from pcavmae_cli.engine.data.manifest import read_manifest
 from pcavmae_cli.engine.errors import UserError
 from pcavmae_cli.engine.viz.explain import Explainer
+from pcavmae_cli.engine.viz.explain_report import default_folder
 from tests.cli_helpers import pcav
 from tests.test_viz import html_links, png_size
 
@@ -55,6 +56,18 @@ def test_explain_a_training_clip_and_its_video_file(trained_demo_run, explainer)
     for a, b in zip(by_id.neighbours, by_file.neighbours):
         assert [n.prototype for n in a] == [n.prototype for n in b]
         assert [n.similarity for n in a] == pytest.approx([n.similarity for n in b], abs=1e-4)
+
+
+def test_a_video_file_is_known_by_its_content_not_its_extension(trained_demo_run, explainer, tmp_path):
+    """An MP4 named ``.weird`` is a video all the same: the file is probed, not its name judged."""
+    import shutil
+
+    record = read_manifest(trained_demo_run.train_manifest)[0]
+    video = trained_demo_run.out / "corpus" / "videos" / f"{record.id}.mp4"
+    renamed = shutil.copyfile(video, tmp_path / "holiday clip.weird")
+    by_name, by_content = explainer.explain(str(video)), explainer.explain(str(renamed))
+    for a, b in zip(by_name.neighbours, by_content.neighbours):
+        assert [n.prototype for n in a] == [n.prototype for n in b]
 
 
 def _finetuned_checkpoint(run, folder):
@@ -115,7 +128,30 @@ def test_explain_user_errors_name_the_problem(trained_demo_run, explainer, tmp_p
         explainer.explain("no_such_clip")
     text = tmp_path / "notes.txt"
     text.write_text("hello")
-    with pytest.raises(UserError, match="not a video file"):
+    with pytest.raises(UserError, match=r"notes\.txt: cannot preprocess \(undecodable: "):
         explainer.explain(str(text))
     with pytest.raises(UserError, match="neither a run folder"):
         Explainer(tmp_path)
+
+
+def test_a_clip_id_that_climbs_out_writes_nothing_outside(trained_demo_run, tmp_path):
+    """A hand-written manifest whose id is ``../../evil``: the default output folder
+    RUN/plots/explain/ID would be RUN/evil, so explain refuses in one line, naming --out."""
+    root = trained_demo_run.train_manifest.parent
+    record = read_manifest(trained_demo_run.train_manifest)[0]
+    hostile = {"id": "../../evil", "video": str(root / record.video), "audio": str(root / record.audio),
+               "labels": record.labels, "duration": record.duration, "n_frames": record.n_frames}  # fmt: skip
+    data = tmp_path / "hand" / "manifest.jsonl"
+    data.parent.mkdir()
+    data.write_text(json.dumps(hostile) + "\n")
+    before = set(trained_demo_run.out.rglob("*"))
+    run = str(trained_demo_run.run_dir)
+    args = ["explain", "../../evil", "--checkpoint", run, "--data", str(data), "--device", "cpu"]
+    refused = pcav(*args)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and "pass --out FOLDER" in refused.stderr, refused.stderr
+    assert set(trained_demo_run.out.rglob("*")) == before and not (trained_demo_run.run_dir / "evil").exists()
+    assert default_folder(tmp_path, "demo0001_0") == tmp_path / "explain" / "demo0001_0"
+    for hostile in ("..", "a/../../b", ".hidden"):
+        with pytest.raises(UserError, match="pass --out FOLDER"):
+            default_folder(tmp_path, hostile)

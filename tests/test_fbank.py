@@ -72,6 +72,7 @@ def test_long_clip_is_cut_to_1024(cfg):
 
 
 def test_normalisation_uses_the_recipe_numbers():
+    # std_scale 2 is AST's input scale (the shipped recipes use CAV-MAE's 1, tests/test_input_scale.py)
     cfg = config.load_recipe(
         "base", ["data.audio.fbank.mean=1.5", "data.audio.fbank.std=2.0", "data.audio.fbank.std_scale=2.0"]
     ).data.audio.fbank

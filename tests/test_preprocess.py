@@ -33,7 +33,8 @@ EXPECTED = {
     "empty.mp4": "empty_file",
     "text.mp4": "undecodable",
     "tiny.mp4": "too_short",  # 0.5 s < min_seconds
-    "notes.txt": "not_a_video_file",
+    "notes.txt": "undecodable",  # probed, whatever the name says
+    "subfolder": "not_a_file",  # not read, but listed
 }
 
 
@@ -69,7 +70,7 @@ def mixed(demo_corpus, tmp_path_factory):
     make_mp4(src / "tiny.mp4", 0.5)
     (src / "notes.txt").write_text("notes\n")
     (src / ".hidden.mp4").write_bytes(whole)  # hidden: not an input
-    (src / "subfolder").mkdir()  # folders are not inputs
+    (src / "subfolder").mkdir()  # folders are not read: a failure
     out = tmp_path_factory.mktemp("mixed_out")
     calls = []
     report = pp.preprocess(src, out, DATA, jobs=2, progress=lambda n=1, note="": calls.append(n))
@@ -98,7 +99,7 @@ def test_every_input_is_accounted_for_with_its_reason(mixed):
     failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
     assert all(f["detail"] for f in failures)
     by_name = {Path(f["input"]).name: f for f in failures}
-    assert by_name["half.mp4"]["detail"].startswith("decoded")  # the index is there, the data stops
+    assert "partial file" in by_name["half.mp4"]["detail"]  # the index is there, the data stops
     assert by_name["tiny.mp4"]["detail"].endswith("less than min_seconds=1")
     assert "moov" in by_name["no_moov.mp4"]["detail"]
     assert by_name["short4.mp4"]["id"] == "short4"

@@ -1,7 +1,9 @@
 """The ``pcav`` command: one Typer app, each command group in its own module.
 
 ``main`` turns a ``UserError`` from anywhere in the engine into one red line and exit
-status 1; any other exception is a bug and keeps its traceback.
+status 1, and so an ``OSError`` the user's storage caused (a full disk or quota, a read-only
+or forbidden folder: ``files.storage_error_line``), naming the file; any other exception is a
+bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from pcavmae_cli.cli import (
 from pcavmae_cli.cli.console import console, error_line
 from pcavmae_cli.cli.help_text import reflow_commands
 from pcavmae_cli.engine.errors import UserError
+from pcavmae_cli.engine.files import storage_error_line
 
 app = typer.Typer(
     name="pcav",
@@ -84,4 +87,10 @@ def main() -> None:
         app()
     except UserError as exc:
         error_line(str(exc))
+        sys.exit(1)
+    except OSError as exc:
+        line = storage_error_line(exc)
+        if line is None:
+            raise
+        error_line(line)
         sys.exit(1)

@@ -25,6 +25,22 @@ def error_line(message: str) -> None:
 
 
 @contextlib.contextmanager
+def exit_130_when_stopped() -> Iterator[None]:
+    """The engine's ``Stopped`` (Ctrl-C / SIGTERM, what was finished is recorded) as its one line
+    on stderr -- ``interrupted: N of M ... done; rerun the same command to continue`` -- and exit
+    status 130, the shell's code for Ctrl-C. Open it outside the progress bar, so the bar ends first."""
+    import typer
+
+    from pcavmae_cli.engine.interrupt import Stopped
+
+    try:
+        yield
+    except Stopped as stop:
+        err_console.print(f"[yellow]{stop}[/]", highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
+
+
+@contextlib.contextmanager
 def progress_bar(description: str, total: int, *, bar_width: int | None = 40) -> Iterator[Callable[..., None]]:
     """A Rich progress bar; yields ``advance(n=1, note='')`` for engine callbacks.
 

@@ -27,11 +27,13 @@ def cavmae(
 ) -> None:
     """Import a CAV-MAE checkpoint (YuanGongND/cav-mae) into a run folder, strictly.
 
-    The checkpoint is read with weights_only=True (no code in it runs). Every source key is
+    The checkpoint is read as plain tensors (no code in it runs). Every source key is
     renamed by an explicit rule or dropped for a stated reason (conversion.json lists both);
     every weight of the recipe's model must be filled with the right shape, else the command
-    stops naming the key. The run folder works with pcav finetune --init-from, pcav evaluate
-    and pcav embed.
+    stops naming the key. Position tables that trained (tr_pos) are kept as learned ones. The
+    run's config.yaml records CAV-MAE's input normalisation, (fbank + 5.081) / 4.4849 with
+    std_scale 1 (override data.audio.fbank.* for a model trained on other statistics). The run
+    folder works with pcav finetune --init-from, pcav evaluate and pcav embed.
 
     Example: pcav convert cavmae cav-mae-scale++.pth runs/cavmae_scalepp
     """
@@ -43,8 +45,9 @@ def cavmae(
     result = convert_cavmae(source, out, recipe=recipe, mode=mode, overrides=overrides or [])
     conv = result.conversion
     what = "pre-training (CAVMAE)" if result.kind == "pretrain" else f"fine-tuning (CAVMAEFT, {result.num_classes} classes)"
+    positions = conv.pos_embed + (f", decoder {conv.decoder_pos_embed}" if result.kind == "pretrain" else "")
     console.print(
         f"{source}: {what}; {len(conv.mapped)} keys mapped, {len(conv.dropped)} dropped on purpose; "
-        f"positions {conv.pos_embed}; recipe {result.recipe}", highlight=False, soft_wrap=True,
+        f"positions {positions}; recipe {result.recipe}", highlight=False, soft_wrap=True,
     )  # fmt: skip
     console.print(f"wrote {result.checkpoint} and {result.out / 'conversion.json'}", highlight=False, soft_wrap=True)

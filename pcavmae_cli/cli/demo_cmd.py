@@ -51,6 +51,7 @@ def demo(
     Example: pcav demo ./pcav-demo
     """
     from pcavmae_cli.engine.demo import run_demo
+    from pcavmae_cli.engine.interrupt import Stopped
     from pcavmae_cli.engine.train.stop import Interrupted
 
     try:
@@ -59,11 +60,14 @@ def demo(
             seed=seed, classes=classes,
             clips_per_class=clips_per_class, eval_per_class=eval_per_class, reporter=DemoReporter(),
         )
-    except Interrupted as stop:
+    except Interrupted as stop:  # during training: checkpoints/last is written
         err_console.print(
             f"[yellow]stopped[/] ({stop.reason}) at step {stop.step}; run the same command again to continue",
             highlight=False,
         )
+        raise typer.Exit(130) from None
+    except Stopped as stop:  # during preprocessing: the finished clips are kept
+        err_console.print(f"[yellow]{stop}[/]", highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
     table = Table(title="pcav demo", show_header=True, header_style="bold")
     table.add_column("stage")

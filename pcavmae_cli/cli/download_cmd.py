@@ -2,7 +2,8 @@
 
 Exit status: 0 when the run finished, even with failed clips (a part of any YouTube corpus is
 gone, and failures.jsonl says which and why); 1 on a user error, or when not a single clip of
-the list is available afterwards (a wrong URL template or no network looks like that).
+the list is available afterwards (a wrong URL template or no network looks like that); 130
+after Ctrl-C, once the clips done are recorded.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from pcavmae_cli.cli.console import console, progress_bar
+from pcavmae_cli.cli.console import console, exit_130_when_stopped, progress_bar
 from pcavmae_cli.engine.data import download as engine
 from pcavmae_cli.engine.errors import UserError
 
@@ -54,7 +55,8 @@ def download(
 
     yt-dlp fetches each video; the window is start..end (AudioSet) or start..start+10 s (VGGSound).
     Writes DIR/videos/{ytid}_{start}.mp4 (H.264 + AAC), DIR/downloaded.jsonl and DIR/failures.jsonl.
-    Parallel (--jobs) and resumable: a rerun skips the clips already in DIR/videos. Videos that
+    Parallel (--jobs) and resumable: a rerun skips the clips already in DIR/videos, and Ctrl-C
+    stops within seconds, recording the clips done (exit status 130). Videos that
     cannot be fetched (private, removed, 404, ...) are listed with the reason in failures.jsonl and
     do not stop the run: it exits 0 unless no clip at all is available.
 
@@ -64,7 +66,7 @@ def download(
     """
     engine.check_args(out, url_template, jobs)  # before the progress bar opens
     rows = engine.load_segments(csv, corpus.value, limit)
-    with progress_bar(f"download {corpus.value}", len(rows)) as advance:
+    with exit_130_when_stopped(), progress_bar(f"download {corpus.value}", len(rows)) as advance:
         report = engine.download_segments(
             rows, out, url_template=url_template, jobs=jobs, fmt=fmt, retry_failed=retry_failed, progress=advance
         )

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from pcavmae_cli.cli import options
-from pcavmae_cli.cli.console import RichReporter, console
+from pcavmae_cli.cli.console import RichReporter, console, exit_130_when_stopped
 
 
 def embed(
@@ -35,7 +35,8 @@ def embed(
     Features: audio / video, each modality's mean-pooled joint-layer output; joint, the
     audio+video stream; z_a / z_v, the contrastive space. Row i of every array is row i of the
     index CSV (id, labels, source). Raw videos are preprocessed exactly as pcav preprocess does,
-    so a clip gets the same embedding either way. Interrupted runs resume where they stopped.
+    so a clip gets the same embedding either way. Interrupted runs (Ctrl-C: exit status 130)
+    resume where they stopped.
 
     Example: pcav embed --checkpoint pcav-demo/runs/pretrain --videos my_videos/ --out embeddings/
     """
@@ -44,10 +45,11 @@ def embed(
 
     if frames not in (None, "all", "middle"):
         raise UserError(f"--frames: expected 'all' or 'middle', got '{frames}'")
-    result = run(
-        checkpoint, out, data=data, videos=videos, fmt=fmt, frames=frames, chunk=chunk, jobs=jobs,
-        overrides=overrides or [], reporter=RichReporter(),
-    )  # fmt: skip
+    with exit_130_when_stopped():
+        result = run(
+            checkpoint, out, data=data, videos=videos, fmt=fmt, frames=frames, chunk=chunk, jobs=jobs,
+            overrides=overrides or [], reporter=RichReporter(),
+        )  # fmt: skip
     widths = ", ".join(f"{k} {v}" for k, v in result.widths.items())
     resumed = f"; {result.chunks_skipped} chunk(s) reused from an interrupted run" if result.chunks_skipped else ""
     console.print(f"{result.n_clips} clips embedded ({widths}){resumed}", highlight=False)

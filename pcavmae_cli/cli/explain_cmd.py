@@ -47,10 +47,11 @@ def explain(
     Example: pcav explain demo0042_0 --checkpoint pcav-demo/runs/finetune
     """
     from pcavmae_cli.engine.viz.explain import Explainer
-    from pcavmae_cli.engine.viz.explain_report import decomposition_bars, render
+    from pcavmae_cli.engine.viz.explain_report import decomposition_bars, default_folder, render
 
     explainer = Explainer(checkpoint, prototypes_run=prototypes, data=data, device=device, top=top, exemplars=exemplars)
     ex = explainer.explain(clip)
+    folder = Path(out) if out is not None else default_folder(explainer.run.plots, ex.clip_id)  # before any output
     labels = ", ".join(ex.labels) or "unlabelled"
     console.print(f"[bold]{ex.clip_id}[/] ({labels}) from {ex.source}; prototypes of epoch {ex.epoch + 1} of {ex.run_dir}",
                   highlight=False)  # fmt: skip
@@ -69,6 +70,5 @@ def explain(
             console.print(table)
     else:
         console.print("[dim]a pre-training checkpoint: no prediction (give a fine-tuned one for the logit's make-up)[/]")
-    folder = Path(out) if out is not None else explainer.run.plots / "explain" / ex.clip_id
     for path in render(ex, explainer.train_middle, folder):
         console.print(f"wrote [bold]{path}[/]", highlight=False)

@@ -58,10 +58,10 @@ def finetune(
     # ``init_from=PATH`` (the spelling) is short for ``finetune.init_from=PATH``.
     given = [f"finetune.{o}" if o.startswith("init_from=") else o for o in overrides or []]
     if nproc is not None:
-        config.load_recipe(recipe, given)  # a recipe error: one line here, not one per process
+        cfg = config.load_recipe(recipe, given)  # a recipe error: one line here, not one per process
         given_init = [] if init_from is None else ["--init-from", init_from]
         command = ["finetune", "--recipe", recipe, *given_init, *(overrides or [])]
-        raise typer.Exit(launch.run_under_torchrun(nproc, command))
+        raise typer.Exit(launch.run_under_torchrun(nproc, command, cfg.train and cfg.train.run_dir))
     from pcavmae_cli.engine.train.finetune import finetune as run  # imports torch: not for --help
 
     extra = [] if init_from is None else [f"finetune.init_from={init_from}"]

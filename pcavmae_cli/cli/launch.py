@@ -10,6 +10,10 @@ on each of them.
 
 Ctrl-C: torchrun starts its workers in their own session and forwards the signal to them once,
 so they stop together after writing ``checkpoints/last``; this process only waits for it.
+
+The run folder's lock (``engine/folder_lock.py``) is taken here, before torchrun starts, so a
+second run into the same folder fails with one line instead of a failed rank and torchrun's
+report; the workers are told that their launcher holds it.
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 from pcavmae_cli.engine.errors import UserError
+from pcavmae_cli.engine.folder_lock import HELD_ENV, folder_lock
 
 NPROC_HELP = (
     "Run on N processes (one per GPU; gloo processes on a CPU machine): starts torchrun for you. "
@@ -35,13 +41,24 @@ def torchrun_command(nproc: int, command: list[str]) -> list[str]:
     ]  # fmt: skip
 
 
-def run_under_torchrun(nproc: int, command: list[str]) -> int:
-    """Run ``pcav COMMAND...`` on ``nproc`` processes and return the exit code (130 after Ctrl-C)."""
+def run_under_torchrun(nproc: int, command: list[str], run_dir: str | Path | None = None) -> int:
+    """Run ``pcav COMMAND...`` on ``nproc`` processes and return the exit code (130 after Ctrl-C).
+
+    ``run_dir`` (the recipe's ``train.run_dir``), when given, is locked for the whole run.
+    """
     if nproc < 1:
         raise UserError(f"option '--nproc' must be >= 1, got {nproc}")
     if "WORLD_SIZE" in os.environ:
         raise UserError("option '--nproc' is for starting torchrun; this process already runs under it")
-    proc = subprocess.Popen(torchrun_command(nproc, command))
+    if run_dir is None:
+        return _wait(subprocess.Popen(torchrun_command(nproc, command)))
+    with folder_lock(run_dir):
+        env = {**os.environ, HELD_ENV: str(Path(run_dir).absolute())}
+        return _wait(subprocess.Popen(torchrun_command(nproc, command), env=env))
+
+
+def _wait(proc: subprocess.Popen) -> int:
+    """torchrun's exit code, 130 when a Ctrl-C stopped it."""
     interrupted = False
     previous = signal.getsignal(signal.SIGINT)
 

@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from pcavmae_cli.cli.console import console, progress_bar
+from pcavmae_cli.cli.console import console, exit_130_when_stopped, progress_bar
 from pcavmae_cli.cli.options import OVERRIDES_HELP, RECIPE_HELP
 from pcavmae_cli.engine import config
 from pcavmae_cli.engine.schema import DataConfig
@@ -24,7 +24,7 @@ def run_pack(manifest: Path, out: Path, data: DataConfig, jobs: int | None) -> N
     from pcavmae_cli.engine.data import pack
 
     n = len(manifests.read_manifest(manifest))
-    with progress_bar("pack", n) as advance:
+    with exit_130_when_stopped(), progress_bar("pack", n) as advance:
         report = pack.pack_manifest(manifest, out, data, jobs=jobs, progress=advance)
     console.print(f"pack: [bold]{report.index}[/] ({report.n_clips} clips in {report.n_shards} shards: "
                   f"{report.n_written} written, {report.n_kept} unchanged)")  # fmt: skip
@@ -47,7 +47,7 @@ def pack(
     A loader reads a pack with much less CPU per sample than the per-clip files (no WAV read,
     no fbank). The log-Mel is stored before normalisation, so the recipe's mean/std still
     apply; the recipe's other fbank settings must match when training on it. Re-running keeps
-    the shards whose clips did not change.
+    the shards whose clips did not change, also after Ctrl-C.
 
     Example: pcav pack data/train/manifest.jsonl data/train/pack data.pack.clips_per_shard=512
     """

@@ -41,13 +41,15 @@ def pretrain(
 
     The run folder gets config.yaml, metrics.jsonl, checkpoints/last and best, prototypes/.
     Ctrl-C (or SIGTERM) stops after writing checkpoints/last; train.resume=true continues it.
+    One run per folder: a second pcav writing into train.run_dir is refused, naming the first.
     Several GPUs: --nproc N (one machine), or torchrun ... -m pcavmae_cli pretrain (several).
 
     Example: pcav pretrain --recipe demo data.train_manifest=pcav-demo/data/train/manifest.jsonl train.run_dir=runs/demo
     """
     if nproc is not None:
-        config.load_recipe(recipe, overrides or [])  # a recipe error: one line here, not one per process
-        raise typer.Exit(launch.run_under_torchrun(nproc, ["pretrain", "--recipe", recipe, *(overrides or [])]))
+        cfg = config.load_recipe(recipe, overrides or [])  # a recipe error: one line here, not one per process
+        command = ["pretrain", "--recipe", recipe, *(overrides or [])]
+        raise typer.Exit(launch.run_under_torchrun(nproc, command, cfg.train and cfg.train.run_dir))
     from pcavmae_cli.engine.train.pretrain import pretrain as run  # imports torch: not for --help
 
     cfg = config.load_recipe(recipe, overrides or [])

@@ -1,8 +1,7 @@
-"""``pcav recipes list|show|copy``: browse, print and copy the shipped recipes."""
+"""``pcav recipes list|show|check|copy``: browse, print, validate and copy the shipped recipes."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -13,9 +12,10 @@ from pcavmae_cli.cli.console import console
 from pcavmae_cli.cli.options import OVERRIDES_HELP
 from pcavmae_cli.engine import config, recipes
 from pcavmae_cli.engine.errors import UserError
+from pcavmae_cli.engine.files import atomic_write_text
 
 app = typer.Typer(
-    help="List, print and copy the shipped YAML recipes.",
+    help="List, print, check and copy the shipped YAML recipes.",
     no_args_is_help=True,
 )
 
@@ -40,15 +40,44 @@ def show(
     overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP, metavar="[KEY=VALUE]..."),
     raw: bool = typer.Option(False, "--raw", help="Print the file as written, without resolving."),
 ) -> None:
-    """Print a recipe fully resolved (parents merged, overrides applied, validated).
+    """Print a recipe fully resolved (parents merged, overrides applied, validated as pretrain
+    and finetune validate it at start-up).
 
     Example: pcav recipes show demo data.loader.batch_size=4
     """
     if raw:
-        typer.echo(recipes.resolve(recipe).read_text(), nl=False)
+        typer.echo(config.read_text(recipes.resolve(recipe)), nl=False)
         return
-    resolved = config.load_recipe(recipe, overrides or [])
+    resolved = _validated(recipe, overrides or [])
     typer.echo(config.dump_yaml(resolved), nl=False)
+
+
+def _validated(recipe: str, overrides: list[str]):
+    """The recipe with every start-up check of the commands it is for passed (``check_any``)."""
+    from pcavmae_cli.engine.train.checks import check_any  # imports torch: not for --help
+
+    resolved = config.load_recipe(recipe, overrides)
+    check_any(resolved)
+    return resolved
+
+
+@app.command("check")
+def check(
+    recipe: str = typer.Argument(..., help="Recipe name or YAML path.", metavar="NAME|PATH"),
+    overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP, metavar="[KEY=VALUE]..."),
+) -> None:
+    """Validate a recipe without training: every start-up check of pretrain/finetune, and the
+    manifests and label CSV it names. Prints one "ok" line, or the error (exit status 1).
+
+    Example: pcav recipes check demo optim.lr=1e-3
+    """
+    from pcavmae_cli.engine.train.checks import check_any, check_inputs
+
+    resolved = config.load_recipe(recipe, overrides or [])
+    uses = check_any(resolved)
+    check_inputs(resolved)
+    what = " and ".join(uses) if uses else "data settings"
+    console.print(f"ok: {recipe} is a valid recipe ({what})", highlight=False)
 
 
 @app.command("copy")
@@ -66,8 +95,5 @@ def copy(
         raise UserError(f"{target} exists; pass --force to overwrite it")
     resolved = config.load_recipe(recipe)
     header = f"# Copied from the shipped recipe '{recipe}' (resolved, stands alone).\n"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(header + config.dump_yaml(resolved))
-    shutil.move(tmp, target)
+    atomic_write_text(target, header + config.dump_yaml(resolved))
     console.print(f"wrote [bold]{target}[/]")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -25,16 +26,27 @@ from pcavmae_cli.engine.schema import Recipe
 T = typing.TypeVar("T")
 
 
+def read_text(path: Path) -> str:
+    """A recipe file's text (UTF-8, as YAML says); an unreadable or non-UTF-8 file names itself."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        byte = exc.object[exc.start]
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte {byte:#04x}); save the recipe as UTF-8") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     """One YAML mapping from ``path``; a parse error names the file and line."""
+    text = read_text(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
         raise UserError(f"{path}{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -167,19 +179,31 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             return value
         raise wrong
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads '1e-4' as text
-            try:
-                return float(value)
-            except ValueError:
-                raise wrong from None
-        raise wrong
+        return _finite(_float(value, wrong), value, key)
     if tp is str:
         if isinstance(value, str):
             return value
         raise wrong
     raise TypeError(f"schema type {tp!r} of '{key}' is not supported")  # a bug in schema.py
+
+
+def _float(value: Any, wrong: UserError) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):  # YAML 1.1 reads '1e-4' as text
+        try:
+            return float(value)
+        except ValueError:
+            raise wrong from None
+    raise wrong
+
+
+def _finite(number: float, value: Any, key: str) -> float:
+    """No setting of a recipe means anything as NaN or infinity (a bound that may be absent is
+    ``null``): ``optim.lr=nan`` would train nothing and say nothing, so it is refused here."""
+    if not math.isfinite(number):
+        raise UserError(f"key '{key}' expects a finite number, got {value!r}")
+    return number
 
 
 def build(cls: type[T], data: Any, prefix: str = "") -> T:

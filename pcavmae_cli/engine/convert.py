@@ -37,6 +37,11 @@ from pcavmae_cli.engine.schema import Recipe
 from pcavmae_cli.engine.train import checkpoint as ckpt
 
 DEFAULT_RECIPES = {"pretrain": "cavmae_base", "finetune": "finetune_cavmae"}
+# How CAV-MAE's dataloader normalises the fbank its checkpoints were trained on: (x - mean) / std,
+# no factor 2, with these statistics for AudioSet and VGGSound alike (its egs/*/run_*.sh). The
+# run folder records them whatever the recipe says, so evaluate/embed feed the model its own
+# input scale; key=value overrides still win (a CAV-MAE model trained on other statistics).
+CAVMAE_FBANK = {"mean": -5.081, "std": 4.4849, "std_scale": 1.0}
 
 
 @dataclass
@@ -49,11 +54,17 @@ class ConvertResult:
     num_classes: int | None  # fine-tuning imports: rows of mlp_head
 
 
-def _recipe(name: str, kind: str, out: Path, mode: str, overrides: Sequence[str], pos_embed: str | None) -> Recipe:
-    raw = config.apply_overrides(config.load_raw(name), list(overrides))
+def _recipe(
+    name: str, kind: str, out: Path, mode: str, overrides: Sequence[str], positions: dict[str, str] | None = None,
+) -> Recipe:
+    """The run's recipe: ``name`` with CAV-MAE's input normalisation, the overrides, and
+    ``positions`` (``model.pos_embed`` / ``model.decoder_pos_embed``) as the checkpoint has them."""
+    raw = config.load_raw(name)
+    raw.setdefault("data", {}).setdefault("audio", {}).setdefault("fbank", {}).update(CAVMAE_FBANK)
+    raw = config.apply_overrides(raw, list(overrides))
     raw.setdefault("train", {})["run_dir"] = str(out)
-    if pos_embed is not None:
-        raw["model"]["pos_embed"] = pos_embed
+    if positions:
+        raw["model"].update(positions)
     if kind == "finetune":
         if raw.get("finetune") is None:
             raise UserError(f"recipe '{name}' has no 'finetune' section; a CAVMAEFT checkpoint needs a fine-tuning recipe")
@@ -71,15 +82,18 @@ def convert_cavmae(
     source, out = Path(source), Path(out)
     if ckpt.checkpoints_root(out).exists():
         raise UserError(f"{out} already holds checkpoints; choose a new output folder")
-    state = strip_module(read_checkpoint(source))
+    raw_state = read_checkpoint(source)
+    state = strip_module(raw_state)
     kind = detect_kind(state, source)
     name = recipe or DEFAULT_RECIPES[kind]
-    cfg = _recipe(name, kind, out, mode, overrides, None)
+    cfg = _recipe(name, kind, out, mode, overrides)
     m, p = cfg.model, cfg.model.patch_size
     grids = {"a": (m.mel_bins // p, m.audio_frames // p), "v": (m.image_size // p, m.image_size // p)}
-    conv = convert_state(state, source, grids, m.decoder_dim if kind == "pretrain" else None)
-    if conv.pos_embed != m.pos_embed:  # the checkpoint decides whether its positions trained
-        cfg = _recipe(name, kind, out, mode, overrides, conv.pos_embed)
+    conv = convert_state(raw_state, source, grids, m.decoder_dim if kind == "pretrain" else None)
+    # The checkpoint decides whether its positions trained.
+    positions = {"pos_embed": conv.pos_embed, "decoder_pos_embed": conv.decoder_pos_embed}
+    if positions != {"pos_embed": m.pos_embed, "decoder_pos_embed": m.decoder_pos_embed}:
+        cfg = _recipe(name, kind, out, mode, overrides, positions)
 
     num_classes = None
     if kind == "finetune":
@@ -97,7 +111,7 @@ def convert_cavmae(
     atomic_write_text(out / "config.yaml", config_text)
     report = {
         "source": str(source), "kind": kind, "recipe": name, "pos_embed": conv.pos_embed,
-        "mapped": conv.mapped, "dropped": conv.dropped,
+        "decoder_pos_embed": conv.decoder_pos_embed, "mapped": conv.mapped, "dropped": conv.dropped,
     }  # fmt: skip
     atomic_write_text(out / "conversion.json", json.dumps(report, indent=2) + "\n")
     return ConvertResult(kind, out, folder, conv, name, num_classes)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -40,12 +41,15 @@ from pcavmae_cli.engine.data.manifest import atomic_write_text
 from pcavmae_cli.engine.data.model_inputs import model_inputs
 from pcavmae_cli.engine.data.preprocess import preprocess
 from pcavmae_cli.engine.errors import UserError
+from pcavmae_cli.engine.files import atomic_write
 from pcavmae_cli.engine.evaluate.predict import FEATURES, _frames_5d, backbone_features
 from pcavmae_cli.engine.evaluate.runner import Checkpoint, checkpoint_recipe, open_checkpoint
+from pcavmae_cli.engine.interrupt import StopRequests, Stopped
 from pcavmae_cli.engine.model import PCAVMAE, Backbone
 from pcavmae_cli.engine.progress import ProgressReporter as Reporter
 from pcavmae_cli.engine.progress import default_reporter
 from pcavmae_cli.engine.schema import DataConfig, Recipe
+from pcavmae_cli.engine.tensor_io import read_safetensors, save_safetensors
 from pcavmae_cli.engine.train import checkpoint as ckpt
 from pcavmae_cli.engine.train.data import close_loader, embed_loader
 from pcavmae_cli.engine.train.runtime import Runtime, resolve_runtime
@@ -78,7 +82,7 @@ def feature_backbone(cp: Checkpoint, cfg: Recipe) -> Backbone:
         return model.backbone
     mcfg = dataclasses.replace(cfg.model, projection_heads=False, proj_dim=cfg.model.embed_dim)
     backbone = Backbone(mcfg)
-    state = {k: v for k, v in st.load_file(str(path)).items() if not k.startswith("head.")}
+    state = {k: v for k, v in read_safetensors(path).items() if not k.startswith("head.")}
     try:
         backbone.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -100,14 +104,23 @@ def _fingerprint(cp: Checkpoint, frames: str, manifest: Path, n: int) -> str:
 
 @torch.no_grad()
 def embed_chunk(
-    backbone: Backbone, loader: DataLoader, start: int, n: int, rt: Runtime, data: DataConfig
+    backbone: Backbone,
+    loader: DataLoader,
+    start: int,
+    n: int,
+    rt: Runtime,
+    data: DataConfig,
+    check: Callable[[], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """``backbone_features`` of clips ``start .. start + n - 1``: ``{name: (n, width)}`` float32.
 
     ``loader`` yields compact samples, normalised on the device with ``data``'s statistics.
+    ``check`` runs before each batch (``StopRequests.check``: Ctrl-C stops within a batch).
     """
     out: dict[str, torch.Tensor] = {}
     for batch in loader:
+        if check is not None:
+            check()
         inputs = model_inputs(batch, data, rt.device)
         with rt.autocast():
             feats = backbone_features(backbone, inputs["fbank"], _frames_5d(inputs["frames"]))
@@ -120,9 +133,7 @@ def embed_chunk(
 
 
 def _save_chunk(path: Path, feats: dict[str, torch.Tensor], ids: list[str], key: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    st.save_file({k: v.contiguous() for k, v in feats.items()}, str(tmp), metadata={"ids": json.dumps(ids), "key": key})
-    tmp.replace(path)
+    save_safetensors({k: v.contiguous() for k, v in feats.items()}, path, metadata={"ids": json.dumps(ids), "key": key})
 
 
 def _load_chunk(path: Path, ids: list[str], key: str) -> dict[str, torch.Tensor] | None:
@@ -139,6 +150,11 @@ def _load_chunk(path: Path, ids: list[str], key: str) -> dict[str, torch.Tensor]
         return None
 
 
+def _write_npy(array: np.ndarray, path: Path) -> None:
+    with open(path, "wb") as fh:  # a file object: np.save would add ".npy" to a temporary's name
+        np.save(fh, array)
+
+
 def write_output(out: Path, fmt: Format, feats: dict[str, torch.Tensor], records, source: str) -> list[Path]:
     """The embeddings and their index CSV (module docstring)."""
     index = out / "index.csv" if fmt == "npy" else out.with_suffix(".csv")
@@ -147,16 +163,12 @@ def write_output(out: Path, fmt: Format, feats: dict[str, torch.Tensor], records
         out.mkdir(parents=True, exist_ok=True)
         for name, value in feats.items():
             path = out / f"{name}.npy"
-            tmp = out / f".{name}.tmp.npy"
-            np.save(tmp, value.numpy().astype(np.float32))
-            tmp.replace(path)
+            atomic_write(path, functools.partial(_write_npy, value.numpy().astype(np.float32)))
             files.append(path)
     else:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        st.save_file({k: v.contiguous() for k, v in feats.items()}, str(tmp),
-                     metadata={"ids": json.dumps([r.id for r in records]), "source": source})  # fmt: skip
-        tmp.replace(out)
+        save_safetensors({k: v.contiguous() for k, v in feats.items()}, out,
+                         metadata={"ids": json.dumps([r.id for r in records]), "source": source})  # fmt: skip
         files.append(out)
     rows = [["row", "id", "labels", "source"]]
     rows += [[str(i), r.id, ";".join(r.labels), r.source or ""] for i, r in enumerate(records)]
@@ -213,7 +225,7 @@ def embed(
             raise UserError(f"--videos {videos}: not a folder")
         from pcavmae_cli.engine.data.preprocess import list_inputs
 
-        inputs = list_inputs(videos)
+        inputs = list_inputs(videos, exclude=(work, out))
         with reporter.progress(f"preprocess {videos.name}", len(inputs)) as advance:
             report = preprocess(inputs, work / "clips", cfg.data, jobs=jobs, progress=advance)
         manifest, failures, n_failed = report.manifest, report.failures_path, sum(report.failures.values())
@@ -231,27 +243,35 @@ def embed(
     (work / "chunks").mkdir(parents=True, exist_ok=True)
     starts = list(range(0, n, chunk))
     parts: list[dict[str, torch.Tensor]] = []
-    done = skipped = 0
-    with reporter.progress(f"embed {n} clips", n) as advance:
-        for number, start in enumerate(starts):
-            stop = min(start + chunk, n)
-            ids = [r.id for r in dataset.records[start:stop]]
-            path = work / "chunks" / f"chunk-{number:06d}.safetensors"
-            feats = _load_chunk(path, ids, key)
-            if feats is None:
-                loader = embed_loader(Subset(dataset, range(start, stop)), cfg.data.loader, rt)
-                try:
-                    feats = embed_chunk(backbone, loader, start, stop - start, rt, cfg.data)
-                finally:
-                    close_loader(loader)
-                _save_chunk(path, feats, ids, key)
-                done += 1
-            else:
-                skipped += 1
-            parts.append(feats)
-            advance(stop - start, f"chunk {number + 1}/{len(starts)}")
-            if on_chunk is not None:
-                on_chunk(number)
+    done = skipped = embedded = 0
+    # Ctrl-C / SIGTERM: the chunk being embedded is dropped, the finished ones stay for a rerun.
+    with StopRequests() as asked, reporter.progress(f"embed {n} clips", n) as advance:
+        try:
+            for number, start in enumerate(starts):
+                stop = min(start + chunk, n)
+                ids = [r.id for r in dataset.records[start:stop]]
+                path = work / "chunks" / f"chunk-{number:06d}.safetensors"
+                feats = _load_chunk(path, ids, key)
+                if feats is None:
+                    loader = embed_loader(Subset(dataset, range(start, stop)), cfg.data.loader, rt)
+                    try:
+                        feats = embed_chunk(backbone, loader, start, stop - start, rt, cfg.data, check=asked.check)
+                    finally:
+                        close_loader(loader)
+                    _save_chunk(path, feats, ids, key)
+                    done += 1
+                else:
+                    skipped += 1
+                parts.append(feats)
+                embedded = stop
+                advance(stop - start, f"chunk {number + 1}/{len(starts)}")
+                if on_chunk is not None:
+                    on_chunk(number)
+                asked.check()
+        except (KeyboardInterrupt, RuntimeError):  # RuntimeError: loader workers killed by the same signal
+            if asked.reason is None:
+                raise
+            raise Stopped(embedded, n, "clips", asked.reason) from None
     feats = {name: torch.cat([p[name] for p in parts]) for name in FEATURES}
     source = str(videos if videos is not None else manifest)
     files = write_output(out, fmt, feats, dataset.records, source)

@@ -26,7 +26,7 @@ class FbankConfig:
     subtract_waveform_mean: bool  # remove the clip's mean sample value first, as CAV-MAE does
     mean: float  # corpus mean of the log-Mel values (`pcav stats` computes it)
     std: float  # corpus standard deviation of the log-Mel values
-    std_scale: float  # normalised = (x - mean) / (std * std_scale); CAV-MAE and AST use 2
+    std_scale: float  # normalised = (x - mean) / (std * std_scale); CAV-MAE uses 1, AST 2
 
 
 @dataclass
@@ -50,6 +50,11 @@ class VideoConfig:
 class PreprocessConfig:
     min_seconds: float  # clips shorter than this are failures; longer short clips are padded
     jobs: int  # parallel ffmpeg processes; 0 means one per CPU core
+    # A clip with ffmpeg decode errors, or whose decoded audio or frames disagree with its streams'
+    # length (a corrupt middle): "fail" lists it in failures.jsonl; "flag" keeps it with the
+    # problem in its manifest record's decode_issue. Defaulted, so run folders written before the
+    # key existed still load.
+    on_decode_error: Literal["fail", "flag"] = "fail"
 
 
 @dataclass
@@ -116,6 +121,9 @@ class ModelConfig:
     # "fixed": sin-cos positions, a buffer outside checkpoints; "learned": a parameter that starts
     # as the sin-cos table and trains (CAV-MAE's fine-tuning model, tr_pos=True).
     pos_embed: Literal["fixed", "learned"] = "fixed"
+    # The decoder's positions, likewise: "learned" holds CAV-MAE pre-training checkpoints made
+    # with tr_pos=True, whose decoder tables trained away from sin-cos.
+    decoder_pos_embed: Literal["fixed", "learned"] = "fixed"
 
 
 @dataclass

@@ -9,8 +9,10 @@ with the frames stored as ``{video_path}/frame_{k}/{video_id}.jpg`` (k = 0..9). 
 copied: each manifest record holds the absolute paths, ``frame_pattern`` =
 ``frame_{k}/{video_id}.jpg``, ``n_frames`` = the frames found (frame_0, frame_1, ... without a
 gap) and ``duration`` read from the WAV header. Relative paths in the JSON are taken relative
-to the JSON file's folder. Entries with a missing or unreadable WAV, no frames or missing keys
-go to ``failures.jsonl``. ``pcav preprocess data.json OUT`` writes both files.
+to the JSON file's folder. Entries with a missing or unreadable WAV, no frames, missing keys
+or a ``video_id`` that is not one plain file name (``unsafe_id``: ``../x`` would reach outside
+the frame folders, and later outside pcav's output folders) go to ``failures.jsonl``.
+``pcav preprocess data.json OUT`` writes both files.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 
 from pcavmae_cli.engine.data.manifest import ClipRecord, Failure
 from pcavmae_cli.engine.errors import UserError
+from pcavmae_cli.engine.path_names import unsafe_reason
 
 REQUIRED = ("video_id", "wav", "video_path")
 MAX_FRAMES = 1000  # stop looking for frame_k folders here
@@ -66,6 +69,10 @@ def import_entry(entry: object, where: str, base: Path) -> ClipRecord | Failure:
     if missing:
         return Failure(where, "malformed_entry", f"missing or non-text key '{missing[0]}'", entry.get("video_id"))
     video_id = entry["video_id"]
+    why = unsafe_reason(video_id)
+    if why is not None:  # it names frame files here, and output folders later (pcav explain)
+        detail = f"video_id {video_id!r} {why}; a clip id must be one plain file name"
+        return Failure(where, "unsafe_id", detail, video_id)
     labels = _labels(entry.get("labels"))
     if labels is None:
         return Failure(where, "malformed_entry", "'labels' must be a comma-separated string", video_id)

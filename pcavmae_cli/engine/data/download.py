@@ -6,7 +6,8 @@ been removed. This module is therefore built around three facts:
 
 * failures are normal: each is recorded with a short reason and the run goes on;
 * runs are long and get interrupted: a finished clip is never fetched twice and a killed
-  run loses at most the clips that were in flight;
+  run loses at most the clips that were in flight; Ctrl-C stops handing out clips, aborts the
+  fetches in flight and records what is done (``engine/interrupt.py``);
 * the IDs come from a file, i.e. from outside: an ID that could act as a path (``../x``,
   ``a/b``) is refused before it reaches yt-dlp or the filesystem.
 
@@ -17,7 +18,7 @@ Layout of the output folder ``DIR``::
     DIR/downloaded.jsonl       one line per clip in videos/: id, ytid, window, labels, duration
     DIR/failures.jsonl         one ``manifest.Failure`` per clip that is not there, with reason
     DIR/.tmp/                  per-clip work folders of a running download (removed after)
-    DIR/.lock                  held while a download writes into DIR
+    DIR/.pcav.lock             held while a download writes into DIR (``engine/folder_lock.py``)
 
 A clip is "done" when its file exists: it only ever appears there by ``os.replace`` of a
 finished, probed file, so no half-written file can be taken for done. Both JSONL files are
@@ -38,8 +39,6 @@ import tempfile
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +47,8 @@ from pcavmae_cli.engine.data import segments as seglib
 from pcavmae_cli.engine.data.manifest import Failure, atomic_write_text, write_lines
 from pcavmae_cli.engine.data.segments import Corpus, Segment
 from pcavmae_cli.engine.errors import UserError
+from pcavmae_cli.engine.folder_lock import folder_lock
+from pcavmae_cli.engine.interrupt import StopRequests, Stopped, run_pool
 
 YOUTUBE_URL = "https://www.youtube.com/watch?v={ytid}"
 
@@ -69,7 +70,6 @@ VIDEOS = "videos"
 DOWNLOADED = "downloaded.jsonl"
 FAILURES = "failures.jsonl"
 TMP = ".tmp"
-LOCK = ".lock"
 
 Progress = Callable[..., None]  # progress(n: int = 1, note: str = "")
 
@@ -208,7 +208,11 @@ def download_segments(
     retry_failed: bool = False,
     progress: Progress | None = None,
 ) -> DownloadReport:
-    """Download ``rows`` into ``out_dir`` with ``jobs`` threads; never raises for one clip."""
+    """Download ``rows`` into ``out_dir`` with ``jobs`` threads; never raises for one clip.
+
+    Ctrl-C or SIGTERM: the clips done so far are logged, the fetches in flight are aborted (their
+    failures are not recorded), the rest is left for a rerun, and ``Stopped`` is raised.
+    """
     check_args(out_dir, url_template, jobs)
     out_dir = Path(out_dir)
     (out_dir / VIDEOS).mkdir(parents=True, exist_ok=True)
@@ -216,7 +220,7 @@ def download_segments(
     advance = progress or (lambda n=1, note="": None)
     report = DownloadReport(out_dir=out_dir)
 
-    with _exclusive(out_dir):
+    with folder_lock(out_dir):
         shutil.rmtree(out_dir / TMP, ignore_errors=True)  # work folders of a killed run
         done_log = {d["id"]: d for d in _read_jsonl(out_dir / DOWNLOADED) if "id" in d}
         failed = {f.id: f for f in _read_failures(out_dir / FAILURES) if f.id}
@@ -252,31 +256,32 @@ def download_segments(
                 failed[outcome.id] = outcome
                 log.append(FAILURES, outcome.to_json())
 
+        def settle(seg: Segment, outcome: Downloaded | Failure) -> None:
+            record(outcome)
+            advance(1, outcome.id if isinstance(outcome, Downloaded) else f"{outcome.id}: {outcome.reason}")
+
         try:
-            with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="pcav-download") as pool:
-                pending = {pool.submit(_one_clip, seg, root, url_template, fmt) for seg in todo}
-                try:
-                    for fut in as_completed(pending):
-                        pending.discard(fut)
-                        outcome = fut.result()
-                        record(outcome)
-                        advance(1, outcome.id if isinstance(outcome, Downloaded) else f"{outcome.id}: {outcome.reason}")
-                except KeyboardInterrupt:
-                    # Queued clips are dropped (still to do for the next run); clips in flight
-                    # finish or fail, and whatever they made is recorded before stopping.
-                    pool.shutdown(wait=True, cancel_futures=True)
-                    for fut in pending:
-                        if fut.done() and not fut.cancelled() and fut.exception() is None:
-                            record(fut.result())
-                    raise
+            with StopRequests() as stop:
+                late = run_pool(lambda seg: _one_clip(seg, root, url_template, fmt, stop), todo, jobs, settle, stop)
+            for _, outcome in late:  # in flight at the stop: a failure may be the stop's doing
+                if isinstance(outcome, Downloaded):
+                    record(outcome)
         finally:
             _write_logs(out_dir, done_log, failed)
             shutil.rmtree(out_dir / TMP, ignore_errors=True)
+    if stop.reason is not None:
+        settled = report.already_done + report.skipped_failed + len(report.downloaded) + len(report.failures)
+        raise Stopped(settled, len(seen), "clips", stop.reason)
     return report
 
 
-def _one_clip(seg: Segment, root: Path, url_template: str, fmt: str | None) -> Downloaded | Failure:
-    """Fetch and cut one segment; every problem becomes a ``Failure``, nothing is raised."""
+def _one_clip(
+    seg: Segment, root: Path, url_template: str, fmt: str | None, stop: StopRequests | None = None
+) -> Downloaded | Failure:
+    """Fetch and cut one segment; every problem becomes a ``Failure``, nothing is raised.
+
+    A stop request (``stop.reason``) aborts the fetch at its next block of data.
+    """
     cid = seg.clip_id
     if not seglib.is_safe_id(seg.ytid):
         return Failure(input=seg.ytid, reason="invalid_id", detail="an ID may only hold A-Z a-z 0-9 _ -", id=cid)
@@ -290,7 +295,7 @@ def _one_clip(seg: Segment, root: Path, url_template: str, fmt: str | None) -> D
     (root / TMP).mkdir(exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f"{cid}-", dir=root / TMP))
     try:
-        source = _fetch(url, work, fmt)
+        source = _fetch(url, work, fmt, stop)
         duration, short = _cut(source, work / "cut.mp4", seg.start, seg.end)
         os.replace(work / "cut.mp4", final)
     except ClipError as exc:
@@ -316,9 +321,17 @@ class _QuietLogger:
     info = warning = error = debug
 
 
-def _fetch(url: str, work: Path, fmt: str | None) -> Path:
-    """Download ``url`` into ``work`` with yt-dlp; returns the media file."""
+def _fetch(url: str, work: Path, fmt: str | None, stop: StopRequests | None = None) -> Path:
+    """Download ``url`` into ``work`` with yt-dlp; returns the media file.
+
+    yt-dlp calls its progress hooks at every block it writes: the hook aborts the download once
+    a stop is asked for, so Ctrl-C does not wait for a whole video to arrive.
+    """
     import yt_dlp  # here, not at the top: the CLI starts faster without it
+
+    def abort_on_stop(_status: dict) -> None:
+        if stop is not None and stop.reason is not None:
+            raise ClipError("stopped", f"stopped by {stop.reason}")
 
     opts = {
         "format": fmt or DEFAULT_FORMAT,
@@ -336,6 +349,7 @@ def _fetch(url: str, work: Path, fmt: str | None) -> Path:
         "retries": 3,
         "fragment_retries": 3,
         "socket_timeout": 30,
+        "progress_hooks": [abort_on_stop],
     }
     if fmt is None:
         opts["format_sort"] = list(DEFAULT_FORMAT_SORT)
@@ -476,27 +490,3 @@ def _read_failures(path: Path) -> Iterator[Failure]:
         if isinstance(obj.get("reason"), str):
             yield Failure(input=str(obj.get("input", "")), reason=obj["reason"],
                           detail=str(obj.get("detail", "")), id=obj.get("id"))
-
-
-@contextmanager
-def _exclusive(out_dir: Path) -> Iterator[None]:
-    """Refuse a second download into the same folder while one runs.
-
-    ``flock`` is released by the kernel when the process dies, so a killed run leaves no
-    stale lock behind. Where there is no ``fcntl`` (Windows), runs are not guarded.
-    """
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    with open(out_dir / LOCK, "w") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            busy = f"another pcav download is writing into {out_dir}; wait for it or use another --out"
-            raise UserError(busy) from None
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)

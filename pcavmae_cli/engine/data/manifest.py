@@ -16,12 +16,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pcavmae_cli.engine import files
 from pcavmae_cli.engine.errors import UserError
 
 DEFAULT_FRAME_PATTERN = "frame_{k}.jpg"
@@ -38,11 +37,15 @@ class ClipRecord:
     padded: bool = False
     source: str | None = None
     frame_pattern: str = DEFAULT_FRAME_PATTERN
+    # Kept although damaged (data.preprocess.on_decode_error: flag): what ffmpeg reported.
+    decode_issue: str | None = None
 
     def to_json(self) -> str:
         data = asdict(self)
         if not self.padded:
             del data["padded"]
+        if self.decode_issue is None:
+            del data["decode_issue"]
         if self.source is None:
             del data["source"]
         if self.frame_pattern == DEFAULT_FRAME_PATTERN:
@@ -73,28 +76,10 @@ class Failure:
 REQUIRED_KEYS = ("id", "video", "audio", "labels", "duration", "n_frames")
 
 
-def _read_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-# Read once at import: os.umask can only be read by setting it, which is not thread-safe.
-_UMASK = _read_umask()
-
-
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: never half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``text`` to ``path`` through a temporary file and a rename: never half a file
+    (``engine/files.py``, which also gives it the umask's mode)."""
+    files.atomic_write_text(path, text)
 
 
 def write_lines(path: Path, rows: Iterable[ClipRecord | Failure]) -> None:

@@ -1,9 +1,11 @@
 """Preprocessing: videos -> per-clip JPEG frames + mono WAV, a manifest and a failure list.
 
-``SRC`` is a folder of videos (its non-hidden regular files, not sub-folders), an AudioSet or
-VGGSound segments CSV (videos looked up in a folder by clip id, then by YouTube id), or a
-CAV-MAE JSON data file (imported as it is, see ``cavmae_json``). Per clip, ONE ffmpeg call
-writes both modalities:
+``SRC`` is a folder of videos (every non-hidden entry; see ``list_folder``), an AudioSet or
+VGGSound segments CSV (videos looked up in a folder by clip id, then by YouTube id, under any
+extension), or a CAV-MAE JSON data file (imported as it is, see ``cavmae_json``). Files are
+judged by content, never by name: ``media.probe`` reads each one's packets, so any container
+ffmpeg reads that holds a picture and a sound is a clip. Per clip, ONE ffmpeg call writes both
+modalities:
 
 - frames: the ``fps`` filter at ``video.fps``, scaled so the *shorter* side is
   ``video.short_side`` (aspect ratio kept), JPEG at ``video.jpeg_quality``, at most
@@ -12,15 +14,19 @@ writes both modalities:
   channel, which loses a source panned to the right), resampled to ``audio.sample_rate``,
   16-bit PCM WAV, the first ``clip_seconds`` of the source.
 
-ffmpeg writes only what the source holds, so the decoded lengths can be checked against the
-container's duration (streams that stop far before it are ``truncated``); padding comes after
-that check, in Python. A clip shorter than ``clip_seconds`` but at least
-``preprocess.min_seconds`` long is kept: the audio is padded with silence to exactly
-``clip_seconds`` and the last frame repeated up to ``n_frames`` (``padded: true``, the real
-``duration`` recorded). Every other input is a ``Failure`` with a reason code, never a crash
-and never a silent zero tensor: not_a_video_file, empty_file, undecodable, truncated,
-no_video_stream, no_audio_stream, zero_duration, too_short, ffmpeg_failed, duplicate_id,
-unreadable, io_error; from a CSV also missing_video, unsafe_id.
+Lengths come from the streams' packets (a file cut off inside the clip, or whose audio or
+video packets stop far before the other's, is ``truncated``). ffmpeg writes only what it could
+decode, so a damaged middle shows twice: as the decode errors ffmpeg logs, and as decoded audio
+shorter than its packets (or frames missing at the end). Such a clip is ``decode_errors`` or
+``length_mismatch``, or, with ``preprocess.on_decode_error: flag``, kept with the problem in
+its record's ``decode_issue``. Padding comes after those checks, in Python. A clip shorter
+than ``clip_seconds`` but at least ``preprocess.min_seconds`` long is kept: the audio is
+padded with silence to exactly ``clip_seconds`` and the last frame repeated up to
+``n_frames`` (``padded: true``, the real ``duration`` recorded). Every other input is a
+``Failure`` with a reason code, never a crash and never a silent zero tensor: empty_file,
+undecodable, truncated, no_video_stream, no_audio_stream, zero_duration, too_short,
+decode_errors, length_mismatch, ffmpeg_failed, duplicate_id, unreadable, io_error; in a
+folder also not_a_file, broken_symlink; from a CSV also missing_video, unsafe_id.
 
 Layout under OUT::
 
@@ -32,6 +38,8 @@ Layout under OUT::
 A clip is written into a temporary folder that is renamed into place once complete, so a
 ``clip.json`` means a finished clip; a re-run skips those (when the source file and the
 settings are unchanged), retries failures and rewrites both JSONL files for the current input.
+OUT is locked while a run writes into it (``engine/folder_lock.py``); Ctrl-C stops within
+seconds, recording the clips settled so far (``engine/interrupt.py``, ``_run``).
 """
 
 from __future__ import annotations
@@ -44,7 +52,6 @@ import uuid
 import wave
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -55,9 +62,13 @@ from pcavmae_cli.engine import media
 from pcavmae_cli.engine.data import cavmae_json, manifest, segments
 from pcavmae_cli.engine.data.manifest import ClipRecord, Failure
 from pcavmae_cli.engine.errors import UserError
+from pcavmae_cli.engine.files import STORAGE_ERRNOS, storage_error_in_text
+from pcavmae_cli.engine.folder_lock import folder_lock
+from pcavmae_cli.engine.interrupt import StopRequests, Stopped, run_pool
 from pcavmae_cli.engine.schema import DataConfig
 
-# In order of preference when a CSV's clip exists with several extensions.
+# In order of preference when a CSV's clip exists with several extensions (any other extension
+# is taken after these: files are probed by content, not by name).
 VIDEO_EXTENSIONS = (
     ".mp4", ".mkv", ".webm", ".mov", ".m4v", ".avi", ".flv", ".mpg", ".mpeg", ".ts", ".3gp", ".ogv", ".wmv",
 )
@@ -71,9 +82,17 @@ TMP_PREFIX = ".tmp-"
 Progress = Callable[..., None]
 
 
+DecodePolicy = Literal["fail", "flag"]
+
+
 @dataclass(frozen=True)
 class ClipSettings:
-    """The recipe settings one clip's preprocessing depends on (stored in its marker)."""
+    """The recipe settings one clip's preprocessing depends on (stored in its marker).
+
+    ``on_decode_error`` is not stored: it decides what happens to a damaged clip, not what is
+    written for it, so changing it redoes nothing (a flagged clip is redone to fail under
+    ``fail``).
+    """
 
     clip_seconds: float
     fps: float
@@ -82,6 +101,7 @@ class ClipSettings:
     jpeg_quality: int
     sample_rate: int
     min_seconds: float
+    on_decode_error: DecodePolicy = "fail"
 
     @classmethod
     def from_config(cls, data: DataConfig) -> ClipSettings:
@@ -93,6 +113,7 @@ class ClipSettings:
             jpeg_quality=data.video.jpeg_quality,
             sample_rate=data.audio.sample_rate,
             min_seconds=data.preprocess.min_seconds,
+            on_decode_error=data.preprocess.on_decode_error,
         )
         settings.check()
         return settings
@@ -107,10 +128,17 @@ class ClipSettings:
             ("data.video.jpeg_quality", 1 <= self.jpeg_quality <= 31, "between 1 and 31"),
             ("data.audio.sample_rate", self.sample_rate >= 1000, ">= 1000"),
             ("data.preprocess.min_seconds", 0 <= self.min_seconds <= self.clip_seconds, "between 0 and clip_seconds"),
+            ("data.preprocess.on_decode_error", self.on_decode_error in ("fail", "flag"), "fail or flag"),
         ]
         for key, ok, expected in checks:
             if not ok:
                 raise UserError(f"key '{key}' must be {expected}")
+
+    def marker_key(self) -> dict:
+        """The settings a finished clip's marker records and a re-run compares."""
+        key = asdict(self)
+        del key["on_decode_error"]
+        return key
 
 
 @dataclass(frozen=True)
@@ -148,25 +176,54 @@ class PreprocessReport:
 # --- listing inputs ------------------------------------------------------------------------
 
 
-def _safe_stem(stem: str) -> str:
-    """A file stem usable as a clip id and folder name."""
-    text = re.sub(r"[^A-Za-z0-9_.-]", "_", stem).lstrip(".")
+def clip_id_of_stem(stem: str) -> str:
+    """A file stem as a clip id, usable as a folder name: ASCII letters, digits and ``_.-`` (others
+    become ``_``), no leading dot (so never ``..``), at most 100 characters."""
+    text = re.sub(r"[^A-Za-z0-9_.-]", "_", stem).lstrip(".")[:100]
     return text or "_"
 
 
-def list_folder(src: Path) -> list[ClipInput | Failure]:
-    """Every non-hidden regular file of ``src`` (sorted by name) as an input."""
+def _contains(entry: Path, inner: Path) -> bool:
+    """True when ``inner`` is ``entry`` or lies inside it (both resolved)."""
+    try:
+        inner.resolve().relative_to(entry.resolve())
+    except (ValueError, OSError, RuntimeError):
+        return False
+    return True
+
+
+def list_folder(src: Path, exclude: tuple[Path, ...] = ()) -> list[ClipInput | Failure]:
+    """Every non-hidden entry of ``src`` (sorted by name) as an input or a listed failure.
+
+    Files are taken whatever their name says: ``process_clip`` probes the content, so an
+    ``.ogg`` or ``.asf`` with picture and sound is a clip and a text file is ``undecodable``.
+    A symbolic link is read through, but its clip id comes from the link's own name (links
+    are how a corpus is assembled from files named otherwise); a link to nothing is
+    ``broken_symlink``. Sub-folders are not descended into, and each one is a ``not_a_file``
+    failure rather than skipped in silence: a corpus kept in per-class folders then shows at
+    once that its clips were not read, instead of a manifest that quietly lacks them. The
+    exceptions are the ``exclude`` paths (pcav's own outputs, or a folder holding one, when
+    they are inside SRC) and hidden entries (a leading dot: editors' and pcav's temporaries).
+    """
     items: list[ClipInput | Failure] = []
-    for path in sorted(src.iterdir()):
-        if path.name.startswith(".") or not path.is_file():
+    for entry in sorted(src.iterdir()):
+        if entry.name.startswith(".") or any(_contains(entry, out) for out in exclude):
             continue
-        path = path.resolve()
-        clip_id = _safe_stem(path.stem)
-        if path.suffix.lower() not in VIDEO_EXTENSIONS:
-            known = ", ".join(VIDEO_EXTENSIONS)
-            detail = f"'{path.suffix or path.name}' is not a video file extension ({known})"
-            items.append(Failure(str(path), "not_a_video_file", detail, clip_id))
-        else:
+        clip_id = clip_id_of_stem(Path(entry.name).stem)
+        path = src.resolve() / entry.name  # the folder resolved, the entry's own name kept
+        where = str(path)
+        if entry.is_symlink() and not entry.exists():
+            try:
+                target = os.readlink(entry)
+            except OSError:
+                target = "?"
+            items.append(Failure(where, "broken_symlink", f"symbolic link to {target}, which does not exist", clip_id))
+        elif entry.is_dir():
+            detail = "a folder: only the files directly in the input folder are read, not sub-folders"
+            items.append(Failure(where, "not_a_file", detail, clip_id))
+        elif not entry.is_file():
+            items.append(Failure(where, "not_a_file", "not a regular file (a pipe, socket or device)", clip_id))
+        else:  # a link is listed as itself, and read through
             items.append(ClipInput(clip_id, path))
     return items
 
@@ -178,7 +235,8 @@ def list_segments(
 
     A row's video is ``{videos}/{clip_id}.<ext>`` (a cut clip), else ``{videos}/{ytid}.<ext>``;
     the latter, when it lasts at least to the segment's end, is taken as the whole video and
-    the segment is cut out of it.
+    the segment is cut out of it. Any extension is accepted (the content is probed later);
+    when a clip exists with several, ``VIDEO_EXTENSIONS`` order decides, then the others.
     """
     corpus = segments.detect_corpus(csv_path)
     rows = segments.read_segments(csv_path, corpus)
@@ -196,9 +254,9 @@ def list_segments(
     if not videos.is_dir():
         raise UserError(f"videos folder not found: {videos}")
     found: dict[str, Path] = {}
-    rank = {ext: i for i, ext in enumerate(VIDEO_EXTENSIONS)}
-    files = [p for p in videos.iterdir() if p.suffix.lower() in rank and not p.name.startswith(".")]
-    for path in sorted(files, key=lambda p: (p.stem, rank[p.suffix.lower()])):
+    rank = {ext: i for i, ext in enumerate(VIDEO_EXTENSIONS)}  # any other extension comes after these
+    files = [p for p in videos.iterdir() if not p.name.startswith(".") and p.is_file()]
+    for path in sorted(files, key=lambda p: (p.stem, rank.get(p.suffix.lower(), len(rank)), p.suffix)):
         found.setdefault(path.stem, path.resolve())
     items: list[ClipInput | Failure] = []
     for seg in chosen:
@@ -232,7 +290,9 @@ def _finished(final: Path, item: ClipInput, settings: ClipSettings) -> ClipRecor
         return None
     try:
         data = json.loads(marker.read_text())
-        if data["settings"] != asdict(settings) or data["source"] != _stat_key(item.path) or data["seek"] != item.seek:
+        if data["settings"] != settings.marker_key() or data["source"] != _stat_key(item.path):
+            return None
+        if data["seek"] != item.seek:
             return None
         return ClipRecord(**data["record"])
     except (OSError, ValueError, KeyError, TypeError):
@@ -244,8 +304,18 @@ def _last_line(stderr: bytes) -> str:
     return lines[-1] if lines else "ffmpeg failed without a message"
 
 
-def _run_ffmpeg(src: Path, tmp: Path, start: float, settings: ClipSettings) -> None:
-    """The one ffmpeg pass: frames (fps, scale, JPEG) and mono WAV from the clip window."""
+def _ffmpeg_message(line: str) -> str:
+    """An ffmpeg log line without object addresses (``[aac @ 0x55d0...]``): stable and readable."""
+    return re.sub(r" @ 0x[0-9a-f]+", "", line).strip()
+
+
+def _run_ffmpeg(src: Path, tmp: Path, start: float, settings: ClipSettings) -> list[str]:
+    """The one ffmpeg pass: frames (fps, scale, JPEG) and mono WAV from the clip window.
+
+    Returns the lines ffmpeg logged at level ``error``: where a decoder meets damaged data it
+    conceals or drops it, logs it and still exits 0, so these lines are the only sign of a
+    corrupt middle.
+    """
     s = settings.short_side
     window = {"ss": start, "t": settings.clip_seconds} if start else {"t": settings.clip_seconds}
     inp = ffmpeg.input(str(src), threads=1, **window)
@@ -260,7 +330,8 @@ def _run_ffmpeg(src: Path, tmp: Path, start: float, settings: ClipSettings) -> N
     )
     out_audio = ffmpeg.output(inp["a:0"], str(tmp / AUDIO_FILE), ac=1, ar=settings.sample_rate, acodec="pcm_s16le")
     cmd = [media.ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-filter_threads", "1"]
-    ffmpeg.run(ffmpeg.merge_outputs(out_frames, out_audio), cmd=cmd, capture_stdout=True, capture_stderr=True)
+    _, err = ffmpeg.run(ffmpeg.merge_outputs(out_frames, out_audio), cmd=cmd, capture_stdout=True, capture_stderr=True)
+    return [ln.strip() for ln in (err or b"").decode(errors="replace").splitlines() if ln.strip()]
 
 
 def _count_frames(folder: Path, limit: int) -> int:
@@ -285,6 +356,100 @@ def _pad_audio(path: Path, n_samples: int) -> int:
     return decoded
 
 
+# Decoded audio may differ from its packets' span by the encoder delay and padding the
+# container does not trim (a few ms, at most a codec frame); a dropped packet costs 20-70 ms.
+# 0.1 s passes every container of scripts/real_media_formats.py and catches a second lost.
+AUDIO_TOLERANCE_S = 0.1
+
+
+# What decoders log when a seek lands on a keyframe whose neighbours reference frames before it
+# (open GOPs): those frames fall before the clip window and are dropped; nothing in it is lost.
+_SEEK_NOISE = re.compile(
+    r"mmco: unref short failure|co located POCs unavailable|[Mm]issing reference picture"
+    r"|reference picture missing during reorder|Could not find ref with POC|Error constructing the frame RPS"
+)
+_REPEATED = re.compile(r"Last message repeated (\d+) times?")
+
+
+def _decode_errors(lines: list[str], seeking: bool) -> list[str]:
+    """The error lines that mean damage: repeats expanded, a seek's reference warnings dropped."""
+    errors: list[str] = []
+    last_kept = False
+    for line in lines:
+        repeated = _REPEATED.search(line)
+        if repeated:
+            if last_kept:
+                errors.extend([errors[-1]] * int(repeated.group(1)))
+            continue
+        last_kept = not (seeking and _SEEK_NOISE.search(line))
+        if last_kept:
+            errors.append(line)
+    return errors
+
+
+def _span_in(begin: float | None, end: float | None, window_start: float, window_end: float) -> float | None:
+    """Seconds of the stream ``[begin, end]`` inside the clip window; None when unknown."""
+    if end is None:
+        return None
+    return max(0.0, min(end, window_end) - max(begin or 0.0, window_start))
+
+
+def _decode_issues(
+    info: media.MediaInfo, start: float, settings: ClipSettings, errors: list[str], n_samples: int, n_frames: int
+) -> tuple[str, str] | None:
+    """``(reason, detail)`` when the clip window decoded with errors or to the wrong length.
+
+    ``errors`` are the lines ``_run_ffmpeg`` returned. The lengths expected are those of the
+    streams' packets in the window (``media.probe``), so a decoder that drops what it cannot
+    read shows as missing audio; frames are resampled to ``fps`` (a lost frame is replaced by
+    its neighbour), so only frames missing at the end show, and one frame of rounding is
+    allowed.
+    """
+    issues = []
+    errors = _decode_errors(errors, seeking=start > 0)
+    if errors:
+        issues.append(f"{len(errors)} decode error(s), first: {_ffmpeg_message(errors[0])}")
+    window_end = start + settings.clip_seconds
+    audio = _span_in(info.audio_start, info.audio_end, start, window_end)
+    audio_s = n_samples / settings.sample_rate
+    if audio is not None and abs(audio_s - audio) > AUDIO_TOLERANCE_S:
+        issues.append(f"decoded {audio_s:.2f} s of audio where its packets hold {audio:.2f} s")
+    video = _span_in(info.video_start, info.video_end, start, window_end)
+    if video is not None:
+        wanted = min(settings.n_frames, round(video * settings.fps))
+        if n_frames < wanted - 1:
+            issues.append(f"decoded {n_frames} frames where its packets hold {video:.2f} s ({wanted} frames)")
+    if not issues:
+        return None
+    return ("decode_errors" if errors else "length_mismatch"), "; ".join(issues)
+
+
+def _cut_short(info: media.MediaInfo, start: float, settings: ClipSettings) -> str | None:
+    """A detail when ffmpeg found the file cut off inside the clip window (a partial download)."""
+    cut = [e for e in info.read_errors if e.endswith("partial file")]
+    if not cut or (info.duration or 0.0) >= start + settings.clip_seconds:
+        return None
+    return f"readable packets stop at {info.duration or 0.0:.2f} s ({_ffmpeg_message(cut[0])}): the file is incomplete"
+
+
+def _stream_stops_early(info: media.MediaInfo, start: float, settings: ClipSettings) -> str | None:
+    """A detail when the audio or video packets stop far (over max(1 s, 20 %)) before the other
+    stream's inside the clip window, as where a download or a remux lost a stream's tail."""
+    window_end = start + settings.clip_seconds
+    spans = {
+        "audio": _span_in(info.audio_start, info.audio_end, start, window_end),
+        "video": _span_in(info.video_start, info.video_end, start, window_end),
+    }
+    known = {kind: span for kind, span in spans.items() if span is not None}
+    if len(known) < 2:
+        return None
+    longest = max(known.values())
+    for kind, span in known.items():
+        if longest - span > max(1.0, 0.2 * longest):
+            return f"the {kind} packets hold {span:.1f} s of the clip, the other stream's {longest:.1f} s"
+    return None
+
+
 def process_clip(item: ClipInput, out: Path, settings: ClipSettings) -> tuple[str, ClipRecord | Failure]:
     """Preprocess one clip into ``out/clips/{id}``: ``('done' | 'skipped', record)`` or ``('failed', failure)``."""
     final = out / "clips" / item.id
@@ -293,7 +458,7 @@ def process_clip(item: ClipInput, out: Path, settings: ClipSettings) -> tuple[st
         return "failed", Failure(str(item.path), reason, detail, item.id)
 
     done = _finished(final, item, settings)
-    if done is not None:
+    if done is not None and not (done.decode_issue and settings.on_decode_error == "fail"):
         done.labels = list(item.labels)  # the current listing's labels, should the CSV have changed
         return "skipped", done
     try:
@@ -307,7 +472,7 @@ def process_clip(item: ClipInput, out: Path, settings: ClipSettings) -> tuple[st
     if not info.has_audio:
         return fail("no_audio_stream", "the file has no audio stream")
     if info.duration is not None and info.duration <= 0:
-        return fail("zero_duration", "the container says the file lasts 0 s")
+        return fail("zero_duration", "the file's packets last 0 s")
     start = 0.0
     if item.seek is not None and info.duration is not None and info.duration >= (item.seek_end or 0) - 0.5:
         start = item.seek  # a whole video: cut the segment out of it
@@ -316,32 +481,37 @@ def process_clip(item: ClipInput, out: Path, settings: ClipSettings) -> tuple[st
         expected = min(info.duration - start, settings.clip_seconds)
         if expected < settings.min_seconds:
             return fail("too_short", f"{max(expected, 0):.2f} s long, less than min_seconds={settings.min_seconds:g}")
+    cut_short = _cut_short(info, start, settings) or _stream_stops_early(info, start, settings)
+    if cut_short:
+        return fail("truncated", cut_short)
 
     tmp = out / "clips" / f"{TMP_PREFIX}{item.id}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
         try:
-            _run_ffmpeg(item.path, tmp, start, settings)
+            errors = _run_ffmpeg(item.path, tmp, start, settings)
         except ffmpeg.Error as exc:
+            stderr = (exc.stderr or b"").decode(errors="replace")
+            full = storage_error_in_text(stderr, tmp)
+            if full is not None:  # the output's disk, not this clip: stop the run (the CLI's one line)
+                raise full from None
             return fail("ffmpeg_failed", _last_line(exc.stderr or b""))
         n_real = _count_frames(tmp, settings.n_frames)
         n_target = int(round(settings.clip_seconds * settings.sample_rate))
         try:
             decoded = _pad_audio(tmp / AUDIO_FILE, n_target)
         except (OSError, wave.Error, EOFError) as exc:
+            if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+                raise
             return fail("ffmpeg_failed", f"no readable audio written: {exc}")
         audio_s = decoded / settings.sample_rate
         video_s = min(n_real / settings.fps, settings.clip_seconds)
         if n_real == 0 or decoded == 0:
             what = "video frame" if n_real == 0 else "audio sample"
             return fail("undecodable", f"no {what} could be decoded")
-        if expected is not None:
-            tol = max(1.0, 0.2 * expected)
-            expected_video = min(expected, settings.n_frames / settings.fps)  # frames stop at n_frames
-            if expected - audio_s > tol or expected_video - video_s > tol + 1.0 / settings.fps:
-                said = info.duration or 0.0
-                detail = f"decoded {audio_s:.1f} s of audio and {n_real} frames, but the file says {said:.1f} s"
-                return fail("truncated", detail)
+        damage = _decode_issues(info, start, settings, errors, decoded, n_real)
+        if damage is not None and settings.on_decode_error == "fail":
+            return fail(*damage)
         duration = expected if expected is not None else max(audio_s, video_s)
         if duration < settings.min_seconds:
             return fail("too_short", f"{duration:.2f} s decoded, less than min_seconds={settings.min_seconds:g}")
@@ -357,9 +527,11 @@ def process_clip(item: ClipInput, out: Path, settings: ClipSettings) -> tuple[st
             n_frames=settings.n_frames,
             padded=duration < settings.clip_seconds - 0.05,
             source=str(item.path),
+            decode_issue=damage[1] if damage is not None else None,
         )
         marker = {
-            "record": asdict(record), "settings": asdict(settings), "source": _stat_key(item.path), "seek": item.seek
+            "record": asdict(record), "settings": settings.marker_key(), "source": _stat_key(item.path),
+            "seek": item.seek,
         }
         (tmp / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
         if final.exists():
@@ -367,6 +539,8 @@ def process_clip(item: ClipInput, out: Path, settings: ClipSettings) -> tuple[st
         os.rename(tmp, final)
         return "done", record
     except OSError as exc:
+        if exc.errno in STORAGE_ERRNOS:  # a full or read-only output stops the run
+            raise
         return fail("io_error", f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -398,13 +572,16 @@ class Inputs:
         return len(self.entries) if self.kind == "cavmae_json" else len(self.items)
 
 
-def list_inputs(src: str | Path, videos: str | Path | None = None, split: str | None = None) -> Inputs:
+def list_inputs(
+    src: str | Path, videos: str | Path | None = None, split: str | None = None, *, exclude: tuple[Path, ...] = ()
+) -> Inputs:
     """List the inputs of a folder, a segments CSV or a CAV-MAE JSON data file.
 
     Args:
         videos: where a CSV's videos are; default ``<csv folder>/videos`` if it exists, else
             the CSV's folder.
         split: VGGSound only: keep the rows of this split (train, test).
+        exclude: outputs (the output folder): when inside a folder ``src``, not inputs.
     """
     src = Path(src)
     if not src.exists():
@@ -412,7 +589,7 @@ def list_inputs(src: str | Path, videos: str | Path | None = None, split: str | 
     if src.is_dir():
         if videos is not None or split is not None:
             raise UserError(f"--videos and --split apply to a segments CSV, and {src} is a folder")
-        items = list_folder(src)
+        items = list_folder(src, tuple(Path(p) for p in exclude))
         if not items:
             raise UserError(f"no input files in {src}")
         return Inputs(src, "folder", items=items)
@@ -443,7 +620,7 @@ def preprocess(
             ``data.preprocess.jobs``.
         progress: called as ``progress(n=1, note=clip_id)`` after each input.
     """
-    inputs = src if isinstance(src, Inputs) else list_inputs(src, videos, split)
+    inputs = src if isinstance(src, Inputs) else list_inputs(src, videos, split, exclude=(Path(out),))
     out = Path(out)
     settings = data if isinstance(data, ClipSettings) else ClipSettings.from_config(data)
     if jobs is None:
@@ -451,6 +628,15 @@ def preprocess(
     if jobs < 0:
         raise UserError(f"--jobs must be >= 0, got {jobs}")
     _check_out(out)
+    with folder_lock(out):  # a second preprocess into OUT would delete this one's temporary clips
+        return _run(inputs, out, settings, jobs, progress)
+
+
+def _run(inputs: Inputs, out: Path, settings: ClipSettings, jobs: int, progress: Progress | None) -> PreprocessReport:
+    """``preprocess`` once ``out`` is locked. A Ctrl-C (or SIGTERM) stops handing out clips, keeps
+    the ones finished, drops the failures of those it interrupted (``engine/interrupt.py``), writes
+    both JSONL files for what is settled and raises ``Stopped``; the clips not reached are in
+    neither file, and a rerun does them."""
     if inputs.kind == "cavmae_json":  # no decoding: point at CAV-MAE's extracted files
         records, failures = cavmae_json.import_entries(inputs.entries, inputs.src, progress)
         return _finish(inputs, out, records, failures, n_done=len(records), n_skipped=0)
@@ -474,19 +660,25 @@ def preprocess(
     if progress and len(todo) < len(items):
         progress(len(items) - len(todo), "listed failures")
 
-    workers = jobs or os.cpu_count() or 1
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = {pool.submit(process_clip, items[i], out, settings): i for i in todo}
-        for fut in as_completed(futures):
-            i = futures[fut]
-            results[i] = fut.result()
-            if progress:
-                progress(1, items[i].id)
+    def settle(i: int, result: tuple[str, ClipRecord | Failure]) -> None:
+        results[i] = result
+        if progress:
+            progress(1, items[i].id)
 
-    records = [r for status, r in results if status != "failed"]  # type: ignore[misc]
-    failures = [r for status, r in results if status == "failed"]  # type: ignore[misc]
-    n_done = sum(1 for status, _ in results if status == "done")  # type: ignore[misc]
-    return _finish(inputs, out, records, failures, n_done=n_done, n_skipped=len(records) - n_done)
+    workers = jobs or os.cpu_count() or 1
+    with StopRequests() as stop:
+        late = run_pool(lambda i: process_clip(items[i], out, settings), todo, workers, settle, stop)
+    for i, result in late:  # in flight at the stop: ffmpeg got the same Ctrl-C, so only successes count
+        if result[0] != "failed":
+            results[i] = result
+    settled = [r for r in results if r is not None]
+    records = [r for status, r in settled if status != "failed"]  # type: ignore[misc]
+    failures = [r for status, r in settled if status == "failed"]  # type: ignore[misc]
+    n_done = sum(1 for status, _ in settled if status == "done")
+    report = _finish(inputs, out, records, failures, n_done=n_done, n_skipped=len(records) - n_done)
+    if stop.reason is not None:
+        raise Stopped(len(settled), len(items), "inputs", stop.reason)
+    return report
 
 
 def _finish(

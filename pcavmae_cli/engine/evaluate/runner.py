@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import safetensors.torch as st
 import torch
 
 from pcavmae_cli.engine import config
@@ -43,6 +42,7 @@ from pcavmae_cli.engine.model import PCAVMAE, Classifier
 from pcavmae_cli.engine.progress import ProgressReporter as Reporter
 from pcavmae_cli.engine.progress import default_reporter
 from pcavmae_cli.engine.schema import Recipe
+from pcavmae_cli.engine.tensor_io import open_safetensors
 from pcavmae_cli.engine.train import checkpoint as ckpt
 from pcavmae_cli.engine.train.data import close_loader, embed_loader
 from pcavmae_cli.engine.train.runtime import Runtime, resolve_runtime, seed_everything
@@ -154,7 +154,7 @@ def _classifier(cp: Checkpoint, cfg: Recipe, labels: LabelSet, rt: Runtime) -> C
     if cfg.finetune is None:
         raise UserError(f"{cp.folder / 'config.yaml'} has no 'finetune' section; is it a fine-tuning run?")
     path = cp.folder / "model.safetensors"
-    with st.safe_open(str(path), framework="pt") as fh:
+    with open_safetensors(path) as fh:
         head_rows = fh.get_slice("head.1.weight").get_shape()[0] if "head.1.weight" in fh.keys() else None
     if head_rows is not None and head_rows != len(labels.mids):
         raise UserError(f"{path} predicts {head_rows} classes but the label CSV lists {len(labels.mids)}")

@@ -6,10 +6,12 @@ rule of ``RULES``. Unlike a filter, it is strict:
 
 - every source key is either renamed (``mapped``) or matches a ``DROPPED`` rule, which says why
   it carries no information for pcav (``dropped``); any other key is an error naming it;
-- every key of the target model is filled, and every shape is the target's;
-- the fixed sin-cos position tables are compared with pcav's own (``sincos_2d``): the decoder's
-  must equal them; the encoders' either equal them (``pos_embed: fixed``, dropped) or were
-  trained (CAVMAEFT's ``tr_pos=True``) and are kept as ``pos_embed: learned`` parameters.
+- every key of the target model is filled, and every shape is the target's; a key nothing
+  fills is named by the CAV-MAE key that should have filled it (``RULES`` read backwards);
+- the position tables are compared with pcav's sin-cos tables (``sincos_2d``): a pair that
+  equals them is dropped (``fixed``), a pair that trained (``tr_pos=True``: CAVMAEFT always,
+  CAVMAE when asked) is kept exactly as parameters (``learned``). Encoder and decoder pairs are
+  judged apart (``model.pos_embed`` and ``model.decoder_pos_embed``).
 
 The architectures agree element for element (docs/method.md, "Importing CAV-MAE"): the audio
 image is ``(B, 1, 128, 1024)`` frequency x time in both, patches row-major over that grid, and a
@@ -29,8 +31,10 @@ import torch
 
 from pcavmae_cli.engine.errors import UserError
 from pcavmae_cli.engine.model.embed import sincos_2d
+from pcavmae_cli.engine.tensor_io import load_tensors_only
 
 Kind = Literal["pretrain", "finetune"]
+Positions = Literal["fixed", "learned"]
 
 SENTINEL = "blocks_u.0.norm1_a.weight"  # the joint block's per-stream norm: CAV-MAE and nothing else
 FINETUNE_SENTINEL = "mlp_head.1.weight"  # CAVMAEFT's classification head
@@ -65,10 +69,9 @@ RULES: tuple[tuple[str, str, tuple[Kind, ...]], ...] = (
 DROPPED: tuple[tuple[str, str], ...] = (
     (rf"blocks_[av]\.\d+\.norm[12]_[av]\.{_WB}", "per-stream norms of a modality block, never used by CAV-MAE"),
     (rf"decoder_blocks\.\d+\.norm[12]_[av]\.{_WB}", "per-stream norms of a decoder block, never used by CAV-MAE"),
-    (r"decoder_pos_embed_[av]", "fixed sin-cos table, equal to pcav's decoder positions"),
 )
-FIXED_POSITIONS = "fixed sin-cos table, equal to pcav's encoder positions"
 POSITION_KEYS = {"pos_embed_a": "backbone.encoder_a.pos_embed", "pos_embed_v": "backbone.encoder_v.pos_embed"}
+DECODER_POSITION_KEYS = {"decoder_pos_embed_a": "decoder.pos_embed_a", "decoder_pos_embed_v": "decoder.pos_embed_v"}
 POSITION_ATOL = 1e-5  # float32 rounding of a float64 table, with margin
 
 
@@ -80,7 +83,9 @@ class Conversion:
     state: dict[str, torch.Tensor]  # pcav keys (``PCAVMAE`` or ``Classifier``) -> tensors
     mapped: dict[str, str] = field(default_factory=dict)  # source key -> pcav key
     dropped: dict[str, str] = field(default_factory=dict)  # source key -> why
-    pos_embed: Literal["fixed", "learned"] = "fixed"  # what the encoders' positions turned out to be
+    pos_embed: Positions = "fixed"  # what the encoders' positions turned out to be
+    decoder_pos_embed: Positions = "fixed"  # and the decoder's (pre-training checkpoints)
+    prefix: str = ""  # "module." when DataParallel saved it: source keys in errors carry it
 
 
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
@@ -92,10 +97,7 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such checkpoint file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickled code, a truncated file, not a torch file
-        raise UserError(f"{path}: cannot read it as a weights-only torch checkpoint ({str(exc).splitlines()[0]})") from None
+    obj = load_tensors_only(path)
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]
@@ -137,6 +139,32 @@ def _table(value: torch.Tensor, expected: torch.Tensor) -> bool:
     return value.shape == expected.shape and bool(torch.allclose(value.float(), expected, atol=POSITION_ATOL, rtol=0))
 
 
+def _positions(
+    state: dict[str, torch.Tensor], keys: dict[str, str], dim: int, grids: dict[str, tuple[int, int]],
+    conv: Conversion, source: str | Path, where: str,
+) -> Positions:
+    """Judge one pair of position tables (``keys``: source -> pcav key) against ``dim``-wide sin-cos.
+
+    Both equal to sin-cos: dropped, ``"fixed"``. Otherwise they trained (or belong to another
+    width, which ``fill_strictly`` then reports by shape) and are kept as they are, ``"learned"``.
+    A pre-training checkpoint trains both tables of a pair or neither (CAV-MAE's ``tr_pos``).
+    """
+    present = [k for k in keys if k in state]
+    learned = [k for k in present if not _table(state[k], sincos_2d(dim, *grids[k[-1]])[None])]
+    if not learned:
+        for key in present:
+            conv.dropped[key] = f"fixed sin-cos table, equal to pcav's {where} positions"
+        return "fixed"
+    if len(learned) != len(present) and conv.kind == "pretrain":  # a missing one: fill_strictly names it
+        raise UserError(
+            f"{source}: only '{conv.prefix}{learned[0]}' differs from the sin-cos table; expected both or neither"
+        )
+    for key in present:
+        target = keys[key] if conv.kind == "pretrain" else keys[key].removeprefix("backbone.")
+        conv.mapped[key], conv.state[target] = target, state[key]
+    return "learned"
+
+
 def convert_state(
     state: dict[str, torch.Tensor], source: str | Path, grids: dict[str, tuple[int, int]], decoder_dim: int | None,
 ) -> Conversion:
@@ -149,44 +177,64 @@ def convert_state(
             position tables.
         decoder_dim: the target decoder's width (``None`` for a fine-tuning import).
     """
+    prefix = "module." if state and all(k.startswith("module.") for k in state) else ""
     state = strip_module(state)
     kind = detect_kind(state, source)
-    conv = Conversion(kind, {})
-    learned = []
+    conv = Conversion(kind, {}, prefix=prefix)
     for key, value in state.items():
         if key in POSITION_KEYS:
-            m = key[-1]
-            expected = sincos_2d(value.shape[-1], *grids[m])[None]
-            if _table(value, expected):
-                conv.dropped[key] = FIXED_POSITIONS
-            else:
-                learned.append(key)
             continue
-        if key.startswith("decoder_pos_embed_"):
+        if key in DECODER_POSITION_KEYS:
             if decoder_dim is None or kind != "pretrain":
-                raise UserError(f"{source}: unexpected key '{key}' in a CAV-MAE fine-tuning checkpoint")
-            if not _table(value, sincos_2d(decoder_dim, *grids[key[-1]])[None]):
-                raise UserError(
-                    f"{source}: key '{key}' {tuple(value.shape)} is not the fixed sin-cos table of the "
-                    f"recipe's decoder ({decoder_dim} wide, grid {grids[key[-1]]}); pcav cannot learn decoder positions"
-                )
+                raise UserError(f"{source}: unexpected key '{prefix}{key}' in a CAV-MAE fine-tuning checkpoint")
+            continue
         target = _rename(key, kind)
         if target is not None:
             conv.mapped[key], conv.state[target] = target, value
             continue
         why = _why_dropped(key)
         if why is None:
-            raise UserError(f"{source}: unexpected key '{key}' in a CAV-MAE {kind} checkpoint (no rule maps or drops it)")
+            raise UserError(
+                f"{source}: unexpected key '{prefix}{key}' in a CAV-MAE {kind} checkpoint (no rule maps or drops it)"
+            )
         conv.dropped[key] = why
-    if learned:
-        if len(learned) != len(POSITION_KEYS) and kind == "pretrain":
-            raise UserError(f"{source}: only '{learned[0]}' differs from the sin-cos table; expected both or neither")
-        conv.pos_embed = "learned"
-        for key in POSITION_KEYS:
-            conv.dropped.pop(key, None)
-            target = POSITION_KEYS[key] if kind == "pretrain" else POSITION_KEYS[key].removeprefix("backbone.")
-            conv.mapped[key], conv.state[target] = target, state[key]
+    embed_dim = next((state[k].shape[-1] for k in POSITION_KEYS if k in state), 0)
+    conv.pos_embed = _positions(state, POSITION_KEYS, embed_dim, grids, conv, source, "encoder")
+    if kind == "pretrain" and decoder_dim is not None:
+        conv.decoder_pos_embed = _positions(state, DECODER_POSITION_KEYS, decoder_dim, grids, conv, source, "decoder")
     return conv
+
+
+def _template_regex(template: str) -> str:
+    r"""A ``RULES`` target template (``decoder.blocks.\1.\2.\3``) as a regex whose group ``g<n>``
+    captures what ``\n`` stood for."""
+    out, seen = [], set()
+    for i, piece in enumerate(re.split(r"\\(\d)", template)):
+        if i % 2 == 0:
+            out.append(re.escape(piece))
+        else:
+            out.append(f"(?P=g{piece})" if piece in seen else f"(?P<g{piece}>.+?)")
+            seen.add(piece)
+    return "".join(out)
+
+
+def source_key(target: str, kind: Kind) -> str | None:
+    """The CAV-MAE key (without ``module.``) that fills pcav key ``target``: ``RULES`` read
+    backwards, each candidate checked by renaming it forwards. ``None`` when no rule makes it."""
+    positions = {v: k for k, v in {**POSITION_KEYS, **DECODER_POSITION_KEYS}.items()}
+    for full in (target, f"backbone.{target}"):
+        if full in positions:
+            return positions[full]
+        for pattern, template, kinds in RULES:
+            match = re.fullmatch(_template_regex(template), full) if kind in kinds else None
+            if match is None:
+                continue
+            values, groups = match.groupdict(), iter(range(1, 100))
+            candidate = re.sub(r"\([^()]*\)", lambda _: values.get(f"g{next(groups)}") or "?", pattern)
+            candidate = candidate.replace("\\.", ".")
+            if _rename(candidate, kind) == target:  # a group the template drops leaves "?": no match
+                return candidate
+    return None
 
 
 def fill_strictly(expected: dict[str, torch.Tensor], conv: Conversion, source: str | Path) -> dict[str, torch.Tensor]:
@@ -196,20 +244,27 @@ def fill_strictly(expected: dict[str, torch.Tensor], conv: Conversion, source: s
     """
     missing = sorted(set(expected) - set(conv.state))
     if missing:
+        src = source_key(missing[0], conv.kind)
+        what = f"no key '{conv.prefix}{src}' for" if src is not None else "no source key fills"
         raise UserError(
-            f"{source}: no source key fills '{missing[0]}' ({len(missing)} missing); the recipe's model is not the checkpoint's"
+            f"{source}: {what} '{missing[0]}' of the recipe's model ({len(missing)} missing); the recipe's model is "
+            "not the checkpoint's"
         )
     extra = sorted(set(conv.state) - set(expected))
     if extra:
         src = next(k for k, v in conv.mapped.items() if v == extra[0])
-        raise UserError(f"{source}: key '{src}' -> '{extra[0]}' has no place in the recipe's model ({len(extra)} such keys)")
+        raise UserError(
+            f"{source}: key '{conv.prefix}{src}' -> '{extra[0]}' has no place in the recipe's model "
+            f"({len(extra)} such keys)"
+        )
     out = {}
     for key, want in expected.items():
         got = conv.state[key]
         if got.shape != want.shape:
             src = next(k for k, v in conv.mapped.items() if v == key)
             raise UserError(
-                f"{source}: key '{src}' has shape {tuple(got.shape)} but '{key}' of the recipe's model has {tuple(want.shape)}"
+                f"{source}: key '{conv.prefix}{src}' has shape {tuple(got.shape)} but '{key}' of the recipe's "
+                f"model has {tuple(want.shape)}"
             )
         out[key] = got.to(want.dtype).contiguous()
     return out

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import safetensors.torch as st
 import torch
 from torch import nn
 
@@ -30,6 +29,7 @@ from pcavmae_cli.engine.errors import UserError
 from pcavmae_cli.engine.model.backbone import JointLayer, ModalityEncoder, check_config
 from pcavmae_cli.engine.model.embed import audio_image
 from pcavmae_cli.engine.schema import ModelConfig
+from pcavmae_cli.engine.tensor_io import read_safetensors
 
 Mode = Literal["a", "v", "av", "sum"]
 
@@ -169,11 +169,7 @@ def load_pretrained(model: Classifier, path: str | Path) -> LoadReport:
     that differs is a ``UserError`` naming the key. The head is left as initialised (fresh).
     """
     path = Path(path)
-    try:
-        state = st.load_file(str(path))
-    except Exception as exc:  # missing, truncated or not safetensors
-        raise UserError(f"{path}: cannot read pre-trained weights ({exc})") from None
-    return load_pretraining_state(model, state, path)
+    return load_pretraining_state(model, read_safetensors(path), path)
 
 
 def load_pretraining_state(model: Classifier, state: dict[str, torch.Tensor], source: str | Path) -> LoadReport:

@@ -14,6 +14,9 @@ from pcavmae_cli.engine.schema import ModelConfig
 class Decoder(nn.Module):
     """Visible tokens + mask tokens, in patch order, with positions and modality embeddings.
 
+    The positions are sin-cos tables, fixed or (``model.decoder_pos_embed: learned``) parameters
+    that start as those tables and train with the rest of the decoder.
+
     Args:
         cfg: the recipe's ``model`` section.
         grid_a: audio patch grid ``(frequency, time)``.
@@ -25,8 +28,12 @@ class Decoder(nn.Module):
         dd, p = cfg.decoder_dim, cfg.patch_size
         self.embed = nn.Linear(cfg.embed_dim, dd)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dd))
-        self.register_buffer("pos_embed_a", sincos_2d(dd, *grid_a)[None], persistent=False)
-        self.register_buffer("pos_embed_v", sincos_2d(dd, *grid_v)[None], persistent=False)
+        table_a, table_v = sincos_2d(dd, *grid_a)[None], sincos_2d(dd, *grid_v)[None]  # (1, N, dd)
+        if cfg.decoder_pos_embed == "learned":  # CAV-MAE's tr_pos=True: starts as the table, then trains
+            self.pos_embed_a, self.pos_embed_v = nn.Parameter(table_a), nn.Parameter(table_v)
+        else:  # buffers: fixed, a function of the config, and so left out of checkpoints
+            self.register_buffer("pos_embed_a", table_a, persistent=False)
+            self.register_buffer("pos_embed_v", table_v, persistent=False)
         self.modality_a = nn.Parameter(torch.zeros(1, 1, dd))
         self.modality_v = nn.Parameter(torch.zeros(1, 1, dd))
         self.blocks = nn.ModuleList(

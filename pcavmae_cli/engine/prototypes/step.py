@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pcavmae_cli.engine.errors import UserError
+from pcavmae_cli.engine.files import atomic_write
 from pcavmae_cli.engine.prototypes.comm import Comm, default_comm
 from pcavmae_cli.engine.prototypes.concentration import (
     cluster_means,
@@ -26,6 +27,7 @@ from pcavmae_cli.engine.prototypes.concentration import (
 from pcavmae_cli.engine.prototypes.density_peaks import density_peaks
 from pcavmae_cli.engine.prototypes.kmeans import spherical_kmeans
 from pcavmae_cli.engine.schema import PrototypeConfig
+from pcavmae_cli.engine.tensor_io import load_tensors_only
 
 try:
     import safetensors.torch as _safetensors
@@ -150,10 +152,12 @@ def save_prototypes(protos: list[Prototypes], folder: Path, epoch: int) -> Path:
     path = prototype_file(folder, epoch)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"epoch": str(epoch), "levels": str(len(protos))}
-    if _safetensors is not None:
-        _safetensors.save_file(tensors, str(path), metadata=meta)
+    if _safetensors is not None:  # atomic, with the umask's mode (safetensors alone makes 0600)
+        from pcavmae_cli.engine.tensor_io import save_safetensors
+
+        save_safetensors(tensors, path, metadata=meta)
     else:
-        torch.save({"meta": meta, "tensors": tensors}, path)
+        atomic_write(path, lambda tmp: torch.save({"meta": meta, "tensors": tensors}, tmp))
     return path
 
 
@@ -168,9 +172,11 @@ def load_prototypes(
     if path.suffix == ".safetensors":
         if _safetensors is None:
             raise UserError(f"{path}: reading it needs the 'safetensors' package")
-        tensors = _safetensors.load_file(str(path), device=str(device))
+        from pcavmae_cli.engine.tensor_io import read_safetensors  # a truncated file: one line
+
+        tensors = read_safetensors(path, device)
     else:
-        tensors = torch.load(path, map_location=device, weights_only=True)["tensors"]
+        tensors = load_tensors_only(path, map_location=device)["tensors"]
     levels = sorted({int(key.split(".", 1)[0]) for key in tensors})
     names = [f.name for f in fields(Prototypes)]
     try:

@@ -17,7 +17,13 @@ such set of weight files; ``save_checkpoint`` is its pre-training form.
 Writes are atomic: everything goes to a temporary sibling folder first, which then replaces
 the old one by renames (old -> ``.NAME.old``, new -> ``NAME``, then the old one is removed). A
 crash or an error at any point leaves either the previous checkpoint or the new one complete;
-``find_checkpoint`` also finds the previous one in the instant between the two renames.
+``find_checkpoint`` also finds the previous one in the instant between the two renames. The
+temporary folder is ``.NAME.tmp-PID.N@HOST`` (``engine/files.py``): one left by a writer that was
+killed (kill -9, a power cut) is a whole model copy, so every checkpoint write and every
+start-up of a run (``resume_point``) deletes those whose process is gone.
+
+Files get the umask's mode like every other output (safetensors alone would make them 0600), and
+a full disk surfaces as the ``OSError`` it is, naming the file (``engine/tensor_io.py``).
 """
 
 from __future__ import annotations
@@ -27,11 +33,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import safetensors.torch as st
 import torch
 from torch import nn
 
+from pcavmae_cli.engine import files as output_files
 from pcavmae_cli.engine.errors import UserError
+from pcavmae_cli.engine.tensor_io import load_tensors_only, read_safetensors, write_safetensors, write_torch
 
 FILES = ("model.safetensors", "momentum.safetensors", "state.pt", "config.yaml")
 FINETUNE_FILES = ("model.safetensors", "state.pt", "config.yaml")
@@ -47,6 +54,8 @@ def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as exc:  # a network file system reports a full disk here: name the file
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
     finally:
         os.close(fd)
 
@@ -62,9 +71,9 @@ def write_files(folder: Path, weights: dict[str, Weights], state: dict[str, Any]
     folder.mkdir(parents=True)
     names = []
     for stem, tensors in weights.items():
-        st.save_file(_tensors(tensors), str(folder / f"{stem}.safetensors"))
+        write_safetensors(_tensors(tensors), folder / f"{stem}.safetensors")
         names.append(f"{stem}.safetensors")
-    torch.save(state, folder / "state.pt")
+    write_torch(state, folder / "state.pt")
     (folder / "config.yaml").write_text(config_text, encoding="utf-8")
     for name in (*names, "state.pt", "config.yaml"):
         _fsync(folder / name)
@@ -99,7 +108,8 @@ def save_files(
     """Write checkpoint ``name`` of ``run_dir`` (weight files ``weights``) atomically; returns its folder."""
     root = checkpoints_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
-    final, old, tmp = root / name, root / f".{name}.old", root / f".{name}.tmp-{os.getpid()}"
+    output_files.remove_stale_temps(root)
+    final, old, tmp = root / name, root / f".{name}.old", output_files.temp_path(root / name)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         write_files(tmp, weights, state, config_text)
@@ -127,7 +137,9 @@ def resume_point(run_dir: str | Path, resume: bool, files: tuple[str, ...] = FIL
     """``checkpoints/last`` to resume from (``train.resume``), or ``None`` for a new run.
 
     A new run never overwrites an existing one, and a resume needs something to resume.
+    Temporaries of checkpoint writes killed mid-way are deleted here (module docstring).
     """
+    output_files.remove_stale_temps(checkpoints_root(run_dir))
     existing = find_checkpoint(run_dir, "last", files)
     if resume:
         if existing is None:
@@ -142,11 +154,8 @@ def resume_point(run_dir: str | Path, resume: bool, files: tuple[str, ...] = FIL
 
 
 def load_state(folder: Path) -> dict[str, Any]:
-    """The training state of a checkpoint folder (``weights_only`` load)."""
-    try:
-        return torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
-    except Exception as exc:  # a truncated or foreign file
-        raise UserError(f"{folder / 'state.pt'}: cannot read the training state ({exc})") from None
+    """The training state of a checkpoint folder: plain tensors only, no code runs (``tensor_io.load_tensors_only``)."""
+    return load_tensors_only(folder / "state.pt")
 
 
 def load_weights(folder: Path, model: nn.Module, momentum: nn.Module, device: torch.device) -> None:
@@ -158,7 +167,7 @@ def load_weights(folder: Path, model: nn.Module, momentum: nn.Module, device: to
 def load_module(path: Path, module: nn.Module, device: torch.device) -> None:
     """Load one safetensors file into ``module``, strictly; a mismatch is a ``UserError`` naming it."""
     try:
-        module.load_state_dict(st.load_file(str(path), device=str(device)), strict=True)
+        module.load_state_dict(read_safetensors(path, device), strict=True)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
         detail = first[1].strip() if len(first) > 1 else first[0]

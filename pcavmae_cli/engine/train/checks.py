@@ -1,7 +1,10 @@
 """Start-up checks of a pre-training or fine-tuning recipe, before any work: each failure names the key.
 
 Also the numbers derived from the recipe that the loop needs (accumulation steps, stage of an
-epoch), so that they are computed in one place.
+epoch), so that they are computed in one place. ``check_any`` runs the checks of every command a
+recipe is written for (``pcav recipes show`` and ``check``), so a recipe that prints cleanly
+also starts; ``check_inputs`` adds what ``pretrain``/``finetune`` check in the files the recipe
+names (``pcav recipes check``).
 """
 
 from __future__ import annotations
@@ -166,6 +169,39 @@ def check_clusters(cfg: Recipe, n_clips: int) -> None:
             f"key 'prototypes.num_clusters' asks for {largest} clusters but 'data.train_manifest' "
             f"has {n_clips} clips"
         )
+
+
+def check_any(cfg: Recipe, world_size: int = 1) -> list[str]:
+    """The start-up checks of each command ``cfg`` is written for; returns what it is for.
+
+    A recipe with ``stages`` is for pre-training, one with ``finetune`` for fine-tuning; a
+    ``model`` alone must still fit the data; a recipe of ``data`` alone has only its schema.
+    """
+    uses = []
+    if cfg.stages is not None:
+        check_recipe(cfg, world_size)
+        uses.append("pre-training")
+    if cfg.finetune is not None:
+        check_finetune(cfg, world_size)
+        uses.append("fine-tuning")
+    if not uses and cfg.model is not None:
+        check_shapes(cfg)
+    return uses
+
+
+def check_inputs(cfg: Recipe) -> None:
+    """The files ``cfg`` names, checked as training opens them: manifests (and the clusters
+    k-means can make from the training one) and the label CSV."""
+    from pcavmae_cli.engine.data.manifest import read_label_csv, read_manifest
+
+    if cfg.data.train_manifest is not None:
+        n_clips = len(read_manifest(cfg.data.train_manifest))
+        if cfg.stages is not None:
+            check_clusters(cfg, n_clips)
+    if cfg.data.eval_manifest is not None:
+        read_manifest(cfg.data.eval_manifest)
+    if cfg.data.label_csv is not None and cfg.finetune is not None:
+        read_label_csv(cfg.data.label_csv)
 
 
 def stage_of(cfg: Recipe, epoch: int) -> tuple[int, StageConfig]:

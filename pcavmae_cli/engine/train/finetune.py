@@ -44,7 +44,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import safetensors.torch as st
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
@@ -53,9 +52,11 @@ from pcavmae_cli.engine.data.dataset import AudioVisualDataset
 from pcavmae_cli.engine.data.manifest import atomic_write_text, read_label_csv
 from pcavmae_cli.engine.data.model_inputs import model_inputs
 from pcavmae_cli.engine.errors import UserError
+from pcavmae_cli.engine.folder_lock import run_folder_lock
 from pcavmae_cli.engine.evaluate.metrics import classification_metrics
 from pcavmae_cli.engine.model import PCAVMAE, Classifier, LoadReport, load_pretrained, load_pretraining_state
 from pcavmae_cli.engine.schema import Recipe
+from pcavmae_cli.engine.tensor_io import read_safetensors
 from pcavmae_cli.engine.train import augment
 from pcavmae_cli.engine.train import checkpoint as ckpt
 from pcavmae_cli.engine.train.checks import check_finetune
@@ -151,11 +152,14 @@ def finetune(
 ) -> FinetuneResult:
     """Fine-tune with recipe ``cfg``; returns the epoch summaries and checkpoint folders.
 
-    Raises ``UserError`` before any work for a recipe or checkpoint that cannot run,
+    Raises ``UserError`` before any work for a recipe or checkpoint that cannot run, or a
+    ``train.run_dir`` that another process is writing into (``folder_lock``),
     ``TrainingDiverged`` for a non-finite loss, ``Interrupted`` after writing ``checkpoints/last``
     on Ctrl-C / SIGTERM / a ``KeyboardInterrupt`` from ``on_step``.
     """
-    return FineTuner(cfg, default_reporter(reporter), on_step).run()
+    run_dir = cfg.train.run_dir if cfg.train is not None else None
+    with run_folder_lock(run_dir, world_from_env().rank):  # one run per folder
+        return FineTuner(cfg, default_reporter(reporter), on_step).run()
 
 
 class FineTuner:
@@ -267,7 +271,7 @@ class FineTuner:
         self.epoch_meter.load_state_dict(saved["epoch_meter"])
         self.window_meter.load_state_dict(saved["window_meter"])
         if (folder / AVERAGE_FILE).is_file():
-            self.average = st.load_file(str(folder / AVERAGE_FILE), device=str(self.rt.device))
+            self.average = read_safetensors(folder / AVERAGE_FILE, self.rt.device)
         restore_rng(saved["rng"], self.rt.device)
         self.resumed_from_step = self.state.step
 

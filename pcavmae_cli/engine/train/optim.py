@@ -1,8 +1,10 @@
 """AdamW with decoupled weight decay on weight matrices only (pre-training and fine-tuning).
 
-No weight decay on LayerNorm weights, biases, the learnt modality embeddings and the decoder's
-mask token (MAE/timm convention: 1-D parameters and embeddings are not decayed). Positional
-embeddings are fixed buffers, not parameters. Every parameter is in the optimiser from the start,
+No weight decay on LayerNorm weights, biases, the learnt modality embeddings, the decoder's
+mask token and learned position tables (``model.pos_embed`` / ``model.decoder_pos_embed:
+learned``; MAE/timm convention: 1-D parameters and embeddings are not decayed: decay would pull
+positions towards zero, erasing the order they encode). Fixed (sin-cos) position tables are
+buffers, not parameters. Every parameter is in the optimiser from the start,
 whatever the stage: a frozen part (``requires_grad=False``) has no gradient, and AdamW skips
 parameters without a gradient, so it gets neither an update nor weight decay.
 """
@@ -14,7 +16,7 @@ from torch import nn
 
 from pcavmae_cli.engine.schema import OptimConfig
 
-NO_DECAY_NAMES = ("mask_token", "modality", "modality_a", "modality_v")
+NO_DECAY_NAMES = ("mask_token", "modality", "modality_a", "modality_v", "pos_embed", "pos_embed_a", "pos_embed_v")
 
 
 def decays(name: str, param: nn.Parameter) -> bool:

@@ -50,6 +50,7 @@ from pcavmae_cli.engine.data.dataset import AudioVisualDataset
 from pcavmae_cli.engine.data.manifest import atomic_write_text
 from pcavmae_cli.engine.data.model_inputs import model_inputs
 from pcavmae_cli.engine.errors import UserError
+from pcavmae_cli.engine.folder_lock import run_folder_lock
 from pcavmae_cli.engine.model import PCAVMAE, MomentumEncoder
 from pcavmae_cli.engine.prototypes import Prototypes, load_prototypes, prototypes_active
 from pcavmae_cli.engine.progress import ProgressReporter, default_reporter
@@ -126,11 +127,14 @@ def pretrain(
 ) -> PretrainResult:
     """Pre-train with recipe ``cfg``; returns the run's epoch summaries and checkpoint folders.
 
-    Raises ``UserError`` (before any work) for a recipe that cannot run, ``TrainingDiverged`` for a
+    Raises ``UserError`` (before any work) for a recipe that cannot run or a ``train.run_dir`` that
+    another process is writing into (``folder_lock``), ``TrainingDiverged`` for a
     non-finite loss, and ``Interrupted`` after writing ``checkpoints/last`` when stopped by Ctrl-C,
     SIGTERM or a ``KeyboardInterrupt`` (from ``on_step``, say).
     """
-    return Trainer(cfg, default_reporter(reporter), on_step).run()
+    run_dir = cfg.train.run_dir if cfg.train is not None else None
+    with run_folder_lock(run_dir, world_from_env().rank):  # one run per folder
+        return Trainer(cfg, default_reporter(reporter), on_step).run()
 
 
 class Trainer:

@@ -20,6 +20,7 @@ from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from pcavmae_cli.engine.data.manifest import atomic_write_text  # noqa: E402
+from pcavmae_cli.engine.files import atomic_write  # noqa: E402
 from pcavmae_cli.engine.schema import DataConfig  # noqa: E402
 
 DPI = 100
@@ -49,10 +50,7 @@ def save(fig: Figure, path: str | Path) -> Path:
     """Write ``fig`` as PNG to ``path`` (folders made), atomically; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=DPI, format="png", facecolor="white")
-    tmp.replace(path)
-    return path
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=DPI, format="png", facecolor="white"))
 
 
 def frame_image(frame: torch.Tensor, data: DataConfig) -> np.ndarray:

@@ -30,7 +30,7 @@ import torch
 
 from pcavmae_cli.engine.data.dataset import AudioVisualDataset
 from pcavmae_cli.engine.data.manifest import read_manifest
-from pcavmae_cli.engine.data.preprocess import VIDEO_EXTENSIONS, ClipInput, Inputs, preprocess
+from pcavmae_cli.engine.data.preprocess import ClipInput, Inputs, clip_id_of_stem, preprocess
 from pcavmae_cli.engine.errors import UserError
 from pcavmae_cli.engine.model.classifier import Classifier
 from pcavmae_cli.engine.prototypes import joint_embedding
@@ -229,16 +229,14 @@ class Explainer:
     def _open_clip(self, clip: str, tmp: Path) -> tuple[Path, int, str, bool]:
         """The manifest holding ``clip``, its row, where it came from, and whether it is a video file."""
         path = Path(clip)
-        if path.is_file() and path.suffix.lower() in VIDEO_EXTENSIONS:
-            clip_id = "".join(ch if ch.isalnum() or ch in "_.-" else "_" for ch in path.stem) or "clip"
+        if path.is_file():  # any media file ffmpeg can read: preprocessing probes its content
+            clip_id = clip_id_of_stem(path.stem)
             inputs = Inputs(path.parent, "folder", items=[ClipInput(clip_id, path.resolve())])
             report = preprocess(inputs, tmp, self.run.cfg.data, jobs=1)
             if report.n_ok != 1:
                 failure = json.loads(report.failures_path.read_text().splitlines()[0])
                 raise UserError(f"{path}: cannot preprocess ({failure['reason']}: {failure.get('detail', '')})")
             return report.manifest, 0, str(path), True
-        if path.is_file():
-            raise UserError(f"{path}: not a video file ({', '.join(VIDEO_EXTENSIONS)}) nor a clip id")
         for manifest in self.manifests:
             if not manifest.is_file():
                 continue

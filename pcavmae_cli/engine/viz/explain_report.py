@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pcavmae_cli.engine.data.dataset import AudioVisualDataset
 from pcavmae_cli.engine.data.manifest import atomic_write_text
+from pcavmae_cli.engine.path_names import child
 from pcavmae_cli.engine.viz import draw
 from pcavmae_cli.engine.viz.contributions import Decomposition
 from pcavmae_cli.engine.viz.explain import Explanation
@@ -148,6 +149,15 @@ def explanation_html(ex: Explanation, png: Path, out: Path) -> Path:
                      "times one fitted scale s), times what the head gives that direction; see docs/method.md, "
                      "explain.</p>")  # fmt: skip
     return draw.write_html(out, f"pcav explain {ex.clip_id}", "\n".join(parts))
+
+
+def default_folder(plots: str | Path, clip_id: str) -> Path:
+    """``PLOTS/explain/CLIP``, where ``pcav explain`` writes unless told ``--out``.
+
+    A manifest pcav did not write (a CAV-MAE JSON's import, a hand-edited file) may hold an id
+    such as ``../../x``; it is refused rather than followed out of the run folder.
+    """
+    return child(Path(plots) / "explain", clip_id, hint="; pass --out FOLDER")
 
 
 def render(ex: Explanation, dataset: AudioVisualDataset, out_dir: str | Path) -> list[Path]:

@@ -12,7 +12,7 @@ from pathlib import Path
 from pcavmae_cli.engine.data.manifest import read_manifest
 from pcavmae_cli.engine.viz.curves import curves_for_run
 from pcavmae_cli.engine.viz.explain import Explainer
-from pcavmae_cli.engine.viz.explain_report import render
+from pcavmae_cli.engine.viz.explain_report import default_folder, render
 from pcavmae_cli.engine.viz.prototypes_report import prototypes_report
 from pcavmae_cli.engine.viz.reconstruct import reconstruct_for_run
 from pcavmae_cli.engine.viz.run import open_run
@@ -54,5 +54,5 @@ def demo_figures(
         clip = read_manifest(source)[0].id
     explainer = Explainer(finetune_dir or run.run_dir, prototypes_run=run.run_dir, data=manifest, device=device)
     explanation = explainer.explain(clip)
-    png, html, data = render(explanation, explainer.train_middle, run.plots / "explain" / explanation.clip_id)
+    png, html, data = render(explanation, explainer.train_middle, default_folder(run.plots, explanation.clip_id))
     return [*files, png, report.html, html, data]
