@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pcavmae_cli.engine import config, media
-from pcavmae_cli.engine.data import manifest
+from pcavmae_cli.engine.data import decode_check, manifest
 from pcavmae_cli.engine.data import preprocess as pp
 from tests.cli_helpers import pcav
 
@@ -156,11 +156,11 @@ def test_a_corrupt_middle_is_kept_and_flagged_when_asked(corrupt, tmp_path):
 def test_decoded_audio_shorter_than_its_packets_is_a_length_mismatch():
     settings = pp.ClipSettings.from_config(DATA)
     info = media.MediaInfo(10.0, True, True, "h264", "aac", 320, 240, 25.0, 0.0, 10.0, 0.0, 10.0)
-    assert pp._decode_issues(info, 0.0, settings, [], 16000 * 10, 10) is None
-    assert pp._decode_issues(info, 0.0, settings, [], 16000 * 10 - 800, 10) is None  # 50 ms: encoder padding
-    reason, detail = pp._decode_issues(info, 0.0, settings, [], int(16000 * 8.8), 10)  # 1.2 s of audio lost
+    assert decode_check.decode_issues(info, 0.0, settings, [], 16000 * 10, 10) is None
+    assert decode_check.decode_issues(info, 0.0, settings, [], 16000 * 10 - 800, 10) is None  # 50 ms: encoder padding
+    reason, detail = decode_check.decode_issues(info, 0.0, settings, [], int(16000 * 8.8), 10)  # 1.2 s of audio lost
     assert reason == "length_mismatch" and detail == "decoded 8.80 s of audio where its packets hold 10.00 s"
-    reason, detail = pp._decode_issues(info, 0.0, settings, [], 16000 * 10, 7)
+    reason, detail = decode_check.decode_issues(info, 0.0, settings, [], 16000 * 10, 7)
     assert reason == "length_mismatch" and "decoded 7 frames" in detail
 
 
@@ -198,5 +198,5 @@ def test_a_seek_into_an_open_gop_video_is_not_a_decode_error(tmp_path):
 
 def test_decode_error_lines_are_counted_with_their_repeats():
     lines = ["[aac @ 0x1] Reserved bit set.", "Last message repeated 2 times", "[h264 @ 0x2] mmco: unref short failure"]
-    assert pp._decode_errors(lines, seeking=False) == [lines[0]] * 3 + [lines[2]]
-    assert pp._decode_errors([*lines, "Last message repeated 4 times"], seeking=True) == [lines[0]] * 3
+    assert decode_check.decode_errors(lines, seeking=False) == [lines[0]] * 3 + [lines[2]]
+    assert decode_check.decode_errors([*lines, "Last message repeated 4 times"], seeking=True) == [lines[0]] * 3

@@ -59,7 +59,7 @@ from typing import Literal
 import ffmpeg
 
 from pcavmae_cli.engine import media
-from pcavmae_cli.engine.data import cavmae_json, manifest, segments
+from pcavmae_cli.engine.data import cavmae_json, decode_check, manifest, segments
 from pcavmae_cli.engine.data.manifest import ClipRecord, Failure
 from pcavmae_cli.engine.errors import UserError
 from pcavmae_cli.engine.files import STORAGE_ERRNOS, storage_error_in_text
@@ -304,11 +304,6 @@ def _last_line(stderr: bytes) -> str:
     return lines[-1] if lines else "ffmpeg failed without a message"
 
 
-def _ffmpeg_message(line: str) -> str:
-    """An ffmpeg log line without object addresses (``[aac @ 0x55d0...]``): stable and readable."""
-    return re.sub(r" @ 0x[0-9a-f]+", "", line).strip()
-
-
 def _run_ffmpeg(src: Path, tmp: Path, start: float, settings: ClipSettings) -> list[str]:
     """The one ffmpeg pass: frames (fps, scale, JPEG) and mono WAV from the clip window.
 
@@ -356,100 +351,6 @@ def _pad_audio(path: Path, n_samples: int) -> int:
     return decoded
 
 
-# Decoded audio may differ from its packets' span by the encoder delay and padding the
-# container does not trim (a few ms, at most a codec frame); a dropped packet costs 20-70 ms.
-# 0.1 s passes every container of scripts/real_media_formats.py and catches a second lost.
-AUDIO_TOLERANCE_S = 0.1
-
-
-# What decoders log when a seek lands on a keyframe whose neighbours reference frames before it
-# (open GOPs): those frames fall before the clip window and are dropped; nothing in it is lost.
-_SEEK_NOISE = re.compile(
-    r"mmco: unref short failure|co located POCs unavailable|[Mm]issing reference picture"
-    r"|reference picture missing during reorder|Could not find ref with POC|Error constructing the frame RPS"
-)
-_REPEATED = re.compile(r"Last message repeated (\d+) times?")
-
-
-def _decode_errors(lines: list[str], seeking: bool) -> list[str]:
-    """The error lines that mean damage: repeats expanded, a seek's reference warnings dropped."""
-    errors: list[str] = []
-    last_kept = False
-    for line in lines:
-        repeated = _REPEATED.search(line)
-        if repeated:
-            if last_kept:
-                errors.extend([errors[-1]] * int(repeated.group(1)))
-            continue
-        last_kept = not (seeking and _SEEK_NOISE.search(line))
-        if last_kept:
-            errors.append(line)
-    return errors
-
-
-def _span_in(begin: float | None, end: float | None, window_start: float, window_end: float) -> float | None:
-    """Seconds of the stream ``[begin, end]`` inside the clip window; None when unknown."""
-    if end is None:
-        return None
-    return max(0.0, min(end, window_end) - max(begin or 0.0, window_start))
-
-
-def _decode_issues(
-    info: media.MediaInfo, start: float, settings: ClipSettings, errors: list[str], n_samples: int, n_frames: int
-) -> tuple[str, str] | None:
-    """``(reason, detail)`` when the clip window decoded with errors or to the wrong length.
-
-    ``errors`` are the lines ``_run_ffmpeg`` returned. The lengths expected are those of the
-    streams' packets in the window (``media.probe``), so a decoder that drops what it cannot
-    read shows as missing audio; frames are resampled to ``fps`` (a lost frame is replaced by
-    its neighbour), so only frames missing at the end show, and one frame of rounding is
-    allowed.
-    """
-    issues = []
-    errors = _decode_errors(errors, seeking=start > 0)
-    if errors:
-        issues.append(f"{len(errors)} decode error(s), first: {_ffmpeg_message(errors[0])}")
-    window_end = start + settings.clip_seconds
-    audio = _span_in(info.audio_start, info.audio_end, start, window_end)
-    audio_s = n_samples / settings.sample_rate
-    if audio is not None and abs(audio_s - audio) > AUDIO_TOLERANCE_S:
-        issues.append(f"decoded {audio_s:.2f} s of audio where its packets hold {audio:.2f} s")
-    video = _span_in(info.video_start, info.video_end, start, window_end)
-    if video is not None:
-        wanted = min(settings.n_frames, round(video * settings.fps))
-        if n_frames < wanted - 1:
-            issues.append(f"decoded {n_frames} frames where its packets hold {video:.2f} s ({wanted} frames)")
-    if not issues:
-        return None
-    return ("decode_errors" if errors else "length_mismatch"), "; ".join(issues)
-
-
-def _cut_short(info: media.MediaInfo, start: float, settings: ClipSettings) -> str | None:
-    """A detail when ffmpeg found the file cut off inside the clip window (a partial download)."""
-    cut = [e for e in info.read_errors if e.endswith("partial file")]
-    if not cut or (info.duration or 0.0) >= start + settings.clip_seconds:
-        return None
-    return f"readable packets stop at {info.duration or 0.0:.2f} s ({_ffmpeg_message(cut[0])}): the file is incomplete"
-
-
-def _stream_stops_early(info: media.MediaInfo, start: float, settings: ClipSettings) -> str | None:
-    """A detail when the audio or video packets stop far (over max(1 s, 20 %)) before the other
-    stream's inside the clip window, as where a download or a remux lost a stream's tail."""
-    window_end = start + settings.clip_seconds
-    spans = {
-        "audio": _span_in(info.audio_start, info.audio_end, start, window_end),
-        "video": _span_in(info.video_start, info.video_end, start, window_end),
-    }
-    known = {kind: span for kind, span in spans.items() if span is not None}
-    if len(known) < 2:
-        return None
-    longest = max(known.values())
-    for kind, span in known.items():
-        if longest - span > max(1.0, 0.2 * longest):
-            return f"the {kind} packets hold {span:.1f} s of the clip, the other stream's {longest:.1f} s"
-    return None
-
-
 def process_clip(item: ClipInput, out: Path, settings: ClipSettings) -> tuple[str, ClipRecord | Failure]:
     """Preprocess one clip into ``out/clips/{id}``: ``('done' | 'skipped', record)`` or ``('failed', failure)``."""
     final = out / "clips" / item.id
@@ -481,7 +382,7 @@ def process_clip(item: ClipInput, out: Path, settings: ClipSettings) -> tuple[st
         expected = min(info.duration - start, settings.clip_seconds)
         if expected < settings.min_seconds:
             return fail("too_short", f"{max(expected, 0):.2f} s long, less than min_seconds={settings.min_seconds:g}")
-    cut_short = _cut_short(info, start, settings) or _stream_stops_early(info, start, settings)
+    cut_short = decode_check.cut_short(info, start, settings) or decode_check.stream_stops_early(info, start, settings)
     if cut_short:
         return fail("truncated", cut_short)
 
@@ -509,7 +410,7 @@ def process_clip(item: ClipInput, out: Path, settings: ClipSettings) -> tuple[st
         if n_real == 0 or decoded == 0:
             what = "video frame" if n_real == 0 else "audio sample"
             return fail("undecodable", f"no {what} could be decoded")
-        damage = _decode_issues(info, start, settings, errors, decoded, n_real)
+        damage = decode_check.decode_issues(info, start, settings, errors, decoded, n_real)
         if damage is not None and settings.on_decode_error == "fail":
             return fail(*damage)
         duration = expected if expected is not None else max(audio_s, video_s)
