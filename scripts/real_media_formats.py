@@ -8,19 +8,24 @@ manifest, and every other file should fail with its true reason. This script mak
 10-s (``--seconds``) recording in ~20 containers with the bundled ffmpeg (codecs each container takes in that
 build), adds a few files that must fail (picture only, sound only, text), preprocesses the
 folder with the ``base`` recipe and prints, per file, ``manifest`` or the failure reason and
-whether that is what the file holds. Exit status 1 when any file's outcome is not the expected.
+whether that is what the file holds. ``--corrupt`` also damages the middle of every two-stream
+file (40 kB of random bytes) and checks that each one fails as damaged. Exit status 1 when any
+file's outcome is not the expected.
 
-The source (``--source``, any media file ffmpeg reads with both streams) defaults to a real
-recording when one is found on this machine (the plucked-string WAV that CPython's test suite
-ships, over a real photograph found in the local Rust docs, slowly panned), else to a clip of
-pcav's own demo corpus generator, and the script says which it used.
+The source (``--source``, any media file ffmpeg reads with both streams) defaults to real
+media from package registries, so anyone can rebuild it: the spoken recordings of Debian's
+``sound-theme-freedesktop`` package ("front left", "rear right", ...; fetched with
+``apt-get download`` and unpacked with ``dpkg-deb``, no root needed) one after another, over
+the photograph of Grace Hopper that matplotlib ships as sample data, slowly zoomed. Where
+``apt-get`` is missing it falls back to a clip of pcav's own demo corpus generator (synthetic)
+and says so.
 """
 
 from __future__ import annotations
 
 import argparse
-import glob
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -64,8 +69,32 @@ FORMATS: dict[str, tuple[list[str], str]] = {
     "wav": (["-vn", "-c:a", "pcm_s16le", "-f", "wav"], "no_video_stream"),
 }
 
-REAL_AUDIO = "/root/.pyenv/versions/*/lib/python3*/test/audiodata/pluck-pcm16.wav"
-REAL_PHOTO = "/root/.rustup/toolchains/*/share/doc/rust/html/embedded-book/assets/f3.jpg"
+SOUND_PACKAGE = "sound-theme-freedesktop"  # Debian/Ubuntu: real recorded voices and sounds
+SOUNDS = "usr/share/sounds/freedesktop/stereo/audio-channel-*.oga"
+
+
+def real_voices(work: Path) -> list[Path]:
+    """The spoken channel names of ``SOUND_PACKAGE`` (about 1 s each), fetched from the
+    distribution's archive into ``work``; [] when apt-get or dpkg-deb is not there."""
+    if not (shutil.which("apt-get") and shutil.which("dpkg-deb")):
+        return []
+    debs = sorted(work.glob(f"{SOUND_PACKAGE}_*.deb"))
+    if not debs:
+        fetched = subprocess.run(["apt-get", "download", SOUND_PACKAGE], cwd=work, capture_output=True, text=True)
+        debs = sorted(work.glob(f"{SOUND_PACKAGE}_*.deb"))
+        if fetched.returncode != 0 or not debs:
+            print(f"apt-get download {SOUND_PACKAGE} failed: {fetched.stderr.strip()[-200:]}", file=sys.stderr)
+            return []
+    unpacked = work / SOUND_PACKAGE
+    subprocess.run(["dpkg-deb", "-x", str(debs[-1]), str(unpacked)], check=True)
+    return sorted(unpacked.glob(SOUNDS))
+
+
+def real_photo() -> Path:
+    """A real photograph that matplotlib (a pcav dependency) ships as sample data."""
+    import matplotlib
+
+    return Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
 
 
 def _ffmpeg(*args: str) -> None:
@@ -84,14 +113,20 @@ def make_source(work: Path, source: Path | None, seconds: float = 10) -> tuple[P
     if source is not None:
         _ffmpeg("-i", str(source), *encode)
         return master, f"the given source {source}"
-    audio, photo = sorted(glob.glob(REAL_AUDIO)), sorted(glob.glob(REAL_PHOTO))
-    if audio and photo:
-        # The 0.3-s pluck played every 0.7 s (a real sound), over the photograph slowly zoomed.
+    voices, photo = real_voices(work), real_photo()
+    if voices and photo.is_file():
+        # The voices one after another (0.3 s apart), looped to the length, over the photograph
+        # slowly zoomed.
+        inputs = [a for v in voices for a in ("-i", str(v))]
+        chain = "".join(f"[{k + 1}:a]aresample=44100,aformat=channel_layouts=stereo,apad=pad_dur=0.3[a{k}];"
+                        for k in range(len(voices)))  # fmt: skip
+        joined = "".join(f"[a{k}]" for k in range(len(voices)))
         pan = f"zoompan=z='1+0.002*on':d={round(seconds * 25)}:s={SIZE}:fps=25"
-        _ffmpeg("-loop", "1", "-i", photo[0], "-stream_loop", "-1", "-i", audio[0],
-                "-filter_complex", f"[0:v]{pan}[v];[1:a]apad=pad_dur=0.4,aloop=loop=-1:size=2e9[a]",
+        graph = f"{chain}{joined}concat=n={len(voices)}:v=0:a=1,aloop=loop=-1:size=2e9[a];[0:v]{pan}[v]"
+        _ffmpeg("-loop", "1", "-i", str(photo), *inputs, "-filter_complex", graph,
                 "-map", "[v]", "-map", "[a]", *encode)  # fmt: skip
-        return master, f"real recording {audio[0]} over real photograph {photo[0]}"
+        names = ", ".join(v.stem for v in voices)
+        return master, f"real recordings ({SOUND_PACKAGE}: {names}) over a real photograph ({photo})"
     rendered = demo.render_clip(demo.demo_clips(demo.demo_classes(1), 1, 0)[0], seed=0, seconds=seconds)
     demo.encode_clip(rendered, work / "demo.mp4", seconds)
     _ffmpeg("-i", str(work / "demo.mp4"), *encode)
@@ -109,6 +144,26 @@ def make_folder(master: Path, folder: Path) -> dict[str, str]:
     (folder / "notes.txt").write_text("a text file is not media\n")
     expected["notes.txt"] = "undecodable"
     return expected
+
+
+def make_corrupt(folder: Path, expected: dict[str, str], into: Path, size: int = 40_000) -> dict[str, str]:
+    """Copies of the two-stream files with ``size`` random bytes (seeded) in their middle: each must
+    fail as damaged (``decode_errors`` or ``length_mismatch``), never reach the manifest silently."""
+    import random
+
+    rng = random.Random(0)
+    into.mkdir(parents=True, exist_ok=True)
+    damaged = {}
+    for name, outcome in expected.items():
+        if outcome != "manifest":
+            continue
+        data = bytearray((folder / name).read_bytes())
+        n = min(size, len(data) // 8)
+        at = len(data) // 2
+        data[at : at + n] = rng.randbytes(n)
+        (into / f"damaged_{name}").write_bytes(bytes(data))
+        damaged[f"damaged_{name}"] = "damaged"
+    return damaged
 
 
 def outcomes(out: Path) -> dict[str, tuple[str, str]]:
@@ -129,6 +184,8 @@ def main() -> int:
     parser.add_argument("--source", type=Path, help="media file with picture and sound to use as the recording")
     parser.add_argument("--work", type=Path, help="folder for the files (default: a temporary one)")
     parser.add_argument("--seconds", type=float, default=10.0, help="length of the recording (default 10)")
+    parser.add_argument("--corrupt", action="store_true",
+                        help="also preprocess copies with 40 kB of random bytes in the middle: each must fail as damaged")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="pcav-formats-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -144,6 +201,15 @@ def main() -> int:
         bad += not ok
         print(f"{'ok ' if ok else 'BAD'} {name:18} {outcome:16} {detail}")
     print(f"{report.n_ok} in the manifest, {report.n_failed} failures; {bad} unexpected; files in {work}")
+    if args.corrupt:
+        damaged = make_corrupt(work / "formats", expected, work / "damaged")
+        pp.preprocess(work / "damaged", work / "out-damaged", config.load_recipe("base").data, jobs=2)
+        found = outcomes(work / "out-damaged")
+        for name in sorted(damaged):
+            outcome, detail = found.get(name, ("missing", "in neither manifest nor failures"))
+            ok = outcome in ("decode_errors", "length_mismatch")
+            bad += not ok
+            print(f"{'ok ' if ok else 'BAD'} {name:26} {outcome:16} {detail[:90]}")
     return 1 if bad else 0
 
 
