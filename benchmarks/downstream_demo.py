@@ -18,6 +18,8 @@ import json
 import time
 from pathlib import Path
 
+from bench_runs import corpus_overrides, pretrain_seconds
+
 from pcavmae_cli.engine import config
 from pcavmae_cli.engine.demo import run_demo
 from pcavmae_cli.engine.evaluate.runner import evaluate
@@ -37,15 +39,6 @@ def one_per_class(train: Path) -> Path:
     path = train.with_name("one_per_class.jsonl")
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-def corpus_overrides(recipe: dict) -> list[str]:
-    data = recipe["data"]
-    return [
-        f"data.train_manifest={data['train_manifest']}", f"data.eval_manifest={data['eval_manifest']}",
-        f"data.label_csv={data['label_csv']}", f"data.audio.fbank.mean={data['audio']['fbank']['mean']}",
-        f"data.audio.fbank.std={data['audio']['fbank']['std']}",
-    ]  # fmt: skip
 
 
 def downstream(name: str, pre_run: Path | None, out: Path, corpus: list[str], train: Path, held_out: Path) -> dict:
@@ -102,10 +95,6 @@ def main() -> None:
     started = time.perf_counter()
     pretrain(base_cfg)
     base_seconds = time.perf_counter() - started
-
-    def pretrain_seconds(run: Path) -> float:
-        lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-        return round(sum(r["seconds"] + r.get("estep_seconds", 0) for r in lines if r["kind"] == "epoch"), 1)
 
     rows = [
         {**downstream("pcavmae", out / "runs" / "pretrain", out, corpus, train, held_out),

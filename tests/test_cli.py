@@ -14,7 +14,7 @@ COMMANDS = [
 SUBCOMMANDS = (
     [[c] for c in COMMANDS]
     + [["recipes", s] for s in ("list", "show", "copy")]
-    + [["visualize", s] for s in ("tsne", "reconstruct", "curves", "prototypes")]
+    + [["visualize", s] for s in ("tsne", "reconstruct", "curves", "health", "prototypes")]
     + [["convert", "cavmae"]]
 )
 

@@ -316,7 +316,7 @@ def test_the_run_folder_holds_config_metrics_checkpoints_prototypes(reference):
         assert sorted(p.name for p in (run_dir / "checkpoints" / name).iterdir()) == sorted(ckpt.FILES)
     state = torch.load(run_dir / "checkpoints/last/state.pt", weights_only=True)
     assert state["train"] == {"step": 9, "epoch": 3, "position": 0, "best_metric": state["train"]["best_metric"],
-                              "best_epoch": 2, "best_regime": [1, 1]}  # fmt: skip
+                              "best_epoch": 2, "best_regime": [1, 1], "health": None}  # fmt: skip
     model = PCAVMAE(config.load_recipe(str(run_dir / "config.yaml")).model)
     ckpt.load_weights(run_dir / "checkpoints" / "last", model, MomentumEncoder(model), torch.device("cpu"))
 

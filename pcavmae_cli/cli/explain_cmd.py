@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from pcavmae_cli.cli.console import console
@@ -19,10 +20,34 @@ def _neighbour_table(level: int, row, assigned: int | None) -> Table:
     for nb in row:
         table.add_row(
             f"P{nb.prototype}", f"{nb.similarity:.2f}", f"{nb.audio_similarity:.2f}/{nb.video_similarity:.2f}",
-            f"{nb.posterior:.2f}", str(nb.clips), ", ".join(f"{n} {s:.0%}" for n, s in nb.makeup[:2]) or "-",
-            " ".join(e.clip_id for e in nb.exemplars) or "-",
+            f"{nb.posterior:.2f}", str(nb.clips), escape(", ".join(f"{n} {s:.0%}" for n, s in nb.makeup[:2]) or "-"),
+            escape(" ".join(e.clip_id for e in nb.exemplars) or "-"),
         )  # fmt: skip
     return table
+
+
+def _modality_table(lines) -> Table:
+    """The audio share of each decision (engine/viz/modality_share.py)."""
+    table = Table(title="audio or video? (audio share = |audio| / (|audio| + |video|))", header_style="bold",
+                  title_justify="left")  # fmt: skip
+    for name in ("decision", "audio share", "verdict", "audio", "video"):
+        table.add_column(name, justify="right" if name in ("audio share", "audio", "video") else "left")
+    for what, m in lines:
+        share = "-" if m.share is None else f"{m.share:.2f}"
+        table.add_row(escape(what), share, m.verdict, f"{m.audio:+.3f}", f"{m.video:+.3f}")
+    return table
+
+
+def _faithfulness_rows(f) -> list[tuple[str, str]]:
+    """Rows of the faithfulness measures (engine/viz/faithfulness.py) under a decomposition table."""
+    d = f.deletion
+    named = " ".join(f"P{k}" for k in d.deleted)
+    rows = [("prototype share |C| / (|C| + |residual|)", "-" if f.share is None else f"{f.share:.2f}"),
+            (f"drop, top {d.n} removed ({named}): logit / prob", f"{d.top_logit_drop:+.3f} / {d.top_probability_drop:+.3f}")]
+    if d.draws:
+        rows.append((f"drop, {d.n} random others removed (mean of {d.draws})",
+                     f"{d.random_logit_drop:+.3f} / {d.random_probability_drop:+.3f}"))
+    return rows
 
 
 def explain(
@@ -42,33 +67,42 @@ def explain(
 
     At each granularity: the nearest prototypes (similarity, exemplar member clips, label
     make-up); for a fine-tuned model also the predicted classes and how much each prototype
-    contributes to the top logit. Prints tables and writes a PNG, an HTML page and JSON.
+    contributes to the top logit; and whether the decision is audio- or video-driven (the audio
+    share). Prints tables and writes a PNG (frames and log-Mels), JSON, and an HTML page that plays
+    the clip and its exemplars (their WAVs copied into media/ next to it).
 
     Example: pcav explain demo0042_0 --checkpoint pcav-demo/runs/finetune
     """
     from pcavmae_cli.engine.viz.explain import Explainer
-    from pcavmae_cli.engine.viz.explain_report import decomposition_bars, default_folder, render
+    from pcavmae_cli.engine.viz.explain_report import (
+        decision_sentence, decomposition_bars, default_folder, modality_lines, render,
+    )  # fmt: skip
 
     explainer = Explainer(checkpoint, prototypes_run=prototypes, data=data, device=device, top=top, exemplars=exemplars)
     ex = explainer.explain(clip)
     folder = Path(out) if out is not None else default_folder(explainer.run.plots, ex.clip_id)  # before any output
     labels = ", ".join(ex.labels) or "unlabelled"
-    console.print(f"[bold]{ex.clip_id}[/] ({labels}) from {ex.source}; prototypes of epoch {ex.epoch + 1} of {ex.run_dir}",
-                  highlight=False)  # fmt: skip
+    console.print(f"[bold]{escape(ex.clip_id)}[/] ({escape(labels)}) from {escape(ex.source)}; "
+                  f"prototypes of epoch {ex.epoch + 1} of {escape(ex.run_dir)}", highlight=False)  # fmt: skip
     for level, row in enumerate(ex.neighbours):
         console.print(_neighbour_table(level, row, ex.assigned[level]))
     if ex.prediction is not None:
         p = ex.prediction
-        console.print("prediction: " + ", ".join(f"{n} {v:.3f}" for n, v in p.classes), highlight=False)
+        console.print("prediction: " + escape(", ".join(f"{n} {v:.3f}" for n, v in p.classes)), highlight=False)
         for level, d in enumerate(p.decompositions):
-            table = Table(title=f"logit of '{p.top_class}' over granularity {level}: {d.logit:.3f}",
+            table = Table(title=f"logit of '{escape(p.top_class)}' over granularity {level}: {d.logit:.3f}",
                           header_style="bold", title_justify="left")  # fmt: skip
             table.add_column("part")
             table.add_column("value", justify="right")
             for name, value in decomposition_bars(d):
                 table.add_row(name, f"{value:+.3f}")
+            if level < len(p.faithfulness):
+                for name, value in _faithfulness_rows(p.faithfulness[level]):
+                    table.add_row(name, value)
             console.print(table)
     else:
         console.print("[dim]a pre-training checkpoint: no prediction (give a fine-tuned one for the logit's make-up)[/]")
+    console.print(_modality_table(modality_lines(ex)))
+    console.print(escape(decision_sentence(ex)), highlight=False)
     for path in render(ex, explainer.train_middle, folder):
         console.print(f"wrote [bold]{path}[/]", highlight=False)

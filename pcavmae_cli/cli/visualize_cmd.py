@@ -1,4 +1,4 @@
-"""``pcav visualize tsne|reconstruct|curves|prototypes``: PNG figures of a run (and an HTML page)."""
+"""``pcav visualize tsne|reconstruct|curves|health|prototypes``: PNG figures of a run (and an HTML page)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import typer
 from pcavmae_cli.cli.console import console
 
 app = typer.Typer(
-    help="Figures of a run: t-SNE by class (paper Fig. 2), reconstructions, training curves, prototype galleries.",
+    help="Figures of a run: t-SNE by class (paper Fig. 2), reconstructions, training curves, representation health, "
+    "prototype galleries.",
     no_args_is_help=True,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -80,6 +81,36 @@ def curves(
     from pcavmae_cli.engine.viz.curves import curves_for_run
 
     _wrote(curves_for_run(run, out))
+
+
+@app.command("health")
+def health(
+    run: Path = typer.Argument(..., help="A pre-training run folder (with metrics.jsonl) or a metrics.jsonl file."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="PNG to write (default RUN/plots/health.png)."),
+) -> None:
+    """Representation health per epoch: mean cosine, effective rank, cosine spread to the prototypes, agreement.
+
+    Example: pcav visualize health pcav-demo/runs/pretrain
+    """
+    from pcavmae_cli.engine.viz.draw import fmt
+    from pcavmae_cli.engine.viz.health import health_for_run
+
+    report = health_for_run(run, out)
+    last = report.last
+    console.print(f"epoch {last['epoch']} (of {len(report.epochs)} measured):", highlight=False)
+    for m, name in (("a", "audio"), ("v", "video"), ("joint", "joint")):
+        spread = last.get(f"health_spread_{m}")
+        agree = last.get(f"health_agree_{m}")
+        console.print(
+            f"  {name}: mean cosine {fmt(last[f'health_cos_{m}'])}, effective rank {fmt(last[f'health_rank_{m}'], 2)}"
+            + (f", spread to prototypes {'/'.join(fmt(v) for v in spread)}" if spread else "")
+            + (f", agrees with the joint cluster {'/'.join(fmt(v) for v in agree)}" if agree else ""),
+            highlight=False,
+        )
+    for name, epochs in report.collapsed.items():
+        if epochs:
+            console.print(f"[yellow]{name} collapsed[/] at epochs {', '.join(map(str, epochs))}", highlight=False)
+    _wrote(report.path)
 
 
 @app.command("prototypes")

@@ -225,6 +225,42 @@ class TrainConfig:
 
 
 @dataclass
+class PrototypeHeadConfig:
+    """The prototype head (``finetune.head: prototype``; docs/method.md, "Prototype head")."""
+
+    trainable_prototypes: bool  # false: the pre-training prototypes stay fixed (buffers); true: they train
+    temperature: float  # similarities cos(e, p_k) / temperature feed the head's Linear layer
+
+
+@dataclass
+class HealthConfig:
+    """Representation health of the clip embeddings, logged per epoch in pre-training
+    (``engine/evaluate/health.py``; docs/method.md, "Representation health").
+
+    Measured on the momentum encoder's embeddings of the training set at the start of an epoch:
+    free where the E-step embeds it anyway; other epochs (warm-up, runs without prototypes) embed
+    it once more when ``every_epochs`` says so.
+    """
+
+    every_epochs: int = 1  # epochs without an E-step: measure on every n-th (epoch % n == 0); 0: only with an E-step
+    max_rows: int = 4096  # the effective rank is computed on at most this many clips (evenly spaced)
+    collapse_cosine: float = 0.9  # a modality is collapsed when its mean pairwise cosine reaches this ...
+    collapse_rank: float = 1.5  # ... or its effective rank falls below this
+
+    def __post_init__(self) -> None:
+        from pcavmae_cli.engine.errors import UserError
+
+        if self.every_epochs < 0:
+            raise UserError("health: 'every_epochs' must be >= 0")
+        if self.max_rows < 2:
+            raise UserError("health: 'max_rows' must be >= 2")
+        if not -1.0 <= self.collapse_cosine <= 1.0:
+            raise UserError("health: 'collapse_cosine' must be in [-1, 1]")
+        if self.collapse_rank < 0:
+            raise UserError("health: 'collapse_rank' must be >= 0")
+
+
+@dataclass
 class FinetuneConfig:
     """Classification fine-tuning (METHOD_NOTES, Downstream; docs/method.md ("Downstream")).
 
@@ -253,6 +289,10 @@ class FinetuneConfig:
     step_every_epochs: int | None = None  # step: epochs between decays (lrscheduler_step)
     step_decay: float | None = None  # step: factor per decay (lrscheduler_decay)
     average_from_epoch: int | None = None  # average the weights of epochs N..last (1-based; CAV-MAE wa)
+    # "linear" (null too): LayerNorm + Linear on the pooled joint output; "prototype": a Linear layer on
+    # the clip's similarities to the pre-training prototypes of finetune.init_from (prototype_head).
+    head: Literal["linear", "prototype"] | None = None
+    prototype_head: PrototypeHeadConfig | None = None
 
 
 @dataclass
@@ -292,3 +332,4 @@ class Recipe:
     train: TrainConfig | None = None
     finetune: FinetuneConfig | None = None
     evaluate: EvaluateConfig | None = None
+    health: HealthConfig | None = None  # pre-training's representation health; null: not measured

@@ -39,10 +39,10 @@ from pcavmae_cli.engine.evaluate.predict import clip_features, clip_scores
 from pcavmae_cli.engine.evaluate.probes import knn, linear_probe
 from pcavmae_cli.engine.evaluate.retrieval import retrieval_metrics
 from pcavmae_cli.engine.model import PCAVMAE, Classifier
+from pcavmae_cli.engine.model.classifier import load_classifier_checkpoint
 from pcavmae_cli.engine.progress import ProgressReporter as Reporter
 from pcavmae_cli.engine.progress import default_reporter
 from pcavmae_cli.engine.schema import Recipe
-from pcavmae_cli.engine.tensor_io import open_safetensors
 from pcavmae_cli.engine.train import checkpoint as ckpt
 from pcavmae_cli.engine.train.data import close_loader, embed_loader
 from pcavmae_cli.engine.train.runtime import Runtime, resolve_runtime, seed_everything
@@ -153,14 +153,8 @@ def _backbone(cp: Checkpoint, cfg: Recipe, rt: Runtime, random_init: bool):
 def _classifier(cp: Checkpoint, cfg: Recipe, labels: LabelSet, rt: Runtime) -> Classifier:
     if cfg.finetune is None:
         raise UserError(f"{cp.folder / 'config.yaml'} has no 'finetune' section; is it a fine-tuning run?")
-    path = cp.folder / "model.safetensors"
-    with open_safetensors(path) as fh:
-        head_rows = fh.get_slice("head.1.weight").get_shape()[0] if "head.1.weight" in fh.keys() else None
-    if head_rows is not None and head_rows != len(labels.mids):
-        raise UserError(f"{path} predicts {head_rows} classes but the label CSV lists {len(labels.mids)}")
-    model = Classifier(cfg.model, len(labels.mids), cfg.finetune.mode)
-    ckpt.load_module(path, model, torch.device("cpu"))
-    return model.to(rt.device)
+    return load_classifier_checkpoint(cp.folder / "model.safetensors", cfg.model, len(labels.mids), cfg.finetune,
+                                      rt.device)  # fmt: skip
 
 
 def _probe_features(feats: dict[str, torch.Tensor], which: str) -> torch.Tensor:

@@ -12,6 +12,11 @@ mean-pooled joint-layer output of the stream(s) of ``finetune.mode``:
   sum of the single-modality stream output and the multi-modal stream output ... perform
   similarly").
 
+With a ``PrototypeHeadSpec`` the head is instead a ``PrototypeHead`` (``prototype_head.py``):
+the model keeps the projections to the contrastive space (``proj_a``, ``proj_v``, from the
+pre-training checkpoint), embeds the clip as the E-step does, and its logits are a linear
+function of the clip's similarities to the pre-training prototypes.
+
 ``load_pretrained`` maps a pre-training checkpoint's keys explicitly and strictly
 (``PRETRAINED_KEY_MAP``, ``PRETRAINED_DROPPED``).
 """
@@ -23,13 +28,16 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pcavmae_cli.engine.errors import UserError
-from pcavmae_cli.engine.model.backbone import JointLayer, ModalityEncoder, check_config
+from pcavmae_cli.engine.model.backbone import JointLayer, ModalityEncoder, check_config, projection_head
 from pcavmae_cli.engine.model.embed import audio_image
-from pcavmae_cli.engine.schema import ModelConfig
-from pcavmae_cli.engine.tensor_io import read_safetensors
+from pcavmae_cli.engine.model.prototype_head import PrototypeHead, PrototypeHeadSpec
+from pcavmae_cli.engine.prototypes.step import joint_embedding
+from pcavmae_cli.engine.schema import FinetuneConfig, ModelConfig
+from pcavmae_cli.engine.tensor_io import open_safetensors, read_safetensors
 
 Mode = Literal["a", "v", "av", "sum"]
 
@@ -41,6 +49,8 @@ PRETRAINED_KEY_MAP = {
     "backbone.joint.": "joint.",
 }
 PRETRAINED_DROPPED = ("backbone.proj_a.", "backbone.proj_v.", "decoder.", "dproj_a.", "dproj_v.")
+# Kept, not dropped, by a model with a prototype head: it embeds clips in the contrastive space.
+PROJECTION_KEY_MAP = {"backbone.proj_a.": "proj_a.", "backbone.proj_v.": "proj_v."}
 HEAD_PREFIX = "head."
 LEARNED_POSITIONS = ("encoder_a.pos_embed", "encoder_v.pos_embed")  # only with model.pos_embed: learned
 
@@ -52,9 +62,10 @@ class Classifier(nn.Module):
         cfg: the recipe's ``model`` section (the pre-training sizes).
         num_classes: C, the rows of the label CSV.
         mode: which joint-layer stream(s) the head reads (module docstring).
+        prototype_head: ``None`` for the linear head, else the prototype head's shape.
     """
 
-    def __init__(self, cfg: ModelConfig, num_classes: int, mode: Mode):
+    def __init__(self, cfg: ModelConfig, num_classes: int, mode: Mode, prototype_head: PrototypeHeadSpec | None = None):
         super().__init__()
         check_config(cfg)
         if mode not in ("a", "v", "av", "sum"):
@@ -63,7 +74,13 @@ class Classifier(nn.Module):
         self.encoder_a = ModalityEncoder(1, (cfg.mel_bins, cfg.audio_frames), cfg)
         self.encoder_v = ModalityEncoder(3, (cfg.image_size, cfg.image_size), cfg)
         self.joint = JointLayer(cfg)
-        self.head = nn.Sequential(nn.LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps), nn.Linear(cfg.embed_dim, num_classes))
+        self.prototype_head = prototype_head
+        if prototype_head is None:
+            self.head = nn.Sequential(nn.LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps), nn.Linear(cfg.embed_dim, num_classes))
+        else:  # the contrastive space of pre-training, where the prototypes live
+            self.proj_a = projection_head(cfg.embed_dim, cfg)
+            self.proj_v = projection_head(cfg.embed_dim, cfg)
+            self.head = PrototypeHead(prototype_head, cfg.proj_dim, num_classes)
         self.num_layers = cfg.depth_modality + cfg.depth_joint
         self.reset_head()
 
@@ -75,13 +92,20 @@ class Classifier(nn.Module):
     def uses_video(self) -> bool:
         return self.mode != "a"
 
+    @property
+    def head_linear(self) -> nn.Linear:
+        """The head's last layer: the logits are ``head_linear(head_input(...))``."""
+        return self.head.linear if self.prototype_head is not None else self.head[1]
+
     def reset_head(self) -> None:
-        """CAV-MAE's initialisation of the new head: LayerNorm 1/0, xavier-uniform Linear, zero bias."""
-        norm, linear = self.head
-        nn.init.ones_(norm.weight)
-        nn.init.zeros_(norm.bias)
-        nn.init.xavier_uniform_(linear.weight)
-        nn.init.zeros_(linear.bias)
+        """CAV-MAE's initialisation of the new head: LayerNorm 1/0, xavier-uniform Linear, zero bias
+        (the prototype head: its Linear alike; its prototypes come from the pre-training run)."""
+        if self.prototype_head is None:
+            norm = self.head[0]
+            nn.init.ones_(norm.weight)
+            nn.init.zeros_(norm.bias)
+        nn.init.xavier_uniform_(self.head_linear.weight)
+        nn.init.zeros_(self.head_linear.bias)
 
     def layer_id(self, name: str) -> int:
         """Depth of parameter ``name`` for layer-wise lr decay: 0 the embeddings, i + 1 block i of
@@ -113,11 +137,30 @@ class Classifier(nn.Module):
             streams.append(self.joint(tokens_v, "v").mean(dim=1))
         return torch.stack(streams).sum(dim=0)
 
+    def embedding(self, tokens_a: torch.Tensor | None, tokens_v: torch.Tensor | None) -> torch.Tensor:
+        """The clip in the contrastive space, as pre-training embeds it: ``(B, proj_dim)`` unit norm.
+
+        ``a``: z_a; ``v``: z_v; ``av`` and ``sum``: the E-step's joint embedding of the two."""
+        z_a = z_v = None
+        if tokens_a is not None:
+            z_a = F.normalize(self.proj_a(self.joint(tokens_a, "a").mean(dim=1)), dim=-1)
+        if tokens_v is not None:
+            z_v = F.normalize(self.proj_v(self.joint(tokens_v, "v").mean(dim=1)), dim=-1)
+        if z_a is None or z_v is None:
+            return z_a if z_v is None else z_v
+        return joint_embedding(z_a, z_v)
+
+    def head_input(self, tokens_a: torch.Tensor | None, tokens_v: torch.Tensor | None) -> torch.Tensor:
+        """What ``head_linear`` reads: LayerNorm(pooled) ``(B, D)``, or the prototype similarities ``(B, P)``."""
+        if self.prototype_head is None:
+            return self.head[0](self.pooled(tokens_a, tokens_v))
+        return self.head.similarities(self.embedding(tokens_a, tokens_v))
+
     def forward(self, fbank: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
         """fbank ``(B, T, F)``, frames ``(B, 3, S, S)`` (one frame per clip) -> logits ``(B, C)``."""
         a = self.encode_audio(fbank) if self.uses_audio else None
         v = self.encode_video(frames) if self.uses_video else None
-        return self.head(self.pooled(a, v))
+        return self.head_linear(self.head_input(a, v))
 
     def frame_logits(self, fbank: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
         """Logits of every frame of every clip: fbank ``(B, T, F)``, frames ``(B, K, 3, S, S)`` -> ``(B, K, C)``.
@@ -128,11 +171,11 @@ class Classifier(nn.Module):
         B, K = frames.shape[:2]
         a = self.encode_audio(fbank) if self.uses_audio else None
         if not self.uses_video:
-            return self.head(self.pooled(a, None)).unsqueeze(1).expand(B, K, self.num_classes)
+            return self.head_linear(self.head_input(a, None)).unsqueeze(1).expand(B, K, self.num_classes)
         v = self.encode_video(frames.flatten(0, 1))  # (B K, N_v, D)
         if a is not None:
             a = a.repeat_interleave(K, dim=0)  # (B K, N_a, D), clip-major like v
-        return self.head(self.pooled(a, v)).view(B, K, -1)
+        return self.head_linear(self.head_input(a, v)).view(B, K, -1)
 
 
 @dataclass
@@ -144,17 +187,21 @@ class LoadReport:
     dropped: list[str]  # checkpoint keys left out on purpose (decoder, projections)
 
 
-def map_pretrained(state: dict[str, torch.Tensor], path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
+def map_pretrained(
+    state: dict[str, torch.Tensor], path: Path, keep_projections: bool = False
+) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Pre-training keys -> classifier keys, and the keys dropped on purpose.
 
     A key that is neither mapped nor deliberately dropped is an error naming it: it would mean
-    the checkpoint is not a PCAV-MAE pre-training checkpoint of this version.
+    the checkpoint is not a PCAV-MAE pre-training checkpoint of this version. With
+    ``keep_projections`` (a prototype head) the projections are mapped too (``PROJECTION_KEY_MAP``).
     """
+    key_map = {**PRETRAINED_KEY_MAP, **(PROJECTION_KEY_MAP if keep_projections else {})}
     mapped, dropped = {}, []
     for key, value in state.items():
-        prefix = next((p for p in PRETRAINED_KEY_MAP if key.startswith(p)), None)
+        prefix = next((p for p in key_map if key.startswith(p)), None)
         if prefix is not None:
-            mapped[PRETRAINED_KEY_MAP[prefix] + key[len(prefix) :]] = value
+            mapped[key_map[prefix] + key[len(prefix) :]] = value
         elif key.startswith(PRETRAINED_DROPPED):
             dropped.append(key)
         else:
@@ -175,7 +222,7 @@ def load_pretrained(model: Classifier, path: str | Path) -> LoadReport:
 def load_pretraining_state(model: Classifier, state: dict[str, torch.Tensor], source: str | Path) -> LoadReport:
     """``load_pretrained`` on a PCAV-MAE state dict already in memory (``source`` names it in errors)."""
     source = Path(source)
-    mapped, dropped = map_pretrained(state, source)
+    mapped, dropped = map_pretrained(state, source, keep_projections=model.prototype_head is not None)
     own = {k: v for k, v in model.state_dict().items() if not k.startswith(HEAD_PREFIX)}
     for key in LEARNED_POSITIONS:
         # A fixed-position checkpoint fine-tuned with ``pos_embed: learned`` (CAV-MAE's tr_pos):
@@ -199,3 +246,46 @@ def load_pretraining_state(model: Classifier, state: dict[str, torch.Tensor], so
     head = {k: v for k, v in model.state_dict().items() if k.startswith(HEAD_PREFIX)}
     model.load_state_dict({**mapped, **head}, strict=True)
     return LoadReport(path=source, loaded=sorted(mapped), dropped=dropped)
+
+
+def checkpoint_head_sizes(path: Path) -> tuple[int, ...] | None:
+    """Prototypes per granularity of the prototype head saved in ``path`` (``None``: a linear head)."""
+    with open_safetensors(path) as fh:
+        if "head.sizes" not in fh.keys():
+            return None
+        return tuple(int(n) for n in fh.get_tensor("head.sizes").tolist())
+
+
+def checkpoint_classes(path: Path) -> int | None:
+    """The number of classes the head saved in ``path`` predicts (``None`` when it has no head)."""
+    with open_safetensors(path) as fh:
+        key = next((k for k in ("head.1.weight", "head.linear.weight") if k in fh.keys()), None)
+        return None if key is None else int(fh.get_slice(key).get_shape()[0])
+
+
+def load_classifier_checkpoint(path: Path, cfg: ModelConfig, num_classes: int, ft: FinetuneConfig,
+                               device: torch.device | None = None) -> Classifier:  # fmt: skip
+    """A fine-tuned ``Classifier`` from its ``model.safetensors`` and its run's ``finetune`` section.
+
+    The prototype head's sizes come from the file itself (``head.sizes``), its trainability and
+    temperature from the recipe. A file whose head is not the recipe's ``finetune.head``, or that
+    predicts another number of classes, is a ``UserError`` naming it.
+    """
+    from pcavmae_cli.engine.train import checkpoint as ckpt  # train imports model: import late
+
+    sizes = checkpoint_head_sizes(path)
+    wanted = ft.head or "linear"
+    if (sizes is not None) != (wanted == "prototype"):
+        found = "a prototype head" if sizes is not None else "a linear head"
+        raise UserError(f"{path} holds {found} but the run's key 'finetune.head' is {wanted!r}")
+    if sizes is not None and ft.prototype_head is None:
+        raise UserError(f"{path} holds a prototype head but the run's recipe has no 'finetune.prototype_head'")
+    rows = checkpoint_classes(path)
+    if rows is not None and rows != num_classes:
+        raise UserError(f"{path} predicts {rows} classes but the label CSV lists {num_classes}")
+    spec = None
+    if sizes is not None:
+        spec = PrototypeHeadSpec(sizes, ft.prototype_head.trainable_prototypes, ft.prototype_head.temperature)
+    model = Classifier(cfg, num_classes, ft.mode, prototype_head=spec)
+    ckpt.load_module(path, model, torch.device("cpu"))
+    return model if device is None else model.to(device)

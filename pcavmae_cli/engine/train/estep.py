@@ -14,6 +14,11 @@ uneven shards differ by one clip and nothing is padded, so no clip counts twice 
 no feature leaves its rank), and the N int assignments are summed into one (N,) tensor so that
 every rank can look up the prototype of any clip it trains on. Every rank ends with identical
 prototypes; the file written is the same as a single process would write.
+
+The same features give the epoch's representation health (``evaluate.health``, recipe key
+``health``): ``run_estep`` measures it with the prototypes (each shard's assignments, before they
+are summed into the global ones), ``measure_health`` embeds the set for it alone on epochs with
+no E-step (warm-up, runs without prototypes).
 """
 
 from __future__ import annotations
@@ -21,15 +26,17 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
 from pcavmae_cli.engine.data.model_inputs import model_inputs
+from pcavmae_cli.engine.evaluate.health import embedding_health
 from pcavmae_cli.engine.model import MomentumEncoder
 from pcavmae_cli.engine.prototypes import Prototypes, estep, save_prototypes
-from pcavmae_cli.engine.schema import DataConfig, PrototypeConfig
+from pcavmae_cli.engine.schema import DataConfig, HealthConfig, PrototypeConfig
 from pcavmae_cli.engine.train.distributed import bounds, comm_device, sum_across
 from pcavmae_cli.engine.train.runtime import Runtime
 
@@ -84,6 +91,21 @@ def global_assignments(protos: Prototypes, first_row: int, n_total: int, device:
     return dataclasses.replace(protos, assignments=full.to(local.device))
 
 
+def health_of(
+    z_a: Tensor, z_v: Tensor, protos: list[Prototypes] | None, cfg: HealthConfig
+) -> dict[str, Any]:
+    """``embedding_health`` of this shard's features with the recipe's ``health`` settings (the
+    E-step's collective: several processes reduce their shards' sums)."""
+    return embedding_health(z_a, z_v, protos, max_rows=cfg.max_rows, collapse_cosine=cfg.collapse_cosine,
+                            collapse_rank=cfg.collapse_rank)  # fmt: skip
+
+
+@dataclasses.dataclass
+class EStepOutput:
+    prototypes: list[Prototypes]  # one per granularity, assignments of every manifest row
+    health: dict[str, Any] | None  # the health fields (``None`` without a ``health`` config)
+
+
 def run_estep(
     momentum: MomentumEncoder,
     loader: DataLoader,
@@ -97,8 +119,10 @@ def run_estep(
     n_total: int | None = None,
     rounds: int = 0,
     data: DataConfig,
-) -> list[Prototypes]:
-    """Prototypes of epoch ``epoch`` at every granularity; written under ``folder`` by rank 0.
+    health: HealthConfig | None = None,
+) -> EStepOutput:
+    """Prototypes of epoch ``epoch`` at every granularity, written under ``folder`` by rank 0, and
+    (with ``health``) the representation health of the same features.
 
     ``loader`` holds this rank's shard of the manifest: rows ``bounds(N, world, rank)`` (all of
     them in one process), ``n_total`` the manifest's N (default: the loader's, one process),
@@ -108,8 +132,29 @@ def run_estep(
     first_row, _ = bounds(n_total, rt.world_size, rt.rank)
     z_a, z_v = embed_training_set(momentum, loader, rt, advance, check_stop, first_row, rounds, data=data)
     protos = estep(z_a, z_v, cfg, epoch=epoch)
+    figures = None if health is None else health_of(z_a, z_v, protos, health)  # shard assignments
     if rt.world_size > 1:
         protos = [global_assignments(p, first_row, n_total, rt.device) for p in protos]
     if rt.is_main:
         save_prototypes(protos, folder, epoch)
-    return protos
+    return EStepOutput(protos, figures)
+
+
+def measure_health(
+    momentum: MomentumEncoder,
+    loader: DataLoader,
+    cfg: HealthConfig,
+    rt: Runtime,
+    advance: Callable[..., None] = lambda n=1, note="": None,
+    check_stop: Callable[[], None] = lambda: None,
+    *,
+    n_total: int | None = None,
+    rounds: int = 0,
+    data: DataConfig,
+) -> dict[str, Any]:
+    """The health fields of an epoch without an E-step: embed the shard as ``run_estep`` does and
+    measure it without prototypes (their fields stay ``None``)."""
+    n_total = len(loader.dataset) if n_total is None else n_total
+    first_row, _ = bounds(n_total, rt.world_size, rt.rank)
+    z_a, z_v = embed_training_set(momentum, loader, rt, advance, check_stop, first_row, rounds, data=data)
+    return health_of(z_a, z_v, None, cfg)

@@ -55,6 +55,7 @@ from pcavmae_cli.engine.errors import UserError
 from pcavmae_cli.engine.folder_lock import run_folder_lock
 from pcavmae_cli.engine.evaluate.metrics import classification_metrics
 from pcavmae_cli.engine.model import PCAVMAE, Classifier, LoadReport, load_pretrained, load_pretraining_state
+from pcavmae_cli.engine.model.prototype_head import PrototypeHeadSpec, stack_prototypes
 from pcavmae_cli.engine.schema import Recipe
 from pcavmae_cli.engine.tensor_io import read_safetensors
 from pcavmae_cli.engine.train import augment
@@ -147,6 +148,41 @@ def check_same_backbone(cfg: Recipe, folder: Path) -> None:
             )
 
 
+def init_prototypes(cfg: Recipe, init_folder: Path | None) -> tuple[torch.Tensor, tuple[int, ...]] | None:
+    """The prototypes a ``finetune.head: prototype`` starts from, ``(P, proj_dim)`` over all
+    granularities, and the count per granularity (``None`` for the linear head): those of the
+    init checkpoint's epoch (or the latest before it), as ``pcav explain`` reads them, so that the
+    head's explanations name the prototypes explain shows."""
+    ft = cfg.finetune
+    if (ft.head or "linear") == "linear":
+        return None
+    if ft.prototype_head is None:
+        raise UserError("key 'finetune.head' is 'prototype', which needs the section 'finetune.prototype_head'")
+    if not ft.prototype_head.temperature > 0:
+        raise UserError(f"key 'finetune.prototype_head.temperature' must be > 0, got {ft.prototype_head.temperature}")
+    if init_folder is None:
+        raise UserError("key 'finetune.head' is 'prototype', which needs 'finetune.init_from': a pre-training run "
+                        "with prototypes")  # fmt: skip
+    from pcavmae_cli.engine.viz.run import open_run  # the one reader of a run's prototypes
+
+    run = open_run(init_folder)
+    if not run.prototype_epochs():
+        raise UserError(f"key 'finetune.head' is 'prototype' but the pre-training run {run.run_dir} has no "
+                        "prototypes (it stopped in warm-up, or its recipe has none)")  # fmt: skip
+    _, levels = run.latest_prototypes()
+    prototypes, sizes = stack_prototypes(levels, ft.mode)
+    if prototypes.shape[1] != cfg.model.proj_dim:
+        raise UserError(f"key 'finetune.head': the prototypes of {run.run_dir} have {prototypes.shape[1]} dimensions "
+                        f"but model.proj_dim is {cfg.model.proj_dim}")  # fmt: skip
+    return prototypes, sizes
+
+
+def head_spec(cfg: Recipe, sizes: tuple[int, ...]) -> PrototypeHeadSpec:
+    """The prototype head's shape from the recipe and the prototypes per granularity."""
+    ph = cfg.finetune.prototype_head
+    return PrototypeHeadSpec(tuple(sizes), ph.trainable_prototypes, ph.temperature)
+
+
 def finetune(
     cfg: Recipe, reporter: ProgressReporter | None = None, *, on_step: Callable[[StepInfo], None] | None = None
 ) -> FinetuneResult:
@@ -177,6 +213,7 @@ class FineTuner:
             init_folder = resolve_init(ft.init_from)
             check_same_backbone(cfg, init_folder)
         resume_from = ckpt.resume_point(self.run_dir, cfg.train.resume, ckpt.FINETUNE_FILES)
+        start = init_prototypes(cfg, init_folder)  # before any work: a run without prototypes fails here
 
         labels = read_label_csv(data.label_csv)
         self.class_names = labels.names
@@ -216,7 +253,10 @@ class FineTuner:
             self.schedule = Schedule(steps_per_epoch, ft.epochs, cfg.optim)
 
         seed_everything(cfg.seed)
-        self.model = Classifier(cfg.model, self.num_classes, ft.mode)
+        self.model = Classifier(cfg.model, self.num_classes, ft.mode,
+                                prototype_head=None if start is None else head_spec(cfg, start[1]))  # fmt: skip
+        if start is not None:
+            self.model.head.set_prototypes(start[0])
         self.init: LoadReport | None = None
         if resume_from is None:
             if init_folder is not None:
@@ -277,7 +317,13 @@ class FineTuner:
 
     def _settings(self) -> dict[str, Any]:
         """What a checkpoint's weights depend on: a resumed run must agree on all of it."""
-        return {**dataclasses.asdict(self.cfg.model), "mode": self.cfg.finetune.mode, "num_classes": self.num_classes}
+        ft = self.cfg.finetune
+        settings = {**dataclasses.asdict(self.cfg.model), "mode": ft.mode, "num_classes": self.num_classes}
+        if self.model.prototype_head is not None:  # left out for the linear head: older states resume
+            spec = self.model.prototype_head
+            settings["prototype_head"] = {"sizes": list(spec.sizes), "trainable": spec.trainable,
+                                          "temperature": spec.temperature}  # fmt: skip
+        return settings
 
     def _snapshot(self) -> dict[str, Any]:
         """The small part of the state at an optimiser-step boundary; the running means are added

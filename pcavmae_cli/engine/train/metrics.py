@@ -10,6 +10,16 @@ weight 0 -- is ``null``, never 0. Values are unweighted means over the samples s
 previous line (``loss_total`` is the weighted sum that was optimised). Epoch lines add
 ``seconds``, ``estep_seconds`` and ``num_prototypes`` (clusters per granularity, or ``null``).
 
+With a recipe ``health`` section, epoch lines also carry the representation health of the
+momentum encoder's embeddings of the training set, measured at the epoch's start
+(``engine/evaluate/health.py``), for m in ``a`` (audio), ``v`` (video), ``joint``:
+``health_cos_{m}`` (mean pairwise cosine), ``health_rank_{m}`` (effective rank),
+``health_collapsed_{m}`` (true when a collapse limit was crossed), ``health_spread_{m}`` (cosine
+spread to the prototypes, one value per granularity) and ``health_agree_a``, ``health_agree_v``
+(share of clips whose nearest audio / video prototype is their joint cluster, per granularity).
+The prototype fields are ``null`` in epochs without prototypes, and all of them in epochs that
+measured nothing (``health.every_epochs``).
+
 On resume the lines past the checkpoint's step are dropped first, so a run that crashed after
 its last checkpoint does not log the replayed steps twice.
 """

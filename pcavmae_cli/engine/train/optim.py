@@ -1,12 +1,13 @@
 """AdamW with decoupled weight decay on weight matrices only (pre-training and fine-tuning).
 
 No weight decay on LayerNorm weights, biases, the learnt modality embeddings, the decoder's
-mask token and learned position tables (``model.pos_embed`` / ``model.decoder_pos_embed:
-learned``; MAE/timm convention: 1-D parameters and embeddings are not decayed: decay would pull
-positions towards zero, erasing the order they encode). Fixed (sin-cos) position tables are
-buffers, not parameters. Every parameter is in the optimiser from the start,
-whatever the stage: a frozen part (``requires_grad=False``) has no gradient, and AdamW skips
-parameters without a gradient, so it gets neither an update nor weight decay.
+mask token, learned position tables (``model.pos_embed`` / ``model.decoder_pos_embed:
+learned``) and a prototype head's trainable prototypes. MAE/timm convention: 1-D parameters and
+embeddings are not decayed; decay would pull positions towards zero, erasing the order they
+encode, and prototypes are normalised on use, so decay would only fight their gradient. Fixed
+(sin-cos) position tables are buffers, not parameters. Every parameter is in the optimiser from
+the start, whatever the stage: a frozen part (``requires_grad=False``) has no gradient, and
+AdamW skips parameters without a gradient, so it gets neither an update nor weight decay.
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ from torch import nn
 
 from pcavmae_cli.engine.schema import OptimConfig
 
-NO_DECAY_NAMES = ("mask_token", "modality", "modality_a", "modality_v", "pos_embed", "pos_embed_a", "pos_embed_v")
+NO_DECAY_NAMES = (
+    "mask_token", "modality", "modality_a", "modality_v", "pos_embed", "pos_embed_a", "pos_embed_v",
+    "prototypes",  # a prototype head's trainable prototypes: directions, normalised on use
+)
 
 
 def decays(name: str, param: nn.Parameter) -> bool:

@@ -5,7 +5,11 @@
 ``prototypes.warmup_epochs`` on, the E-step finds this epoch's prototypes (``estep.run_estep``);
 then the M-step runs over the epoch's batches (``objective.batch_losses``), accumulating
 gradients to ``optim.effective_batch`` before each AdamW step, after which the learning rate
-follows ``schedule.Schedule`` and the momentum encoder moves towards the model.
+follows ``schedule.Schedule`` and the momentum encoder moves towards the model. With a recipe
+``health`` section the epoch also measures the representation health of the momentum encoder's
+embeddings of the training set (``evaluate/health.py``) -- from the E-step's features, or from an
+embedding of its own on epochs without one -- logs it in the epoch line and warns
+(``RepresentationCollapse``) when a modality collapsed.
 
 The step reads nothing back from the device, so the host can queue work ahead of the GPU: the
 logged loss parts stay on the device (``pending.PendingLosses``) until a flush point -- every
@@ -36,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +55,7 @@ from pcavmae_cli.engine.data.dataset import AudioVisualDataset
 from pcavmae_cli.engine.data.manifest import atomic_write_text
 from pcavmae_cli.engine.data.model_inputs import model_inputs
 from pcavmae_cli.engine.errors import UserError
+from pcavmae_cli.engine.evaluate.health import collapse_message, empty_health
 from pcavmae_cli.engine.folder_lock import run_folder_lock
 from pcavmae_cli.engine.model import PCAVMAE, MomentumEncoder
 from pcavmae_cli.engine.prototypes import Prototypes, load_prototypes, prototypes_active
@@ -67,7 +73,7 @@ from pcavmae_cli.engine.train.distributed import (
     split,
     world_from_env,
 )
-from pcavmae_cli.engine.train.estep import run_estep
+from pcavmae_cli.engine.train.estep import measure_health, run_estep
 from pcavmae_cli.engine.train.fast import StepCompiler, set_activation_checkpointing
 from pcavmae_cli.engine.train.metrics import Meter, MetricsLog, format_losses, loss_fields, read_metrics
 from pcavmae_cli.engine.train.objective import BatchObjective, batch_losses
@@ -78,6 +84,10 @@ from pcavmae_cli.engine.train.schedule import Schedule
 from pcavmae_cli.engine.train.stop import StopRequests, call_on_step, run_stoppable
 
 STATE_FORMAT = 1
+
+
+class RepresentationCollapse(UserWarning):
+    """An epoch's representation health says a modality collapsed (``health.collapse_*``)."""
 
 
 class TrainingDiverged(UserError):
@@ -120,6 +130,7 @@ class TrainState:
     best_metric: float | None = None  # lowest epoch-mean total loss of the current comparison
     best_epoch: int | None = None
     best_regime: list[int] | None = None  # [stage index, prototypes on]: totals compare only within one
+    health: dict[str, Any] | None = None  # this epoch's representation health, measured at its start
 
 
 def pretrain(
@@ -163,7 +174,7 @@ class Trainer:
         n, world = len(self.dataset), self.rt.world_size
         # the E-step's shard of the manifest, and the most batches any rank's shard takes
         self.embed_rounds = max(-(-size // loader_cfg.batch_size) for size in split(n, world))
-        if cfg.prototypes is not None:
+        if cfg.prototypes is not None or cfg.health is not None:  # the E-step's and the health's features
             middle = AudioVisualDataset(data.train_manifest, data, frames="middle", compact=True)
             shard = middle if world == 1 else Subset(middle, range(*bounds(n, world, self.rt.rank)))
             self.embed_loader = embed_loader(shard, loader_cfg, self.rt)
@@ -179,6 +190,7 @@ class Trainer:
         self.ddp: DistributedDataParallel | None = None  # built per stage (what trains), world > 1
         self.ddp_parts: tuple[str, ...] | None = None
         self.state = TrainState()
+        self._flagged_before: set[str] = set()  # health flags of the last measurement (_note_health)
         self.epoch_meter, self.window_meter = Meter(), Meter()
         self.pending = PendingLosses()  # logged parts not read from the device yet (pending.py)
         self.shown: dict[str, float | None] = Meter().means()  # the last step line's means
@@ -279,21 +291,63 @@ class Trainer:
         )
 
     def _prototypes(self, epoch: int, stage: StageConfig, stop: StopRequests) -> list[Prototypes] | None:
-        """This epoch's prototypes: ``None`` in warm-up, without prototypes, or if the stage uses none."""
+        """This epoch's prototypes: ``None`` in warm-up, without prototypes, or if the stage uses none.
+
+        Sets ``state.health`` from the same features (``_health`` on epochs without an E-step); a
+        mid-epoch resume keeps the restored one (measured before the weights moved on).
+        """
         protos_cfg = self.cfg.prototypes
         uses = stage.loss.w_pje != 0 or stage.loss.w_pcpe != 0
         if protos_cfg is None or not uses or not prototypes_active(epoch, protos_cfg):
+            if self.state.position == 0:
+                self.state.health = self._health(epoch, stop)
             return None
         folder = self.run_dir / "prototypes"
         if self.state.position > 0:  # resumed mid-epoch: the weights moved on since this epoch's E-step
             return [p.to(self.rt.device) for p in load_prototypes(folder, epoch, self.rt.device)]
         with self.reporter.progress(f"E-step {epoch + 1}/{self.plan.total_epochs}", len(self.embed_loader)) as advance:
-            protos = run_estep(
+            out = run_estep(
                 self.momentum, self.embed_loader, protos_cfg, epoch, self.rt, folder, advance,
                 lambda: self._check_stop(stop), n_total=len(self.dataset), rounds=self.embed_rounds,
-                data=self.cfg.data,
+                data=self.cfg.data, health=self.cfg.health,
             )  # fmt: skip
-        return [p.to(self.rt.device) for p in protos]
+        self._note_health(out.health, epoch)
+        return [p.to(self.rt.device) for p in out.prototypes]
+
+    def _health(self, epoch: int, stop: StopRequests) -> dict[str, Any] | None:
+        """Representation health of an epoch without an E-step, every ``health.every_epochs``."""
+        cfg = self.cfg.health
+        if cfg is None or cfg.every_epochs == 0 or epoch % cfg.every_epochs != 0:
+            return None
+        with self.reporter.progress(f"health {epoch + 1}/{self.plan.total_epochs}", len(self.embed_loader)) as advance:
+            figures = measure_health(
+                self.momentum, self.embed_loader, cfg, self.rt, advance, lambda: self._check_stop(stop),
+                n_total=len(self.dataset), rounds=self.embed_rounds, data=self.cfg.data,
+            )  # fmt: skip
+        return self._note_health(figures, epoch)
+
+    def _note_health(self, figures: dict[str, Any] | None, epoch: int) -> dict[str, Any] | None:
+        """Keep ``figures`` for the epoch line; warn (rank 0) when a modality stays collapsed.
+
+        The warning needs two measurements in a row: a randomly initialised encoder's embeddings
+        are nearly parallel (mean cosine ~0.97 for the tiny demo model's audio) before any
+        training, so one flagged measurement at the start is the norm, not a problem; one that
+        persists is. The epoch line's ``health_collapsed_*`` flags record every measurement.
+        """
+        self.state.health = figures
+        cfg = self.cfg.health
+        if figures is None or cfg is None:
+            return figures
+        flagged = {k for k, v in figures.items() if k.startswith("health_collapsed_") and v}
+        persisting = flagged & self._flagged_before
+        self._flagged_before = flagged
+        if persisting and self.rt.is_main:
+            shown = {k: (v if not k.startswith("health_collapsed_") else k in persisting) for k, v in figures.items()}
+            message = collapse_message(shown, epoch, collapse_cosine=cfg.collapse_cosine,
+                                       collapse_rank=cfg.collapse_rank)  # fmt: skip
+            if message is not None:
+                warnings.warn(message, RepresentationCollapse, stacklevel=2)
+        return figures
 
     def _epoch(self, stop: StopRequests) -> None:
         cfg, st = self.cfg, self.state
@@ -456,6 +510,8 @@ class Trainer:
             "estep_seconds": round(estep_seconds, 3),
             "num_prototypes": None if protos is None else [int(p.centroids.shape[0]) for p in protos],
         }
+        if self.cfg.health is not None:  # measured at the epoch's start; null where it was not
+            extra |= st.health if st.health is not None else empty_health()
         self._log("epoch", epoch, stage, lr, means, samples / max(seconds, 1e-9), prototypes=protos is not None, **extra)
         regime = [stage_index, int(protos is not None)]
         metric = means["total"]
@@ -464,7 +520,7 @@ class Trainer:
         )
         if improved:
             st.best_metric, st.best_epoch, st.best_regime = metric, epoch, regime
-        st.epoch, st.position = epoch + 1, 0
+        st.epoch, st.position, st.health = epoch + 1, 0, None
         self.epoch_meter, self.window_meter = Meter(), Meter()
         self.boundary = self._snapshot()
         final = st.epoch == self.plan.total_epochs

@@ -25,6 +25,11 @@ the softness of that assignment (members' averages are less extreme than any one
 per-prototype fit would not be unique: with mu the mean of the members' means, the directions
 c_k - mu are linearly dependent (sum_k n_k (c_k - mu) = 0). A positive contribution pushes
 class c above what an average clip gets; the parts add up to the logit to rounding.
+
+The prototype head (``model/prototype_head.py``) needs no fit: its logit *is* a sum over the
+prototypes of every granularity, l_c = b_c + sum_k W[c, k] s_k with s_k the clip's scaled
+cosine to p_k, so ``prototype_head_decomposition`` lists this granularity's largest
+contributions W[c, k] s_k, sums every other prototype's into ``other``, and has no residual.
 """
 
 from __future__ import annotations
@@ -44,13 +49,16 @@ class Decomposition:
     prototypes: list[int]  # the prototypes listed, by decreasing posterior
     posterior: list[float]  # their eq. 1 posterior pi_k (which prototypes are listed; shown, not used below)
     coefficients: list[float]  # a_k = s pi_k >= 0
-    contributions: list[float]  # a_k w_c . (c_k - mu)
-    residual: float  # w_c . r
+    contributions: list[float]  # a_k w_c . (c_k - mu); prototype head: W[c, k] s_k
+    residual: float  # w_c . r; 0 for the prototype head
+    # Contributions of the prototypes not listed: for the prototype head, this granularity's other
+    # prototypes and every other granularity's; 0 for the linear head (its unlisted ones are in r).
+    other: float = 0.0
 
     @property
     def explained(self) -> float:
-        """Sum of the prototype contributions."""
-        return float(sum(self.contributions))
+        """Sum of the prototype contributions, listed or not."""
+        return float(sum(self.contributions)) + self.other
 
 
 def direction_coefficients(h: Tensor, centres: Tensor, mean: Tensor, posterior: Tensor) -> Tensor:
@@ -97,3 +105,52 @@ def decompose_logit(
 def posterior(joint: Tensor, centroids: Tensor, gamma: Tensor) -> Tensor:
     """eq. 1's soft assignment of a clip: softmax_k(joint . p_k / gamma_k), (K,)."""
     return torch.softmax((centroids.float() @ joint.float()) / gamma.float(), dim=0)
+
+
+def contribution_matrix(weight: Tensor, coefficients: Tensor, centres: Tensor, mean: Tensor) -> Tensor:
+    """Every class's contributions of the listed prototypes (linear head): ``(R, C)`` float64,
+    entry (k, c) = a_k w_c . (c_k - mu); column c is ``decompose_logit``'s contributions for class c.
+
+    Args:
+        weight: (C, D) the head's Linear weights; the rest as in ``decompose_logit``.
+    """
+    a = coefficients.double()
+    return a[:, None] * ((centres.double() - mean.double()) @ weight.double().T)
+
+
+def prototype_head_matrix(similarities: Tensor, weight: Tensor) -> Tensor:
+    """The prototype head's contributions, all prototypes x all classes: ``(P, C)`` float64, entry
+    (k, c) = W[c, k] s_k. With the bias they add up to the logits exactly.
+
+    Args:
+        similarities: (P,) s_k, the clip's (frame-averaged) head input.
+        weight: (C, P) the head's Linear weights.
+    """
+    return similarities.double()[:, None] * weight.double().T
+
+
+def prototype_head_decomposition(
+    similarities: Tensor, weight: Tensor, bias: float, level: slice, listed: int, posterior: Tensor | None = None,
+) -> Decomposition:  # fmt: skip
+    """The prototype head's logit of one class over the prototypes of one granularity, exact.
+
+    Args:
+        similarities: (P,) s_k of all granularities; ``weight`` (P,) the class's row W[c].
+        level: this granularity's columns; its ``listed`` largest |contributions| are listed,
+            every other prototype's contribution is summed into ``other``.
+        posterior: (K,) eq. 1's posterior of this granularity's prototypes, only reported.
+    """
+    parts = similarities.double() * weight.double()  # (P,)
+    mine = parts[level]
+    order = mine.abs().argsort(descending=True)[:listed].tolist()
+    shown = float(mine[order].sum())
+    return Decomposition(
+        logit=float(parts.sum() + bias),
+        base=float(bias),
+        prototypes=order,
+        posterior=[] if posterior is None else posterior.double()[order].tolist(),
+        coefficients=similarities.double()[level][order].tolist(),
+        contributions=mine[order].tolist(),
+        residual=0.0,
+        other=float(parts.sum()) - shown,
+    )

@@ -6,7 +6,9 @@ lines of any other kind (an evaluation, say) are squares. The x-axis is the opti
 top row also shows the epochs completed. Stage changes are dashed vertical lines; the warm-up
 epochs before the first E-step are shaded. Keys this module does not know (a fine-tuning run's
 metrics) get a panel of their own, so nothing logged is left out; quantities that are ``null``
-on every line (a loss part the run never computed) are listed under the title instead.
+on every line (a loss part the run never computed) are listed under the title instead. The
+representation-health figures share a panel per quantity (audio, video, joint together); their
+collapse flags are not curves (``pcav visualize health`` rings the flagged epochs).
 """
 
 from __future__ import annotations
@@ -22,7 +24,13 @@ from pcavmae_cli.engine.train.metrics import read_metrics
 from pcavmae_cli.engine.viz import draw
 
 BOOKKEEPING = {"kind", "step", "epoch", "stage", "prototypes", "time"}
-GROUPS = {"loss_r": ("loss_r", "loss_r_a", "loss_r_v"), "seconds": ("seconds", "estep_seconds")}
+FLAGS = {"health_collapsed_a", "health_collapsed_v", "health_collapsed_joint"}  # `visualize health` rings them
+GROUPS = {
+    "loss_r": ("loss_r", "loss_r_a", "loss_r_v"),
+    "seconds": ("seconds", "estep_seconds"),
+    **{f"health_{f}_a": (f"health_{f}_a", f"health_{f}_v", f"health_{f}_joint") for f in ("cos", "rank", "spread")},
+    "health_agree_a": ("health_agree_a", "health_agree_v"),
+}
 TITLES = {
     "loss_total": "total loss (the weighted sum optimised)",
     "loss_infonce": "instance InfoNCE (audio <-> video)",
@@ -33,8 +41,13 @@ TITLES = {
     "samples_per_s": "throughput (samples / s)",
     "num_prototypes": "prototypes per granularity",
     "seconds": "epoch wall time (s)",
+    "health_cos_a": "mean pairwise cosine (1: collapsed)",
+    "health_rank_a": "effective rank of the clip embeddings",
+    "health_spread_a": "cosine spread to the prototypes",
+    "health_agree_a": "nearest prototype by one modality = joint cluster",
 }
-ORDER = ("loss_total", "loss_infonce", "loss_r", "loss_pje", "loss_pcpe", "lr", "samples_per_s", "num_prototypes", "seconds")
+ORDER = ("loss_total", "loss_infonce", "loss_r", "loss_pje", "loss_pcpe", "lr", "samples_per_s", "num_prototypes",
+         "seconds", "health_cos_a", "health_rank_a", "health_spread_a", "health_agree_a")  # fmt: skip
 KIND_STYLE = {"step": dict(lw=0.9, alpha=0.45), "epoch": dict(marker="o", ms=4, lw=1.6)}
 KIND_NAMES = {"step": "per log step", "epoch": "epoch mean"}
 
@@ -61,7 +74,7 @@ def plotted_keys(rows: list[dict[str, Any]]) -> tuple[list[list[str]], list[str]
     for row in rows:
         for key, value in row.items():
             numeric = isinstance(value, (int, float, list)) and not isinstance(value, bool)
-            if key not in BOOKKEEPING and key not in keys and (numeric or value is None):
+            if key not in BOOKKEEPING | FLAGS and key not in keys and (numeric or value is None):
                 keys.append(key)
     grouped = {k for members in GROUPS.values() for k in members}
     panels, empty = [], []
@@ -120,10 +133,10 @@ def curves_figure(rows: list[dict[str, Any]], out: str | Path, title: str = "Tra
                 xs = _x(sub)
                 for j in range(width):
                     ys = np.array([v[j] if j < len(v) else np.nan for v in vals])
-                    name = key if width == 1 else f"granularity {j}"
+                    name = key if width == 1 else f"granularity {j}" if len(keys) == 1 else f"{key} g{j}"
                     label = f"{name}, {KIND_NAMES.get(kind, kind)}" if len(kinds) > 1 else name
                     style = KIND_STYLE.get(kind, dict(marker="s", ms=4, lw=1.2))
-                    ax.plot(xs, ys, label=label, color=f"C{c + j}", **style)
+                    ax.plot(xs, ys, label=label, color=f"C{(c * width + j) % 10}", **style)
         if warm_end is not None and by_step:
             ax.axvspan(0, warm_end, color="0.85", alpha=0.5, lw=0)
         for start, stage in stage_starts[1:]:

@@ -6,6 +6,7 @@ on a server, in CI and on a laptop, and no window ever opens.
 
 from __future__ import annotations
 
+import html
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -99,6 +100,21 @@ def show_spectrogram(
         ax.set_title(title)
 
 
+def show_log_mel(ax: Axes, image: np.ndarray, data: DataConfig, vrange: tuple[float, float]) -> None:
+    """A small log-Mel ``(F, T)`` on a given colour scale: time ticks in seconds, no mel ticks."""
+    if image.shape[1] == 0:
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no audio", ha="center", va="center", fontsize=7)
+        return
+    show_spectrogram(ax, image, data, vrange=vrange, axes_labels=False)
+    seconds = image.shape[1] * data.audio.fbank.frame_shift_ms / 1000
+    ax.set_xticks([0, seconds])
+    first, last = ax.set_xticklabels(["0", f"{seconds:.1f} s"], fontsize=6)
+    first.set_horizontalalignment("left")  # inside the panel: neighbouring panels' labels never meet
+    last.set_horizontalalignment("right")
+    ax.tick_params(axis="x", length=2, pad=1)
+
+
 def spectrogram_range(image: np.ndarray) -> tuple[float, float]:
     """A colour range that ignores padding and outliers: the 1st..99th percentile."""
     finite = image[np.isfinite(image)]
@@ -117,7 +133,8 @@ def makeup_bar(ax: Axes, makeup: Sequence[tuple[str, float]], colours: dict[str,
     y = np.arange(len(names))[::-1]
     ax.barh(y, shares, color=[colours.get(n, OTHER_COLOUR) for n in names], height=0.7)
     for yi, name, share in zip(y, names, shares):
-        ax.text(0.02, yi, f"{name}  {share:.0%}", va="center", ha="left", fontsize=8,
+        plain = name.replace("$", r"\$")  # a label is text, never matplotlib's mathematics
+        ax.text(0.02, yi, f"{plain}  {share:.0%}", va="center", ha="left", fontsize=8,
                 bbox={"facecolor": "white", "alpha": 0.7, "pad": 1, "edgecolor": "none"})  # fmt: skip
     ax.set_xlim(0, 1)
     ax.set_ylim(-0.6, max(len(names), 1) - 0.4)
@@ -140,6 +157,9 @@ table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; }}
 td, th {{ border: 1px solid #ccc; padding: 3px 8px; text-align: left; font-size: 14px; }}
 th {{ background: #f3f3f3; }}
 td.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
+.clips {{ display: flex; flex-wrap: wrap; gap: 12px; margin: 0.5em 0 1.5em; }}
+figure.clip {{ margin: 0; width: 360px; font-size: 13px; }}
+figure.clip img, figure.clip video, figure.clip audio {{ width: 360px; display: block; margin-top: 4px; }}
 .note {{ color: #555; font-size: 14px; }}
 </style></head><body>
 <h1>{html_escape(title)}</h1>
@@ -151,7 +171,8 @@ td.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
 
 
 def html_escape(text: object) -> str:
-    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+    """``text`` safe in HTML text and in quoted attributes (ids and labels come from user data)."""
+    return html.escape(str(text), quote=True)
 
 
 def html_table(header: Sequence[str], rows: Sequence[Sequence[object]], numeric: Sequence[int] = ()) -> str:

@@ -12,7 +12,16 @@ with the run's data settings -- and a checkpoint:
 3. with a fine-tuned checkpoint: the predicted classes (frame-averaged probabilities, as
    ``pcav evaluate``) and the decomposition of the top class's logit over prototypes
    (``contributions.py``). The prototypes are those of the run the model was fine-tuned from
-   (``finetune.init_from``, or ``prototypes_run``).
+   (``finetune.init_from``, or ``prototypes_run``). A prototype head's logit is decomposed
+   exactly, with no residual; either head's decomposition gets its faithfulness measures
+   (``faithfulness.py``: prototype share, deletion test);
+4. whether the decision is audio- or video-driven (``modality_share.py``): per granularity, the
+   audio share of the margin between the nearest and the second-nearest prototype; with a
+   fine-tuned model also the audio share of the top logit.
+
+What a person needs to check it by eye and ear is kept too: the clip's middle frame, its
+un-normalised log-Mel (the recipe's fbank settings, cut to the model's length), its WAV and the
+source video if it still exists (``explain_media.py`` writes them next to the report).
 
 ``Explainer`` loads everything once, so several clips can be explained cheaply; ``render``
 writes ``explain.png``, ``explain.html`` and ``explain.json``.
@@ -32,14 +41,20 @@ from pcavmae_cli.engine.data.dataset import AudioVisualDataset
 from pcavmae_cli.engine.data.manifest import read_manifest
 from pcavmae_cli.engine.data.preprocess import ClipInput, Inputs, clip_id_of_stem, preprocess
 from pcavmae_cli.engine.errors import UserError
-from pcavmae_cli.engine.model.classifier import Classifier
+from pcavmae_cli.engine.model.classifier import Classifier, load_classifier_checkpoint
 from pcavmae_cli.engine.prototypes import joint_embedding
 from pcavmae_cli.engine.schema import Recipe
 from pcavmae_cli.engine.train import checkpoint as ckpt
 from pcavmae_cli.engine.viz import draw
 from pcavmae_cli.engine.viz.cluster_metrics import cluster_members, label_makeup
-from pcavmae_cli.engine.viz.contributions import Decomposition, decompose_logit, direction_coefficients, posterior
+from pcavmae_cli.engine.viz.contributions import (
+    Decomposition, contribution_matrix, decompose_logit, direction_coefficients, posterior, prototype_head_decomposition,
+    prototype_head_matrix,
+)  # fmt: skip
+from pcavmae_cli.engine.viz.faithfulness import Faithfulness, deletion_test, explained_share
 from pcavmae_cli.engine.viz.exemplars import EmbeddingCache, nearest_members, sample_members
+from pcavmae_cli.engine.viz.explain_media import display_log_mel, existing_source
+from pcavmae_cli.engine.viz.modality_share import ModalityShare, logit_share, prototype_share
 from pcavmae_cli.engine.viz.run import display, open_run, read_run_recipe, resolve_device
 
 MEAN_SAMPLE = 256  # training clips averaged for mu of the decomposition
@@ -78,6 +93,9 @@ class Prediction:
     top_class: str
     mode: str  # the head's input stream(s): a, v, av or sum
     decompositions: list[Decomposition]  # one per granularity
+    modality: ModalityShare | None = None  # audio share of the top logit (modality_share.logit_share)
+    faithfulness: list[Faithfulness] = field(default_factory=list)  # per granularity (faithfulness.py)
+    head: str = "linear"  # the fine-tuned head: linear or prototype
 
 
 @dataclass
@@ -91,31 +109,36 @@ class Explanation:
     assigned: list[int | None]  # the clip's own prototype per granularity, if it is a training clip
     neighbours: list[list[Neighbour]]  # per granularity, nearest first
     prediction: Prediction | None = None
+    # Per granularity, the audio share of the nearest prototype's margin (None with one prototype).
+    modality: list[ModalityShare | None] = field(default_factory=list)
+    media: str | None = None  # the source video or picture, where it still exists
     frame: np.ndarray | None = field(default=None, repr=False)  # (S, S, 3) middle frame, for the picture
-    spectrogram: np.ndarray | None = field(default=None, repr=False)  # (F, T)
+    spectrogram: np.ndarray | None = field(default=None, repr=False)  # (F, T) un-normalised log-Mel
+    wav: bytes | None = field(default=None, repr=False)  # the preprocessed WAV (its folder may be temporary)
 
     def to_json(self) -> dict:
         data = asdict(self)
-        data.pop("frame")
-        data.pop("spectrogram")
+        for name in ("frame", "spectrogram", "wav"):
+            data.pop(name)
         return data
 
 
 @dataclass
 class ClassifierHead:
-    """A fine-tuned ``Classifier`` seen as head input h = LayerNorm(pooled) and a Linear layer."""
+    """A fine-tuned ``Classifier`` seen as head input h and a Linear layer: h = LayerNorm(pooled)
+    (D values) for the linear head, the prototype similarities (P values) for the prototype head."""
 
     model: Classifier
     class_names: list[str]
     label_mode: str
 
     @property
-    def weight(self) -> torch.Tensor:  # (C, D)
-        return self.model.head[1].weight.detach().float().cpu()
+    def weight(self) -> torch.Tensor:  # (C, D) or (C, P)
+        return self.model.head_linear.weight.detach().float().cpu()
 
     @property
     def bias(self) -> torch.Tensor:  # (C,)
-        return self.model.head[1].bias.detach().float().cpu()
+        return self.model.head_linear.bias.detach().float().cpu()
 
     @torch.no_grad()
     def inputs(self, fbank: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
@@ -124,7 +147,7 @@ class ClassifierHead:
         B, K = frames.shape[:2]
         a = m.encode_audio(fbank).repeat_interleave(K, dim=0) if m.uses_audio else None
         v = m.encode_video(frames.flatten(0, 1)) if m.uses_video else None
-        return m.head[0](m.pooled(a, v)).view(B, K, -1).float().cpu()
+        return m.head_input(a, v).view(B, K, -1).float().cpu()
 
 
 def _is_finetune_checkpoint(folder: Path) -> bool:
@@ -153,9 +176,8 @@ def load_classifier(folder: Path, device: torch.device) -> tuple[ClassifierHead,
     if cfg.data.label_csv is None:
         raise UserError(f"{folder / 'config.yaml'}: the fine-tuning run names no data.label_csv")
     labels = read_label_csv(cfg.data.label_csv)
-    model = Classifier(cfg.model, len(labels.mids), cfg.finetune.mode)
-    ckpt.load_module(folder / "model.safetensors", model, device)
-    head = ClassifierHead(model.to(device).eval(), labels.names, cfg.data.label_mode)
+    model = load_classifier_checkpoint(folder / "model.safetensors", cfg.model, len(labels.mids), cfg.finetune, device)
+    head = ClassifierHead(model.eval(), labels.names, cfg.data.label_mode)
     return head, cfg
 
 
@@ -214,6 +236,11 @@ class Explainer:
             if p.assignments.numel() != len(self.train_records):
                 raise UserError(f"the prototypes assign {p.assignments.numel()} clips but {self.train_manifest} "
                                 f"lists {len(self.train_records)}: the manifest changed after training")  # fmt: skip
+        spec = None if self.head is None else self.head.model.prototype_head
+        if spec is not None and spec.sizes != tuple(len(p.counts) for p in self.levels):
+            raise UserError(f"{self.checkpoint}: the prototype head holds {list(spec.sizes)} prototypes per granularity "
+                            f"but {self.run.run_dir} has {[len(p.counts) for p in self.levels]} (epoch {self.epoch + 1}); "
+                            "pass --prototypes with the run it was fine-tuned from")  # fmt: skip
         self.names = self.run.label_names()
         self.train_ids = {r.id: i for i, r in enumerate(self.train_records)}
         self.train_middle = AudioVisualDataset(self.train_manifest, self.run.cfg.data, frames="middle")
@@ -272,11 +299,15 @@ class Explainer:
             z_a, z_v = emb.z_a[0].float().cpu(), emb.z_v[0].float().cpu()
             joint = joint_embedding(z_a[None], z_v[None])[0]
             frame = draw.frame_image(sample["frames"], data)
-            spectrogram = draw.spectrogram_image(sample["fbank"])
-            h = None
+            spectrogram = display_log_mel(dataset, row)
+            wav_path = record.audio_path(dataset.root)
+            wav = wav_path.read_bytes() if wav_path.is_file() else None  # a pack keeps no WAV
+            media = str(Path(source).resolve()) if from_video else existing_source(record)
+            h = every = None
             if self.head is not None:  # every frame, as pcav evaluate: (K, D)
                 every = AudioVisualDataset(manifest, self.head_data, frames="all")[row]
-                h = self.head.inputs(every["fbank"][None].to(self.device), every["frames"][None].to(self.device))[0]
+                every = {k: every[k].to(self.device) for k in ("fbank", "frames")}
+                h = self.head.inputs(every["fbank"][None], every["frames"][None])[0]
         own = None if from_video else self.train_ids.get(record.id)
         neighbours, assigned, decompositions = [], [], []
         for level, protos in enumerate(self.levels):
@@ -285,21 +316,28 @@ class Explainer:
             order = sims.argsort(descending=True).tolist()
             assigned.append(int(protos.assignments[own]) if own is not None else None)
             neighbours.append([self._neighbour(level, k, sims, post, z_a, z_v, exclude=own) for k in order[: self.top]])
+        modality = [prototype_share(z_a, z_v, protos.centroids.float().cpu()) for protos in self.levels]
         prediction = None
         if h is not None:
             logits = h @ self.head.weight.T + self.head.bias  # (K frames, C)
             probs = (torch.softmax(logits, -1) if self.head.label_mode == "single" else torch.sigmoid(logits)).mean(0)
             top = probs.argsort(descending=True)[:5].tolist()
             names = self.head.class_names
+            faithfulness = []
             for level, protos in enumerate(self.levels):
                 post = posterior(joint, protos.centroids.cpu(), protos.gamma.cpu())
-                decompositions.append(self._decompose(level, h.mean(0), post, top[0]))
+                decomposition, faithful = self._decompose(level, h.mean(0), post, top[0])
+                decompositions.append(decomposition)
+                faithfulness.append(faithful)
+            share = logit_share(self.head.model, every["fbank"], every["frames"], top[0])
+            kind = "linear" if self.head.model.prototype_head is None else "prototype"
             prediction = Prediction([(names[c], float(probs[c])) for c in top], names[top[0]], self.head.model.mode,
-                                    decompositions)  # fmt: skip
+                                    decompositions, modality=share, faithfulness=faithfulness, head=kind)  # fmt: skip
         return Explanation(
             clip_id=record.id, source=source, labels=[display(lab, self.names) for lab in record.labels],
             run_dir=str(self.run.run_dir), checkpoint=str(self.checkpoint), epoch=self.epoch, assigned=assigned,
-            neighbours=neighbours, prediction=prediction, frame=frame, spectrogram=spectrogram,
+            neighbours=neighbours, prediction=prediction, modality=modality, media=media, frame=frame,
+            spectrogram=spectrogram, wav=wav,
         )  # fmt: skip
 
     def _neighbour(self, level: int, k: int, sims: torch.Tensor, post: torch.Tensor, z_a: torch.Tensor,
@@ -324,8 +362,25 @@ class Explainer:
             majority=makeup[0][0] if makeup else None, makeup=makeup, exemplars=exemplars,
         )  # fmt: skip
 
-    def _decompose(self, level: int, h: torch.Tensor, post: torch.Tensor, cls: int) -> Decomposition:
-        """The top logit over this granularity's ``listed`` most probable prototypes (contributions.py)."""
+    def _decompose(self, level: int, h: torch.Tensor, post: torch.Tensor, cls: int) -> tuple[Decomposition, Faithfulness]:
+        """The top logit over this granularity's prototypes (contributions.py), and how faithful
+        that is (faithfulness.py). The linear head: its ``listed`` most probable prototypes, fitted;
+        the prototype head: exact, its ``listed`` largest contributions shown."""
+        logits = h @ self.head.weight.T + self.head.bias  # (C,) of the frame-averaged head input
+        if self.head.model.prototype_head is not None:
+            cols = self.head.model.head.level_slices()[level]
+            d = prototype_head_decomposition(h, self.head.weight[cls], float(self.head.bias[cls]), cols, self.listed,
+                                             posterior=post)  # fmt: skip
+            matrix, ids = prototype_head_matrix(h[cols], self.head.weight[:, cols]), None
+        else:
+            d, matrix, ids = self._linear_decomposition(level, h, post, cls)
+        deletion = deletion_test(logits, matrix, cls, label_mode=self.head.label_mode, ids=ids, seed=self.seed)
+        return d, Faithfulness(level, explained_share(d.explained, d.residual), deletion)
+
+    def _linear_decomposition(self, level: int, h: torch.Tensor, post: torch.Tensor,
+                              cls: int) -> tuple[Decomposition, torch.Tensor, list[int]]:  # fmt: skip
+        """The linear head's top logit over this granularity's ``listed`` most probable prototypes,
+        and every class's contributions of those prototypes ``(listed, C)``."""
         listed = post.argsort(descending=True)[: self.listed].tolist()
         centres = []
         for k in listed:
@@ -335,5 +390,6 @@ class Explainer:
         mean = self._head_input_of(pool).mean(0)
         centres = torch.stack(centres)
         coef = direction_coefficients(h, centres, mean, post[listed])
-        return decompose_logit(h, self.head.weight[cls], float(self.head.bias[cls]), coef, centres, mean, listed,
-                               posterior=post[listed])  # fmt: skip
+        d = decompose_logit(h, self.head.weight[cls], float(self.head.bias[cls]), coef, centres, mean, listed,
+                            posterior=post[listed])  # fmt: skip
+        return d, contribution_matrix(self.head.weight, coef, centres, mean), listed

@@ -1,0 +1,210 @@
+"""PCAV-MAE vs CAV-MAE's objective on real media: frozen features per modality, over seeds.
+
+Builds the real-media corpus (``real_media_corpus.py``: 6 classes = 2 sound categories x 3
+picture categories, from Debian packages and scikit-image / matplotlib sample data; held-out
+clips from speakers, tracks and pictures training never saw), preprocesses it, measures the
+fbank statistics, then pre-trains the demo's tiny model with ``demo`` (PCAV-MAE) and
+``demo_cavmae`` (CAV-MAE's objective) for each seed. Each pre-trained encoder and a randomly
+initialised one of the same seed (the floor) is evaluated frozen on the held-out clips: kNN
+top-1 and a linear probe on the joint, audio-only and video-only features, audio<->video
+retrieval R@1, and kNN of each modality's features against its own factor (audio -> sound
+category, video -> picture category: what each modality alone can know). Not a test: run it on
+a quiet machine.
+
+    python benchmarks/real_media.py --out /tmp/real                       # 3 seeds, the recipes' 34 epochs
+    python benchmarks/real_media.py --out /tmp/real --seeds 1 --epochs 8  # a quick look
+    python benchmarks/real_media.py --out /tmp/real --build-only          # corpus + manifests only
+
+Rerunning with the same --out reuses everything finished: downloads, clips, preprocessed
+clips, statistics, pre-training runs (resumed from ``checkpoints/last``) and evaluations
+(their ``metrics.json``). Runs are named by recipe, epochs and seed, so a run with other
+--epochs starts its own. When the clips are (re)made (other corpus options, a new corpus
+version), the preprocessed clips, runs and evaluations made from the old ones are removed first.
+Writes OUT/real_media.json and prints a Markdown table (percent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import real_media_corpus as corpus_lib
+from bench_runs import corpus_keys, epoch_overrides, markdown_table, pretrain_seconds
+
+from pcavmae_cli.engine import config
+from pcavmae_cli.engine.data.manifest import LabelSet, atomic_write_text, write_label_csv
+from pcavmae_cli.engine.data.preprocess import preprocess
+from pcavmae_cli.engine.data.stats import fbank_stats
+from pcavmae_cli.engine.evaluate.runner import evaluate
+from pcavmae_cli.engine.train.checkpoint import find_checkpoint
+from pcavmae_cli.engine.train.pretrain import pretrain
+
+MODELS = {"pcavmae": "demo", "cavmae": "demo_cavmae"}  # model name -> recipe
+TITLES = {"pcavmae": "PCAV-MAE (`demo`)", "cavmae": "CAV-MAE objective (`demo_cavmae`)", "random": "random init"}
+FEATURES = ("joint", "audio", "video")
+FACTORS = {"sound": "audio", "picture": "video"}  # factor -> the modality that alone can know it
+COLUMNS = {
+    **{f"knn_{f}": f"kNN {f}" for f in FEATURES},
+    **{f"linear_{f}": f"linear {f}" for f in FEATURES},
+    "a2v_r1": "a->v R@1", "v2a_r1": "v->a R@1",
+    "knn_audio_sound": "kNN audio -> sound", "knn_video_picture": "kNN video -> picture",
+}  # fmt: skip
+
+
+def prepare(out: Path, args: argparse.Namespace) -> dict:
+    """Corpus, preprocessed splits, factor manifests and fbank statistics (each step skipped
+    when done); returns the paths and statistics the runs need."""
+    started = time.perf_counter()
+    built = corpus_lib.build_corpus(out / "corpus", out / "sources", train_per_class=args.train_per_class,
+                                    eval_per_class=args.eval_per_class, seed=args.corpus_seed, jobs=args.jobs,
+                                    progress=lambda clip_id: print(f"  wrote {clip_id}", file=sys.stderr))  # fmt: skip
+    if built.n_written:  # new clips: what was made from the old ones (same clip ids) is stale
+        for stale in (out / "data", out / "runs", out / "eval"):
+            if stale.exists():
+                print(f"  the corpus changed: removing {stale}", file=sys.stderr)
+                shutil.rmtree(stale)
+    cfg = config.load_recipe("demo")
+    manifests = {}
+    for split in ("train", "eval"):
+        report = preprocess(built.segment_csvs[split], out / "data" / split, cfg.data, videos=built.videos,
+                            jobs=args.jobs)  # fmt: skip
+        expected = sum(c.split == split for c in built.clips)
+        if report.n_ok != expected:
+            raise SystemExit(f"preprocess {split}: {report.n_ok} of {expected} clips reached {report.manifest} "
+                             f"(failures: {dict(report.failures)}; see {report.failures_path})")  # fmt: skip
+        manifests[split] = report.manifest
+    stats_path = out / "data" / "fbank_stats.json"
+    if not stats_path.is_file():
+        stats = fbank_stats(manifests["train"], cfg.data)
+        atomic_write_text(stats_path, json.dumps({"mean": stats.mean, "std": stats.std, "n_clips": stats.n_clips}))
+    stats = json.loads(stats_path.read_text())
+    factors = {f: factor_manifests(built, manifests, f) for f in FACTORS}
+    return {"corpus": built, "manifests": manifests, "stats": stats, "factors": factors,
+            "prepare_seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+
+
+def factor_manifests(built: corpus_lib.RealCorpus, manifests: dict[str, Path], factor: str) -> dict:
+    """Copies of each split's manifest labelled by one factor (``sound`` or ``picture``
+    category), next to it (manifest paths are relative to their folder), and their label CSV."""
+    category = {c.clip_id: (c.sound if factor == "sound" else c.picture).category for c in built.clips}
+    names = corpus_lib.SOUND_CATEGORIES if factor == "sound" else corpus_lib.PICTURE_CATEGORIES
+    mids = {n: f"/pcav/real/{factor}/" + n.replace(" ", "_") for n in names}
+    label_csv = built.out / f"{factor}_labels.csv"
+    write_label_csv(label_csv, LabelSet([mids[n] for n in names], list(names)))
+    out = {"label_csv": label_csv}
+    for split, path in manifests.items():
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        lines = [json.dumps({**r, "labels": [mids[category[r["id"]]]]}) for r in records]
+        out[split] = path.with_name(f"manifest_{factor}.jsonl")
+        atomic_write_text(out[split], "\n".join(lines) + "\n")
+    return out
+
+
+def cached(out: Path, task: str, run: Path, data: Path, **kwargs) -> dict:
+    """``evaluate``'s metrics, or those an earlier run of this script left in ``out``."""
+    done = out / "metrics.json"
+    if done.is_file():
+        return json.loads(done.read_text())["metrics"]
+    return evaluate(task, run, data, out=out, **kwargs).metrics
+
+
+def frozen_row(run: Path, prepared: dict, out: Path, random_init: bool) -> dict:
+    """Every frozen-feature number of one encoder (the run's weights, or a random init)."""
+    train, held_out = prepared["manifests"]["train"], prepared["manifests"]["eval"]
+    common = {"random_init": random_init}
+    row: dict = {}
+    for task, key in (("knn", "knn"), ("linear-probe", "linear")):
+        for feature in FEATURES:
+            metrics = cached(out / f"{key}_{feature}", task, run, held_out, train_data=train,
+                             overrides=[f"evaluate.features={feature}"], **common)  # fmt: skip
+            row[f"{key}_{feature}"] = metrics["top1"]
+    for factor, feature in FACTORS.items():
+        labelled = prepared["factors"][factor]
+        metrics = cached(out / f"knn_{feature}_{factor}", "knn", run, labelled["eval"],
+                         train_data=labelled["train"], labels_csv=labelled["label_csv"],
+                         overrides=[f"evaluate.features={feature}"], **common)  # fmt: skip
+        row[f"knn_{feature}_{factor}"] = metrics["top1"]
+    retrieval = cached(out / "retrieval", "retrieval", run, held_out, **common)
+    row.update({k: retrieval[k] for k in ("a2v_r1", "v2a_r1")})
+    return row
+
+
+def run_seed(model: str, seed: int, prepared: dict, out: Path, epochs: int | None) -> Path:
+    """Pre-train ``model`` with ``seed`` (resumed, or left alone when finished); its run folder."""
+    recipe = MODELS[model]
+    base = config.load_recipe(recipe)
+    n_epochs = epochs or sum(s.epochs for s in base.stages)
+    run = out / "runs" / f"{model}_e{n_epochs}_s{seed}"
+    stats, manifests = prepared["stats"], prepared["manifests"]
+    keys = corpus_keys(manifests["train"], manifests["eval"], prepared["corpus"].label_csv, stats["mean"], stats["std"])
+    overrides = [f"train.run_dir={run}", f"seed={seed}", *keys]
+    if base.prototypes is not None:
+        overrides.append(f"prototypes.seed={seed}")
+    if epochs is not None:
+        overrides += epoch_overrides(base, epochs)
+    cfg = config.load_recipe(recipe, overrides)
+    cfg.train.resume = find_checkpoint(run, "last") is not None
+    pretrain(cfg)
+    return run
+
+
+def check_corpus(prepared: dict) -> dict:
+    """Counts per split and class, and clip durations from the manifests: the corpus as built."""
+    counts: dict = {}
+    for clip in prepared["corpus"].clips:
+        counts.setdefault(clip.split, {}).setdefault(clip.cls.name, 0)
+        counts[clip.split][clip.cls.name] += 1
+    durations = []
+    for path in prepared["manifests"].values():
+        durations += [json.loads(x)["duration"] for x in path.read_text().splitlines() if x.strip()]
+    units = {split: sorted({u.name for c in prepared["corpus"].clips if c.split == split
+                            for u in (c.sound, c.picture, c.background)})
+             for split in ("train", "eval")}  # fmt: skip
+    return {"clips": counts, "duration_min": min(durations), "duration_max": max(durations),
+            "n_units": {s: len(u) for s, u in units.items()},
+            "shared_units": sorted(set(units["train"]) & set(units["eval"]))}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seeds", type=int, default=3, help="pre-training seeds 0..N-1 per model")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs in all (default: the recipes' own)")
+    parser.add_argument("--train-per-class", type=int, default=15)
+    parser.add_argument("--eval-per-class", type=int, default=5)
+    parser.add_argument("--corpus-seed", type=int, default=0)
+    parser.add_argument("--jobs", type=int, default=2, help="clips encoded / preprocessed at once")
+    parser.add_argument("--build-only", action="store_true", help="stop after the corpus and its manifests")
+    args = parser.parse_args()
+    if args.seeds < 1 or (args.epochs is not None and args.epochs < 2):  # demo has 2 stages
+        parser.error("--seeds must be >= 1 and --epochs >= 2")
+    if args.train_per_class < 1 or args.eval_per_class < 1:
+        parser.error("--train-per-class and --eval-per-class must be >= 1")
+    out = args.out
+
+    prepared = prepare(out, args)
+    check = check_corpus(prepared)
+    print(json.dumps({"corpus": check, "fbank": prepared["stats"]}, indent=2))
+    if args.build_only:
+        return
+    rows: dict[str, list[dict]] = {"pcavmae": [], "cavmae": [], "random": []}
+    for seed in range(args.seeds):
+        for model in MODELS:
+            run = run_seed(model, seed, prepared, out, args.epochs)
+            row = frozen_row(run, prepared, out / "eval" / run.name, random_init=False)
+            rows[model].append({"seed": seed, "run": str(run), "pretrain_seconds": pretrain_seconds(run), **row})
+            if model == "pcavmae":  # the floor: a random encoder initialised with the same seed
+                floor = frozen_row(run, prepared, out / "eval" / f"random_s{seed}", random_init=True)
+                rows["random"].append({"seed": seed, "run": None, "pretrain_seconds": 0.0, **floor})
+    report = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+              "corpus": check, "fbank": prepared["stats"], "columns": COLUMNS, "rows": rows}  # fmt: skip
+    atomic_write_text(out / "real_media.json", json.dumps(report, indent=2) + "\n")
+    print(markdown_table({TITLES[m]: r for m, r in rows.items()}, COLUMNS))
+
+
+if __name__ == "__main__":
+    main()
