@@ -151,8 +151,9 @@ def test_visualize_commands_write_their_files(trained_demo_run, tmp_path):
     run, train = trained_demo_run.run_dir, trained_demo_run.train_manifest
 
     cli("visualize", "curves", str(run))
-    # 9 panels (total, InfoNCE, r, PJE, PCPE, lr, throughput, prototypes, epoch time): 3 x 3.
-    assert png_size(run / "plots/curves.png") == (1800, 1280)
+    # 13 panels (total, InfoNCE, r, PJE, PCPE, lr, throughput, prototypes, epoch time, and the
+    # health quantities: mean cosine, effective rank, prototype spread, agreement): 3 x 5.
+    assert png_size(run / "plots/curves.png") == (1800, 2000)
 
     tsne = cli("visualize", "tsne", "--checkpoint", str(run), "--data", str(train), "--out", str(tmp_path / "t.png"))
     assert "15 clips, 3 classes, 6 prototypes shown" in tsne
