@@ -51,7 +51,6 @@ from __future__ import annotations
 import csv
 import io
 import itertools
-import json
 import os
 import subprocess
 import sys
@@ -428,14 +427,7 @@ def build_corpus(
     settings = {"version": CORPUS_VERSION, "seed": seed, "train_per_class": train_per_class,
                 "eval_per_class": eval_per_class, "seconds": seconds,
                 "packages": {name: version for name, (_, version) in sorted(roots.items())}}  # fmt: skip
-    settings_path = out / SETTINGS_FILE
-    previous = json.loads(settings_path.read_text()) if settings_path.is_file() else None
-    if previous != settings:
-        for old in videos.glob("real*.mp4"):
-            old.unlink()
-    for stale in videos.glob(".real*"):  # temporary files of an interrupted build
-        stale.unlink()
-    manifest.atomic_write_text(settings_path, json.dumps(settings, indent=2) + "\n")
+    demo_corpus.start_build(videos, out / SETTINGS_FILE, settings, prefix="real")
 
     clips = plan_clips(train_per_class, eval_per_class)
     todo = [c for c in clips if not (videos / f"{c.clip_id}.mp4").is_file()]

@@ -333,6 +333,25 @@ def _segments_csv(clips: list[DemoClip], seconds: float, seed: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def start_build(videos: Path, settings_path: Path, settings: dict, prefix: str) -> None:
+    """Make ``videos`` ready for a (re)build with ``settings``: clips ``{prefix}*.mp4`` made with
+    other settings (as ``settings_path`` records them) are removed, since a rebuild would
+    silently reuse them, and so are the temporaries of an interrupted build (``.{prefix}*``);
+    then ``settings`` is recorded. An unreadable record counts as other settings."""
+    previous = None
+    if settings_path.is_file():
+        try:
+            previous = json.loads(settings_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            previous = None
+    if previous != settings:
+        for old in videos.glob(f"{prefix}*.mp4"):
+            old.unlink()
+    for stale in videos.glob(f".{prefix}*"):
+        stale.unlink()
+    manifest.atomic_write_text(settings_path, json.dumps(settings, indent=2) + "\n")
+
+
 def make_demo_corpus(
     out: str | Path,
     *,
@@ -372,19 +391,7 @@ def make_demo_corpus(
     # Videos made with other settings would be silently reused: remove them first.
     settings = {"version": CORPUS_VERSION, "seed": seed, "classes": classes, "clips_per_class": clips_per_class,
                 "eval_per_class": eval_per_class, "seconds": seconds, "width": WIDTH, "height": HEIGHT, "fps": FPS}
-    settings_path = out / SETTINGS_FILE
-    previous = None
-    if settings_path.is_file():
-        try:
-            previous = json.loads(settings_path.read_text())
-        except (OSError, json.JSONDecodeError):
-            previous = None
-    if previous != settings:
-        for old in videos.glob("demo*.mp4"):
-            old.unlink()
-    for stale in videos.glob(".demo*"):  # temporary files of an interrupted run
-        stale.unlink()
-    manifest.atomic_write_text(settings_path, json.dumps(settings, indent=2) + "\n")
+    start_build(videos, out / SETTINGS_FILE, settings, prefix="demo")
 
     class_list = demo_classes(classes)
     clips = demo_clips(class_list, clips_per_class, eval_per_class)
