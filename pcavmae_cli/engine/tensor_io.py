@@ -92,11 +92,6 @@ def save_safetensors(
     return files.atomic_write(path, lambda tmp: write_safetensors(tensors, tmp, metadata))
 
 
-def save_torch(obj: Any, path: str | Path) -> Path:
-    """``write_torch`` through a temporary and a rename (``files.atomic_write``)."""
-    return files.atomic_write(path, lambda tmp: write_torch(obj, tmp))
-
-
 def _unreadable(path: Path, exc: Exception) -> UserError:
     if isinstance(exc, OSError):
         return UserError(f"{path}: cannot read ({exc.strerror or exc})")

@@ -79,11 +79,6 @@ def write_files(folder: Path, weights: dict[str, Weights], state: dict[str, Any]
         _fsync(folder / name)
 
 
-def write_folder(folder: Path, model: nn.Module, momentum: nn.Module, state: dict[str, Any], config_text: str) -> None:
-    """Write the four files of a pre-training checkpoint into the (new, empty) ``folder``."""
-    write_files(folder, {"model": model, "momentum": momentum}, state, config_text)
-
-
 def save_checkpoint(
     run_dir: str | Path,
     name: str,
