@@ -1,7 +1,8 @@
 """Several processes on a CPU (gloo): the same numbers as one process.
 
 - ``pcav pretrain --nproc 2`` (the real CLI, through torchrun) against one process with the same
-  recipe: same global batches, masks, gathered negatives, E-step; the step losses agree.
+  recipe: same global batches, masks, gathered negatives, E-step; the step losses agree, and so
+  does the representation health of the warm-up epoch (2 + 2 of the 11 clips, ``health.max_rows``).
 - A checkpoint written by 2 ranks resumes in 1 process, and one written by 1 resumes in 2; both
   end where an uninterrupted run ends.
 - Spherical k-means and the whole E-step on 2 real gloo ranks (uneven shards) against one process.
@@ -59,7 +60,8 @@ from tests.tiny_corpus import TINY_FINETUNE, write_corpus
 N_CLIPS = 11
 # global batch 4, 2 batches per step: epochs of 3 batches (4, 4, 3 clips) = 2 optimiser steps;
 # 2 + 1 epochs, k-means prototypes from epoch 1: 6 steps, E-steps in epochs 1 and 2.
-RUN = [*TINY, "data.loader.batch_size=4", "optim.effective_batch=8", "prototypes.num_clusters=[2, 3]"]
+RUN = [*TINY, "data.loader.batch_size=4", "optim.effective_batch=8", "prototypes.num_clusters=[2, 3]",
+       "health.max_rows=4"]  # fmt: skip
 LOSS_TOL = 1e-4  # absolute, on losses of order 1 (module docstring)
 WEIGHT_TOL = 2e-3  # absolute: twice the demo recipe's optim.lr (module docstring)
 SCORE_TOL = 1e-6  # absolute, on probabilities: a rank's batches differ from one process's (module docstring)
@@ -135,6 +137,16 @@ def test_two_processes_give_the_losses_of_one(reference, two_process_run):
     assert sorted(p.name for p in (run_dir / "prototypes").iterdir()) == sorted(
         p.name for p in (reference / "prototypes").iterdir()
     )
+
+
+def test_two_processes_measure_the_health_of_one_on_the_same_clips(reference, two_process_run):
+    """Epoch 0 (warm-up: no E-step) embeds health.max_rows = 4 of the 11 clips for its health, 2 per
+    rank; both ranks' figures are one process's on the same 4 clips (same initial weights)."""
+    run_dir, _ = two_process_run
+    want, got = (read_metrics(run / "metrics.jsonl", "epoch")[0] for run in (reference, run_dir))
+    assert not want["prototypes"]
+    for key in [f"health_{f}_{m}" for f in ("cos", "rank") for m in ("a", "v", "joint")]:
+        assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
 
 
 def test_the_prototype_files_hold_every_clip(reference, two_process_run):

@@ -1,6 +1,8 @@
 """Representation health: each figure on hand-computed cases, sharded runs equal to one process,
-the collapse flag and warning on a constructed collapsed audio side, and a tiny pre-training run
-that logs the figures for every epoch and draws them (``pcav visualize health``)."""
+the collapse flag and warning on a constructed collapsed audio side, one warning per collapse
+episode (a Python warning from Python, one console line and no Python warning from the CLI), the
+measurement of epochs without an E-step on ``health.max_rows`` clips only, and a tiny pre-training
+run that logs the figures for every epoch and draws them (``pcav visualize health``)."""
 
 from __future__ import annotations
 
@@ -10,9 +12,13 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.data import default_collate
 
+from pcavmae_cli.engine.data.dataset import AudioVisualDataset
+from pcavmae_cli.engine.data.model_inputs import model_inputs
 from pcavmae_cli.engine.errors import UserError
 from pcavmae_cli.engine.evaluate.health import (
+    CollapseEpisodes,
     collapse_message,
     effective_rank,
     embedding_health,
@@ -24,10 +30,11 @@ from pcavmae_cli.engine.evaluate.health import (
 from pcavmae_cli.engine.prototypes import build_prototypes
 from pcavmae_cli.engine.progress import SilentReporter
 from pcavmae_cli.engine.train.metrics import read_metrics
-from pcavmae_cli.engine.train.pretrain import RepresentationCollapse, pretrain
-from pcavmae_cli.engine.train.stop import Interrupted
+from pcavmae_cli.engine.train.estep import health_clips, health_shard
+from pcavmae_cli.engine.train.pretrain import RepresentationCollapse, Trainer, pretrain
+from pcavmae_cli.engine.train.stop import Interrupted, StopRequests
 from pcavmae_cli.engine.viz.curves import plotted_keys
-from tests.test_pretrain import corpus, recipe, stop_at  # noqa: F401 - corpus is a fixture
+from tests.test_pretrain import TINY, corpus, recipe, stop_at  # noqa: F401 - corpus is a fixture
 from tests.test_prototypes import run_ranks
 from tests.test_viz import cli, png_size
 
@@ -141,6 +148,16 @@ def test_a_collapsed_audio_side_is_flagged_and_blind_to_the_prototypes():
     assert collapse_message(healthy, 0, collapse_cosine=0.9, collapse_rank=1.5) is None
 
 
+def test_a_modality_is_warned_about_once_per_collapse_episode():
+    episodes = CollapseEpisodes()
+    # video flagged for 5 measurements, recovers, collapses again for 2; audio flagged at single
+    # measurements twice, then at 3 in a row; joint never at two in a row.
+    measurements = [{"v"}, {"v", "joint"}, {"v", "a"}, {"v"}, {"v", "a", "joint"}, set(), {"v"}, {"v", "a"},
+                    {"a", "joint"}, {"a"}]  # fmt: skip
+    warned = [episodes.update(m) for m in measurements]
+    assert warned == [set(), {"v"}, set(), set(), set(), set(), set(), {"v"}, {"a"}, set()]
+
+
 def test_health_settings_are_checked_naming_the_key(corpus, tmp_path):  # noqa: F811
     with pytest.raises(UserError, match="health: 'max_rows' must be >= 2"):
         recipe(corpus, tmp_path / "r", "health.max_rows=1")
@@ -169,8 +186,9 @@ def test_pretraining_logs_health_every_epoch_warns_on_collapse_and_draws_it(corp
     assert not epochs[0]["prototypes"] and epochs[1]["prototypes"]
     warned = [str(w.message) for w in caught if w.category is RepresentationCollapse]
     # One flagged measurement is not a warning (a random encoder's embeddings start nearly
-    # parallel); from the second flagged measurement in a row on, every epoch warns once.
-    assert [m.split(":")[0] for m in warned] == [f"representation health, epoch {e}" for e in range(1, 3)]
+    # parallel); the second in a row is, and then nothing until the modality recovers: every
+    # epoch is flagged, so one collapse episode per modality and one warning for the three.
+    assert [m.split(":")[0] for m in warned] == ["representation health, epoch 1"]
     assert all("audio" in m and "video" in m and "joint" in m for m in warned)
 
     output = cli("visualize", "health", str(run))
@@ -221,3 +239,61 @@ def test_epochs_without_an_estep_follow_every_epochs_and_health_can_be_off(corpu
     assert isinstance(result.exception, UserError) and result.exit_code == 1
     assert str(result.exception) == (f"{off / 'metrics.jsonl'}: no epoch line with representation-health "
                                      "figures (the recipe's 'health' was null)")  # fmt: skip
+
+
+def test_the_cli_shows_one_line_per_collapse_episode_and_no_python_warning(corpus, tmp_path):  # noqa: F811
+    run = tmp_path / "run"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        output = cli("pretrain", "--recipe", "demo", *TINY, f"data.train_manifest={corpus}", f"train.run_dir={run}",
+                     "health.collapse_cosine=-1.0")  # fmt: skip
+    lines = [line for line in output.splitlines() if "representation health" in line]
+    assert len(lines) == 1 and lines[0].startswith("warning: representation health, epoch 1: collapsed embeddings (audio")
+    assert not [w for w in caught if w.category is RepresentationCollapse]  # the line, not both
+
+
+# ----------------------------------------------------------------------------- epochs without an E-step
+
+
+def test_health_clips_are_max_rows_evenly_spaced_distinct_clips_in_equal_shares():
+    assert health_clips(10, 4) == [0, 3, 6, 9]
+    assert health_clips(10, 10) == health_clips(10, 4096) == list(range(10))  # the whole set, as the E-step's
+    big = health_clips(10**6 + 1, 10**6)  # near-equal sizes: still distinct, first and last included
+    assert len(set(big)) == 10**6 and big == sorted(big) and (big[0], big[-1]) == (0, 10**6)
+    # 2 ranks, max_rows 5 of 11: 4 clips (a multiple of the world size), 2 per rank, one batch each
+    shards = [health_shard(11, 5, batch_size=2, rank=r, world_size=2) for r in range(2)]
+    assert shards[0].rows + shards[1].rows == health_clips(11, 4) == [0, 3, 7, 10]
+    assert [s.rounds for s in shards] == [1, 1]
+    assert health_shard(11, 5, batch_size=2).rows == health_clips(11, 5) and health_shard(11, 5, 2).rounds == 3
+
+
+def test_health_without_an_estep_embeds_only_max_rows_clips_and_measures_them(corpus, tmp_path, monkeypatch):  # noqa: F811
+    cfg = recipe(corpus, tmp_path / "run", "health.max_rows=4")  # 10 clips
+    trainer = Trainer(cfg, SilentReporter(), None)
+    loaded = []
+    original = AudioVisualDataset.__getitem__
+
+    def counted(self, key):
+        if self.frames == "middle":
+            loaded.append(int(key))
+        return original(self, key)
+
+    monkeypatch.setattr(AudioVisualDataset, "__getitem__", counted)
+    with StopRequests() as stop:
+        figures = trainer._health(0, stop)  # epoch 0: warm-up, no E-step
+    assert loaded == health_clips(10, 4) == [0, 3, 6, 9]  # 4 clips, not the 10 of the set
+
+    middle = AudioVisualDataset(corpus, cfg.data, frames="middle", compact=True)
+    batch = model_inputs(default_collate([original(middle, i) for i in loaded]), cfg.data, torch.device("cpu"))
+    with torch.no_grad(), trainer.rt.autocast():
+        emb = trainer.momentum.embed(batch["fbank"], batch["frames"])
+    want = embedding_health(emb.z_a.float(), emb.z_v.float(), None, **{**LIMITS, "max_rows": 4})
+    assert figures.keys() == want.keys()
+    for key, value in want.items():
+        if isinstance(value, float):
+            assert figures[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+        else:
+            assert figures[key] == value, key
+
+    whole = Trainer(recipe(corpus, tmp_path / "whole"), SilentReporter(), None)  # max_rows 4096 >= 10 clips
+    assert whole.health_loader is whole.embed_loader and whole.health_shard.rows == list(range(10))

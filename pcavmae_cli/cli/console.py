@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -65,7 +66,8 @@ def progress_bar(description: str, total: int, *, bar_width: int | None = 40) ->
 
 
 class RichReporter:
-    """The engine's ``ProgressReporter`` drawn with Rich: one bar per ``progress`` call.
+    """The engine's ``ProgressReporter`` drawn with Rich: one bar per ``progress`` call, and its
+    warnings as ``warning: ...`` lines (not Python warnings: a CLI user gets the line only).
 
     ``bar_width=None`` suits training, whose notes (loss parts, samples/s) need the room.
     """
@@ -75,3 +77,7 @@ class RichReporter:
 
     def progress(self, description: str, total: int):
         return progress_bar(description, total, bar_width=self.bar_width)
+
+    def warning(self, message: str, category: type[Warning] = UserWarning) -> None:
+        """One line on the console, as the other commands' warnings (``category`` is for Python callers)."""
+        console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)

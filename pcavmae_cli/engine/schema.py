@@ -239,11 +239,11 @@ class HealthConfig:
 
     Measured on the momentum encoder's embeddings of the training set at the start of an epoch:
     free where the E-step embeds it anyway; other epochs (warm-up, runs without prototypes) embed
-    it once more when ``every_epochs`` says so.
+    ``max_rows`` evenly spaced clips of it when ``every_epochs`` says so.
     """
 
     every_epochs: int = 1  # epochs without an E-step: measure on every n-th (epoch % n == 0); 0: only with an E-step
-    max_rows: int = 4096  # the effective rank is computed on at most this many clips (evenly spaced)
+    max_rows: int = 4096  # those epochs embed this many clips, evenly spaced; the effective rank uses at most this many
     collapse_cosine: float = 0.9  # a modality is collapsed when its mean pairwise cosine reaches this ...
     collapse_rank: float = 1.5  # ... or its effective rank falls below this
 

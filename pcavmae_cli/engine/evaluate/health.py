@@ -33,6 +33,7 @@ of the whole set would cost what the E-step does).
 
 Pure functions: tensors in, floats out (``nan`` where a figure is undefined: fewer than two clips,
 all-zero rows); ``embedding_health`` collects them into the fields ``metrics.jsonl`` logs.
+``CollapseEpisodes``, the one piece of state, decides when pre-training warns about a collapse.
 """
 
 from __future__ import annotations
@@ -184,6 +185,32 @@ def empty_health() -> dict[str, Any]:
     """The health fields of an epoch that measured none (every value ``None``)."""
     keys = [f"health_{f}_{m}" for f in ("cos", "rank", "collapsed", "spread") for m in MODALITIES]
     return {k: None for k in [*keys, "health_agree_a", "health_agree_v"]}
+
+
+def collapsed_modalities(health: dict[str, Any]) -> set[str]:
+    """The modalities (``a``, ``v``, ``joint``) whose ``health_collapsed_*`` flag is set."""
+    return {m for m in MODALITIES if health.get(f"health_collapsed_{m}")}
+
+
+class CollapseEpisodes:
+    """When to warn about a collapsed modality: once per collapse episode.
+
+    An episode of a modality starts with a flagged measurement and ends with the first one that
+    is not. The warning comes at its second measurement (a randomly initialised encoder often
+    starts flagged and recovers), and not again until the modality has recovered and collapsed
+    anew: a modality that stays collapsed for 20 epochs is one warning, not 19.
+    """
+
+    def __init__(self) -> None:
+        self.flagged: set[str] = set()  # flagged at the last measurement
+        self.warned: set[str] = set()  # in an episode that was warned about
+
+    def update(self, flagged: set[str]) -> set[str]:
+        """Note one measurement's flagged modalities; returns those to warn about now."""
+        new = (flagged & self.flagged) - self.warned
+        self.warned = (self.warned & flagged) | new
+        self.flagged = set(flagged)
+        return new
 
 
 def collapse_message(health: dict[str, Any], epoch: int, *, collapse_cosine: float, collapse_rank: float) -> str | None:

@@ -17,14 +17,16 @@ prototypes; the file written is the same as a single process would write.
 
 The same features give the epoch's representation health (``evaluate.health``, recipe key
 ``health``): ``run_estep`` measures it with the prototypes (each shard's assignments, before they
-are summed into the global ones), ``measure_health`` embeds the set for it alone on epochs with
-no E-step (warm-up, runs without prototypes).
+are summed into the global ones). Epochs with no E-step (warm-up, runs without prototypes) embed
+for it alone, and only the ``health.max_rows`` clips spread evenly over the set that its figures
+use (``health_clips``; each rank its contiguous share, ``health_shard``), not the whole set:
+``measure_health``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +39,7 @@ from pcavmae_cli.engine.evaluate.health import embedding_health
 from pcavmae_cli.engine.model import MomentumEncoder
 from pcavmae_cli.engine.prototypes import Prototypes, estep, save_prototypes
 from pcavmae_cli.engine.schema import DataConfig, HealthConfig, PrototypeConfig
-from pcavmae_cli.engine.train.distributed import bounds, comm_device, sum_across
+from pcavmae_cli.engine.train.distributed import bounds, comm_device, split, sum_across
 from pcavmae_cli.engine.train.runtime import Runtime
 
 
@@ -52,16 +54,19 @@ def embed_training_set(
     rounds: int = 0,
     *,
     data: DataConfig,
+    rows: Sequence[int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """z_a, z_v ``(n, proj_dim)`` float32 of the n clips of ``loader``'s dataset, row =
-    manifest index - ``first_row`` (the loader holds manifest rows ``first_row ..`` of a shard).
-    Its batches are compact samples, normalised on the device with ``data``'s statistics
-    (``model_inputs``).
+    manifest index - ``first_row`` (the loader holds manifest rows ``first_row ..`` of a shard),
+    or, for a loader of other clips, row i = the clip of manifest index ``rows[i]`` (``rows``
+    ascending). Its batches are compact samples, normalised on the device with ``data``'s
+    statistics (``model_inputs``).
 
     ``check_stop`` runs once per batch and then again up to ``rounds`` calls in all: under DDP it
     is a collective, and shards with fewer batches must call it as often as the others.
     """
     n = len(loader.dataset)
+    manifest_rows = None if rows is None else torch.as_tensor(rows, dtype=torch.long)
     z_a = z_v = None
     calls = 0
     for batch in loader:
@@ -73,7 +78,10 @@ def embed_training_set(
         if z_a is None:
             z_a = torch.empty(n, emb.z_a.shape[1], device=rt.device)
             z_v = torch.empty(n, emb.z_v.shape[1], device=rt.device)
-        index = batch["index"] - first_row
+        if manifest_rows is None:
+            index = batch["index"] - first_row
+        else:
+            index = torch.searchsorted(manifest_rows.to(batch["index"].device), batch["index"])
         z_a[index], z_v[index] = emb.z_a.float(), emb.z_v.float()
         advance(1)
     for _ in range(calls, rounds):
@@ -140,6 +148,38 @@ def run_estep(
     return EStepOutput(protos, figures)
 
 
+def health_clips(n: int, max_rows: int, world_size: int = 1) -> list[int]:
+    """The manifest rows an epoch without an E-step embeds for its health, ascending: all ``n``
+    when they are at most ``max_rows`` (the set the E-step measures), else ``max_rows`` rounded
+    down to a multiple of ``world_size`` (at least one per rank) spread evenly over ``0 .. n - 1``,
+    first and last included. Equal shares let the effective rank use every one of them
+    (``gathered_rows`` takes the same count from every rank), so several processes measure what
+    one process does on the same clips. Integer arithmetic: distinct rows at any ``n``."""
+    if n <= max_rows:
+        return list(range(n))
+    m = min(n, max(world_size, max_rows - max_rows % world_size))
+    if m < 2:
+        return list(range(m))
+    return [(2 * i * (n - 1) + m - 1) // (2 * (m - 1)) for i in range(m)]  # i (n-1)/(m-1), rounded
+
+
+@dataclasses.dataclass
+class HealthShard:
+    """This rank's part of the health clips: manifest ``rows`` (its contiguous share of
+    ``health_clips``), and ``rounds``, the most loader batches of any rank's share."""
+
+    rows: list[int]
+    rounds: int
+
+
+def health_shard(n: int, max_rows: int, batch_size: int, rank: int = 0, world_size: int = 1) -> HealthShard:
+    """Rank ``rank``'s share of ``health_clips(n, max_rows)``, cut as the E-step cuts the manifest."""
+    clips = health_clips(n, max_rows, world_size)
+    first, last = bounds(len(clips), world_size, rank)
+    rounds = max(-(-size // batch_size) for size in split(len(clips), world_size))
+    return HealthShard(clips[first:last], rounds)
+
+
 def measure_health(
     momentum: MomentumEncoder,
     loader: DataLoader,
@@ -148,13 +188,13 @@ def measure_health(
     advance: Callable[..., None] = lambda n=1, note="": None,
     check_stop: Callable[[], None] = lambda: None,
     *,
-    n_total: int | None = None,
+    rows: Sequence[int] | None = None,
     rounds: int = 0,
     data: DataConfig,
 ) -> dict[str, Any]:
-    """The health fields of an epoch without an E-step: embed the shard as ``run_estep`` does and
-    measure it without prototypes (their fields stay ``None``)."""
-    n_total = len(loader.dataset) if n_total is None else n_total
-    first_row, _ = bounds(n_total, rt.world_size, rt.rank)
-    z_a, z_v = embed_training_set(momentum, loader, rt, advance, check_stop, first_row, rounds, data=data)
+    """The health fields of an epoch without an E-step, measured without prototypes (their
+    fields stay ``None``) on the clips of ``loader``: this rank's ``health_shard``, manifest
+    ``rows`` (default: every clip of the loader's dataset, in order). Every rank gets the same
+    figures (the sums are all-reduced, ``embedding_health``)."""
+    z_a, z_v = embed_training_set(momentum, loader, rt, advance, check_stop, rounds=rounds, data=data, rows=rows)
     return health_of(z_a, z_v, None, cfg)

@@ -7,9 +7,10 @@ then the M-step runs over the epoch's batches (``objective.batch_losses``), accu
 gradients to ``optim.effective_batch`` before each AdamW step, after which the learning rate
 follows ``schedule.Schedule`` and the momentum encoder moves towards the model. With a recipe
 ``health`` section the epoch also measures the representation health of the momentum encoder's
-embeddings of the training set (``evaluate/health.py``) -- from the E-step's features, or from an
-embedding of its own on epochs without one -- logs it in the epoch line and warns
-(``RepresentationCollapse``) when a modality collapsed.
+embeddings of the training set (``evaluate/health.py``) -- from the E-step's features, or on
+epochs without one from an embedding of its own of ``health.max_rows`` evenly spaced clips --
+logs it in the epoch line and warns (``RepresentationCollapse``, through the reporter: a line in
+the CLI, a Python warning from Python) once per episode in which a modality stays collapsed.
 
 The step reads nothing back from the device, so the host can queue work ahead of the GPU: the
 logged loss parts stay on the device (``pending.PendingLosses``) until a flush point -- every
@@ -40,7 +41,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +55,12 @@ from pcavmae_cli.engine.data.dataset import AudioVisualDataset
 from pcavmae_cli.engine.data.manifest import atomic_write_text
 from pcavmae_cli.engine.data.model_inputs import model_inputs
 from pcavmae_cli.engine.errors import UserError
-from pcavmae_cli.engine.evaluate.health import collapse_message, empty_health
+from pcavmae_cli.engine.evaluate.health import (
+    CollapseEpisodes,
+    collapse_message,
+    collapsed_modalities,
+    empty_health,
+)
 from pcavmae_cli.engine.folder_lock import run_folder_lock
 from pcavmae_cli.engine.model import PCAVMAE, MomentumEncoder
 from pcavmae_cli.engine.prototypes import Prototypes, load_prototypes, prototypes_active
@@ -73,7 +78,7 @@ from pcavmae_cli.engine.train.distributed import (
     split,
     world_from_env,
 )
-from pcavmae_cli.engine.train.estep import measure_health, run_estep
+from pcavmae_cli.engine.train.estep import health_shard, measure_health, run_estep
 from pcavmae_cli.engine.train.fast import StepCompiler, set_activation_checkpointing
 from pcavmae_cli.engine.train.metrics import Meter, MetricsLog, format_losses, loss_fields, read_metrics
 from pcavmae_cli.engine.train.objective import BatchObjective, batch_losses
@@ -87,7 +92,8 @@ STATE_FORMAT = 1
 
 
 class RepresentationCollapse(UserWarning):
-    """An epoch's representation health says a modality collapsed (``health.collapse_*``)."""
+    """A modality's representation health stayed collapsed for two measurements in a row
+    (``health.collapse_*``); issued once per such episode (``CollapseEpisodes``)."""
 
 
 class TrainingDiverged(UserError):
@@ -170,14 +176,17 @@ class Trainer:
         )  # fmt: skip
         check_batches_fit_world(self.sampler, self.rt.world_size)
         self.loader = train_loader(self.dataset, self.sampler, loader_cfg, self.rt)
-        self.embed_loader = None
+        self.embed_loader = self.health_loader = None
         n, world = len(self.dataset), self.rt.world_size
         # the E-step's shard of the manifest, and the most batches any rank's shard takes
         self.embed_rounds = max(-(-size // loader_cfg.batch_size) for size in split(n, world))
         if cfg.prototypes is not None or cfg.health is not None:  # the E-step's and the health's features
             middle = AudioVisualDataset(data.train_manifest, data, frames="middle", compact=True)
-            shard = middle if world == 1 else Subset(middle, range(*bounds(n, world, self.rt.rank)))
-            self.embed_loader = embed_loader(shard, loader_cfg, self.rt)
+            if cfg.prototypes is not None:
+                shard = middle if world == 1 else Subset(middle, range(*bounds(n, world, self.rt.rank)))
+                self.embed_loader = embed_loader(shard, loader_cfg, self.rt)
+            if cfg.health is not None:
+                self._health_loader(middle)
         steps_per_epoch = -(-self.sampler.batches_per_epoch // self.plan.accum_steps)
         self.schedule = Schedule(steps_per_epoch, self.plan.total_epochs, cfg.optim)
 
@@ -190,7 +199,7 @@ class Trainer:
         self.ddp: DistributedDataParallel | None = None  # built per stage (what trains), world > 1
         self.ddp_parts: tuple[str, ...] | None = None
         self.state = TrainState()
-        self._flagged_before: set[str] = set()  # health flags of the last measurement (_note_health)
+        self.collapse_episodes = CollapseEpisodes()  # when to warn about a collapse (_note_health)
         self.epoch_meter, self.window_meter = Meter(), Meter()
         self.pending = PendingLosses()  # logged parts not read from the device yet (pending.py)
         self.shown: dict[str, float | None] = Meter().means()  # the last step line's means
@@ -210,6 +219,18 @@ class Trainer:
 
     def _check_run_dir(self) -> Path | None:
         return ckpt.resume_point(self.run_dir, self.cfg.train.resume)
+
+    def _health_loader(self, middle: AudioVisualDataset) -> None:
+        """The loader of epochs that measure health without an E-step: only the
+        ``health.max_rows`` evenly spaced clips the figures use (this rank's share), as the
+        E-step's loader would load them; the E-step's own loader when that is the whole set."""
+        n, world, loader_cfg = len(middle), self.rt.world_size, self.cfg.data.loader
+        self.health_shard = health_shard(n, self.cfg.health.max_rows, loader_cfg.batch_size, self.rt.rank, world)
+        whole = self.health_shard.rows == list(range(*bounds(n, world, self.rt.rank)))
+        if whole and self.embed_loader is not None:
+            self.health_loader = self.embed_loader
+        else:
+            self.health_loader = embed_loader(Subset(middle, self.health_shard.rows), loader_cfg, self.rt)
 
     def _resume(self, folder: Path) -> None:
         saved = ckpt.load_state(folder)
@@ -274,6 +295,7 @@ class Trainer:
         def close_loaders() -> None:
             close_loader(self.loader)
             close_loader(self.embed_loader)
+            close_loader(self.health_loader)
 
         run_stoppable(self._epoch, lambda: self.state.epoch >= self.plan.total_epochs,
                       lambda: self._save("last"), lambda: self.boundary, close_loaders)  # fmt: skip
@@ -315,38 +337,38 @@ class Trainer:
         return [p.to(self.rt.device) for p in out.prototypes]
 
     def _health(self, epoch: int, stop: StopRequests) -> dict[str, Any] | None:
-        """Representation health of an epoch without an E-step, every ``health.every_epochs``."""
+        """Representation health of an epoch without an E-step, every ``health.every_epochs``,
+        on the ``health.max_rows`` clips of ``health_loader`` (not the whole training set)."""
         cfg = self.cfg.health
         if cfg is None or cfg.every_epochs == 0 or epoch % cfg.every_epochs != 0:
             return None
-        with self.reporter.progress(f"health {epoch + 1}/{self.plan.total_epochs}", len(self.embed_loader)) as advance:
+        with self.reporter.progress(f"health {epoch + 1}/{self.plan.total_epochs}", len(self.health_loader)) as advance:
             figures = measure_health(
-                self.momentum, self.embed_loader, cfg, self.rt, advance, lambda: self._check_stop(stop),
-                n_total=len(self.dataset), rounds=self.embed_rounds, data=self.cfg.data,
+                self.momentum, self.health_loader, cfg, self.rt, advance, lambda: self._check_stop(stop),
+                rows=self.health_shard.rows, rounds=self.health_shard.rounds, data=self.cfg.data,
             )  # fmt: skip
         return self._note_health(figures, epoch)
 
     def _note_health(self, figures: dict[str, Any] | None, epoch: int) -> dict[str, Any] | None:
-        """Keep ``figures`` for the epoch line; warn (rank 0) when a modality stays collapsed.
+        """Keep ``figures`` for the epoch line; warn (rank 0) once per collapse episode.
 
-        The warning needs two measurements in a row: a randomly initialised encoder's embeddings
-        are nearly parallel (mean cosine ~0.97 for the tiny demo model's audio) before any
-        training, so one flagged measurement at the start is the norm, not a problem; one that
-        persists is. The epoch line's ``health_collapsed_*`` flags record every measurement.
+        A modality is warned about at its second flagged measurement in a row: a randomly
+        initialised encoder's embeddings are often nearly parallel (the demo model's video side:
+        mean cosine 0.96-0.99 at initialisation), so one flagged measurement at the start is the
+        norm, not a problem; one that persists is. Then nothing more about it until a measurement
+        finds it recovered (``CollapseEpisodes``). The epoch line's ``health_collapsed_*`` flags
+        record every measurement.
         """
         self.state.health = figures
         cfg = self.cfg.health
         if figures is None or cfg is None:
             return figures
-        flagged = {k for k, v in figures.items() if k.startswith("health_collapsed_") and v}
-        persisting = flagged & self._flagged_before
-        self._flagged_before = flagged
-        if persisting and self.rt.is_main:
-            shown = {k: (v if not k.startswith("health_collapsed_") else k in persisting) for k, v in figures.items()}
+        new = self.collapse_episodes.update(collapsed_modalities(figures))
+        if new and self.rt.is_main:
+            shown = {**figures, **{f"health_collapsed_{m}": m in new for m in collapsed_modalities(figures)}}
             message = collapse_message(shown, epoch, collapse_cosine=cfg.collapse_cosine,
                                        collapse_rank=cfg.collapse_rank)  # fmt: skip
-            if message is not None:
-                warnings.warn(message, RepresentationCollapse, stacklevel=2)
+            self.reporter.warning(message, RepresentationCollapse)
         return figures
 
     def _epoch(self, stop: StopRequests) -> None:
