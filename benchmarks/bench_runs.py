@@ -10,10 +10,25 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
+from pcavmae_cli.engine import config
+from pcavmae_cli.engine.data.manifest import read_manifest
+from pcavmae_cli.engine.evaluate.runner import evaluate
 from pcavmae_cli.engine.schema import Recipe
+from pcavmae_cli.engine.train.checkpoint import FINETUNE_FILES, find_checkpoint
+from pcavmae_cli.engine.train.finetune import finetune
+from pcavmae_cli.engine.viz.explain import Explainer
+
+HEADS = {  # name: (run folder, overrides)
+    "linear": ("finetune_linear", ["finetune.head=linear"]),
+    "prototype (frozen)": ("finetune_prototype", ["finetune.head=prototype",
+                                                  "finetune.prototype_head.trainable_prototypes=false"]),
+    "prototype (trainable)": ("finetune_prototype_trainable", ["finetune.head=prototype",
+                                                               "finetune.prototype_head.trainable_prototypes=true"]),
+}  # fmt: skip
 
 
 def corpus_keys(train: Path, held_out: Path, label_csv: Path, mean: float, std: float) -> list[str]:
@@ -81,4 +96,45 @@ def markdown_table(rows: dict[str, list[dict]], columns: dict[str, str], percent
             mean, std = mean_std([scale * r[key] for r in seeds])
             cells.append(f"{mean:.1f} +- {std:.1f}" if len(seeds) > 1 else f"{mean:.1f}")
         lines.append(f"| {model} | {len(seeds)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _mean(values: list[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return round(statistics.fmean(kept), 3) if kept else None
+
+
+def head_row(name: str, run: Path, init_from: Path, overrides: list[str], held_out: Path) -> dict:
+    """Fine-tune ``init_from`` with ``finetune_demo`` + ``overrides`` into ``run`` (resumed, or
+    left alone when finished), then score it on ``held_out``: top-1 (10-frame averaging) and,
+    clip by clip, ``pcav explain``'s faithfulness numbers (docs/method.md, "Faithfulness"): the
+    mean prototype share of the top logit and the mean logit drop when the 3 top-contributing
+    prototypes are removed vs 3 random others, per granularity."""
+    cfg = config.load_recipe("finetune_demo", [f"train.run_dir={run}", f"finetune.init_from={init_from}", *overrides])
+    cfg.train.resume = find_checkpoint(run, "last", FINETUNE_FILES) is not None
+    finetune(cfg)
+    done = run / "eval" / "metrics.json"
+    if done.is_file():
+        top1 = json.loads(done.read_text())["metrics"]["top1"]
+    else:
+        top1 = evaluate("classification", run, held_out, out=run / "eval").metrics["top1"]
+    explainer = Explainer(run, data=held_out, device="cpu", top=1, exemplars=0)
+    per_level: dict[int, dict[str, list]] = {}
+    for record in read_manifest(held_out):
+        for f in explainer.explain(record.id).prediction.faithfulness:
+            level = per_level.setdefault(f.level, {"share": [], "top": [], "random": []})
+            level["share"].append(f.share)
+            level["top"].append(f.deletion.top_logit_drop)
+            level["random"].append(f.deletion.random_logit_drop)
+    return {"head": name, "top1": round(top1, 3),
+            "levels": {lvl: {k: _mean(v) for k, v in d.items()} for lvl, d in per_level.items()}}  # fmt: skip
+
+
+def head_markdown(rows: list[dict]) -> str:
+    """``head_row`` results as a Markdown table, one line per head and granularity."""
+    lines = ["| head | top-1 | granularity | prototype share | logit drop, top 3 removed | logit drop, 3 random removed |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for row in rows:
+        for level, m in row["levels"].items():
+            lines.append(f"| {row['head']} | {row['top1']:.3f} | {level} | {m['share']} | {m['top']} | {m['random']} |")
     return "\n".join(lines) + "\n"

@@ -1,7 +1,9 @@
 """PCAV-MAE vs CAV-MAE's objective on real media: frozen features per modality, over seeds.
 
-Builds the real-media corpus (``real_media_corpus.py``: 6 classes = 2 sound categories x 3
-picture categories, from Debian packages and scikit-image / matplotlib sample data; held-out
+Builds the real-media corpus (``real_media_corpus.py``: 6 classes, each a pair of one of 3
+sound categories and one of 3 picture categories, paired in a cycle so that audio alone and
+video alone each leave 2 candidates; from Debian packages and scikit-image / matplotlib sample
+data; held-out
 clips from speakers, tracks and pictures training never saw), preprocesses it, measures the
 fbank statistics, then pre-trains the demo's tiny model with ``demo`` (PCAV-MAE) and
 ``demo_cavmae`` (CAV-MAE's objective) for each seed. Each pre-trained encoder and a randomly
@@ -33,15 +35,18 @@ import time
 from pathlib import Path
 
 import real_media_corpus as corpus_lib
-from bench_runs import corpus_keys, epoch_overrides, markdown_table, pretrain_seconds
+from bench_runs import HEADS, corpus_keys, epoch_overrides, head_markdown, head_row, markdown_table, pretrain_seconds
 
 from pcavmae_cli.engine import config
 from pcavmae_cli.engine.data.manifest import LabelSet, atomic_write_text, write_label_csv
 from pcavmae_cli.engine.data.preprocess import preprocess
 from pcavmae_cli.engine.data.stats import fbank_stats
 from pcavmae_cli.engine.evaluate.runner import evaluate
+from pcavmae_cli.engine.prototypes.step import load_prototypes
 from pcavmae_cli.engine.train.checkpoint import find_checkpoint
 from pcavmae_cli.engine.train.pretrain import pretrain
+from pcavmae_cli.engine.viz.prototypes_report import level_stats
+from pcavmae_cli.engine.viz.run import open_run
 
 MODELS = {"pcavmae": "demo", "cavmae": "demo_cavmae"}  # model name -> recipe
 TITLES = {"pcavmae": "PCAV-MAE (`demo`)", "cavmae": "CAV-MAE objective (`demo_cavmae`)", "random": "random init"}
@@ -133,6 +138,28 @@ def frozen_row(run: Path, prepared: dict, out: Path, random_init: bool) -> dict:
     return row
 
 
+HEALTH = {"health_cos_a": "audio mean cos", "health_rank_a": "audio eff. rank", "health_cos_v": "video mean cos",
+          "health_rank_v": "video eff. rank", "health_cos_joint": "joint mean cos"}  # fmt: skip
+
+
+def training_row(run: Path) -> dict:
+    """What pre-training itself logged: the last measured representation health (mean pairwise
+    cosine, effective rank) and, for a run with prototypes, the purity and NMI of each
+    granularity's clusters against the class labels at the first and the last E-step."""
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    measured = [r for r in lines if r["kind"] == "epoch" and r.get("health_cos_a") is not None]
+    row = {k: measured[-1][k] for k in HEALTH} if measured else {}
+    view = open_run(run, need_checkpoint=False)
+    epochs = view.prototype_epochs()
+    if epochs:
+        labels = [list(r.labels) for r in view.train_clips()[1]]
+        for when, epoch in (("first", epochs[0]), ("last", epochs[-1])):
+            for level, protos in enumerate(load_prototypes(run / "prototypes", epoch)):
+                stats = level_stats(protos, labels, level, epoch)
+                row[f"nmi{level}_{when}"], row[f"purity{level}_{when}"] = stats.nmi, stats.purity
+    return row
+
+
 def run_seed(model: str, seed: int, prepared: dict, out: Path, epochs: int | None) -> Path:
     """Pre-train ``model`` with ``seed`` (resumed, or left alone when finished); its run folder."""
     recipe = MODELS[model]
@@ -150,6 +177,15 @@ def run_seed(model: str, seed: int, prepared: dict, out: Path, epochs: int | Non
     cfg.train.resume = find_checkpoint(run, "last") is not None
     pretrain(cfg)
     return run
+
+
+def head_rows(run: Path, prepared: dict, out: Path) -> list[dict]:
+    """The pre-trained ``run`` fine-tuned with each head of ``bench_runs.HEADS`` on the 6
+    classes: held-out top-1 and faithfulness (``bench_runs.head_row``)."""
+    stats, manifests = prepared["stats"], prepared["manifests"]
+    keys = corpus_keys(manifests["train"], manifests["eval"], prepared["corpus"].label_csv, stats["mean"], stats["std"])
+    return [head_row(name, out / "runs" / f"{run.name}_{folder}", run, [*keys, *o], manifests["eval"])
+            for name, (folder, o) in HEADS.items()]  # fmt: skip
 
 
 def check_corpus(prepared: dict) -> dict:
@@ -179,6 +215,8 @@ def main() -> None:
     parser.add_argument("--corpus-seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=2, help="clips encoded / preprocessed at once")
     parser.add_argument("--build-only", action="store_true", help="stop after the corpus and its manifests")
+    parser.add_argument("--no-heads", dest="heads", action="store_false",
+                        help="skip fine-tuning each PCAV-MAE run with the linear and prototype heads")
     args = parser.parse_args()
     if args.seeds < 1 or (args.epochs is not None and args.epochs < 2):  # demo has 2 stages
         parser.error("--seeds must be >= 1 and --epochs >= 2")
@@ -192,18 +230,31 @@ def main() -> None:
     if args.build_only:
         return
     rows: dict[str, list[dict]] = {"pcavmae": [], "cavmae": [], "random": []}
+    heads: dict[int, list[dict]] = {}
     for seed in range(args.seeds):
         for model in MODELS:
             run = run_seed(model, seed, prepared, out, args.epochs)
             row = frozen_row(run, prepared, out / "eval" / run.name, random_init=False)
-            rows[model].append({"seed": seed, "run": str(run), "pretrain_seconds": pretrain_seconds(run), **row})
+            rows[model].append({"seed": seed, "run": str(run), "pretrain_seconds": pretrain_seconds(run), **row,
+                                **training_row(run)})  # fmt: skip
+            if model == "pcavmae" and args.heads:
+                heads[seed] = head_rows(run, prepared, out)
             if model == "pcavmae":  # the floor: a random encoder initialised with the same seed
                 floor = frozen_row(run, prepared, out / "eval" / f"random_s{seed}", random_init=True)
                 rows["random"].append({"seed": seed, "run": None, "pretrain_seconds": 0.0, **floor})
     report = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-              "corpus": check, "fbank": prepared["stats"], "columns": COLUMNS, "rows": rows}  # fmt: skip
+              "corpus": check, "fbank": prepared["stats"], "columns": COLUMNS, "rows": rows, "heads": heads}  # fmt: skip
     atomic_write_text(out / "real_media.json", json.dumps(report, indent=2) + "\n")
     print(markdown_table({TITLES[m]: r for m, r in rows.items()}, COLUMNS))
+    trained = {TITLES[m]: rows[m] for m in MODELS}
+    print(markdown_table(trained, HEALTH, percent=False))
+    levels = sorted({k[3:-5] for r in rows["pcavmae"] for k in r if k.startswith("nmi") and k.endswith("_last")})
+    quality = {f"{m}{lvl}_{w}": f"{m.upper() if m == 'nmi' else m} K{lvl} {w}" for lvl in levels
+               for m in ("nmi", "purity") for w in ("first", "last")}  # fmt: skip
+    if quality:
+        print(markdown_table({TITLES["pcavmae"]: rows["pcavmae"]}, quality, percent=False))
+    for seed, head in heads.items():
+        print(f"seed {seed}:\n" + head_markdown(head))
 
 
 if __name__ == "__main__":

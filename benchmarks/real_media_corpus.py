@@ -2,10 +2,17 @@
 
 Why: the demo corpus is synthetic and easy; a claim about audio-visual representations needs
 real sounds and real pictures, and one where **both** matter. A class here is a pair
-(sound category, picture category): 2 sound categories x 3 picture categories = 6 classes.
-Audio alone can tell the sound category but not the picture category, so it confuses the 3
-classes that share a sound (ceiling 1/3); video alone confuses the 2 classes that share a
-picture category (ceiling 1/2); only both together can reach 100 %.
+(sound category, picture category) from 3 sound and 3 picture categories, paired in a cycle:
+sound category i goes with picture categories i and i+1 (mod 3), so 6 classes. Audio alone can
+tell the sound category, which leaves 2 classes (ceiling 1/2); video alone likewise (ceiling
+1/2); only both together can reach 100 %.
+
+Why a cycle and not all 9 pairs (or 2 x 3): audio-visual self-supervision learns what the two
+modalities share. With every sound category paired with every picture category, the sound says
+nothing about the picture, the cross-modal objectives have nothing to align, and InfoNCE is best
+served by audio embeddings that are all alike (docs/method.md, "Why the audio side collapsed").
+In the cycle, a sound category rules out one picture category in three: the modalities share
+information, as real audio-visual data does, without either one giving the class away.
 
 Sounds (all band-limited to 8 kHz sampling, the telephone band of the Asterisk recordings, so
 that no category is recognisable by its bandwidth alone):
@@ -17,10 +24,14 @@ that no category is recognisable by its bandwidth alone):
 - ``music``: Asterisk's music-on-hold recordings (``asterisk-moh-opsound-wav``) and the game
   music of Pingus (``pingus-data``, tracker modules decoded by ffmpeg's libopenmpt); a clip is a
   random 10-s stretch of one track. Tracks are split between training and held-out.
+- ``effects``: short event sounds (bells, alerts, clicks, game effects) in random order with
+  pauses: the freedesktop sound theme's effects (``sound-theme-freedesktop``, not its voice) and
+  LBreakout2's game sounds (``lbreakout2-data``) for training; KDE's Oxygen sounds
+  (``oxygen-sounds``) and Pingus's game sounds (``pingus-data``) held out.
 
-Behind its own sound, every clip has one of the other category (3-12 dB quieter, RMS): speech
-over music, music over murmured speech. Without it a random encoder already tells speech from
-music, and the audio side would have nothing to learn.
+Behind its own sound, every clip has one of another category (3-12 dB quieter, RMS): speech
+over music, music over murmured speech, and so on. Without it a random encoder already tells the
+categories apart, and the audio side would have nothing to learn.
 
 Pictures (each clip: one picture, a random square crop slowly zooming and panning to another,
 random mirror and brightness):
@@ -50,7 +61,6 @@ from __future__ import annotations
 
 import csv
 import io
-import itertools
 import os
 import subprocess
 import sys
@@ -66,13 +76,13 @@ import numpy as np
 from pcavmae_cli.engine import media
 from pcavmae_cli.engine.data import demo_corpus, manifest
 
-SOUND_CATEGORIES = ("speech", "music")
+SOUND_CATEGORIES = ("speech", "music", "effects")
 PICTURE_CATEGORIES = ("nature", "lab and sky", "people and things")
 BAND_RATE = 8000  # Hz: every sound passes through this rate (the Asterisk recordings' own)
 PICTURE_SIDE = 448  # pictures are cached with this shorter side: room to zoom 2x at 224 px
 SETTINGS_FILE = "real_media_corpus.json"
 BACKGROUND_DB = (3.0, 12.0)  # how far (dB RMS) a clip's background sits below its own sound
-CORPUS_VERSION = 4  # bump when the rendering changes, so old clips are rebuilt
+CORPUS_VERSION = 5  # bump when the rendering changes, so old clips are rebuilt
 
 
 @dataclass(frozen=True)
@@ -133,6 +143,10 @@ def _pingus(module: str, split: str) -> Unit:
     return Unit("sound", "music", module, "pingus-data", f"usr/share/games/pingus/data/music/{module}", split)
 
 
+def _effects(name: str, package: str, pattern: str, split: str) -> Unit:
+    return Unit("sound", "effects", name, package, pattern, split)
+
+
 def _mate(photo: str, split: str) -> Unit:
     return Unit("picture", "nature", photo, "mate-backgrounds", f"usr/share/backgrounds/mate/nature/{photo}.jpg", split)
 
@@ -166,6 +180,11 @@ UNITS: tuple[Unit, ...] = (
     _moh("macroform-robot_dity", "eval"),
     _moh("reno_project-system", "eval"),
     *(_pingus(m, "eval" if m in _PINGUS_EVAL else "train") for m in _PINGUS),
+    # [!a]: the theme's effects without its voice (audio-channel-*) and test tones (audio-*, alarm-*)
+    _effects("freedesktop effects", "sound-theme-freedesktop", "usr/share/sounds/freedesktop/stereo/[!a]*.oga", "train"),
+    _effects("lbreakout2 effects", "lbreakout2-data", "usr/share/games/lbreakout2/sounds/*.wav", "train"),
+    _effects("oxygen effects", "oxygen-sounds", "usr/share/sounds/Oxygen-*.ogg", "eval"),
+    _effects("pingus effects", "pingus-data", "usr/share/games/pingus/data/sounds/*.wav", "eval"),
     *(_mate(p, "eval" if p in _NATURE_EVAL else "train") for p in _NATURE),
     _skimage("lab and sky", "cell.png", "train"),
     _skimage("lab and sky", "ihc.png", "train"),
@@ -187,8 +206,10 @@ APT_PACKAGES = tuple(sorted({u.package for u in UNITS} - {"scikit-image", "matpl
 
 
 def real_classes() -> list[RealClass]:
-    """Every (sound category, picture category) pair, sound-major."""
-    pairs = itertools.product(SOUND_CATEGORIES, PICTURE_CATEGORIES)
+    """The cycle of (sound category, picture category) pairs (module docstring), sound-major:
+    sound category i with picture categories i and i+1 (mod 3)."""
+    n = len(PICTURE_CATEGORIES)
+    pairs = [(sound, PICTURE_CATEGORIES[(i + shift) % n]) for i, sound in enumerate(SOUND_CATEGORIES) for shift in (0, 1)]
     return [RealClass(k, sound, picture) for k, (sound, picture) in enumerate(pairs)]
 
 
@@ -200,7 +221,7 @@ def plan_clips(train_per_class: int = 15, eval_per_class: int = 5) -> list[ClipP
     """The clips of each split, classes taking turns; a clip's sound and picture units cycle
     through those of its categories in its split (shifted per class, so classes sharing a
     category do not all start on the same unit), and so does its background sound through
-    those of the other sound category."""
+    those of the other sound categories (taking turns)."""
     if train_per_class < 1 or eval_per_class < 1:
         raise ValueError(f"need at least one clip per class in each split, got {train_per_class}, {eval_per_class}")
     clips: list[ClipPlan] = []
@@ -209,8 +230,8 @@ def plan_clips(train_per_class: int = 15, eval_per_class: int = 5) -> list[ClipP
             for cls in real_classes():
                 sounds = units_of("sound", cls.sound, split)
                 pictures = units_of("picture", cls.picture, split)
-                other = next(s for s in SOUND_CATEGORIES if s != cls.sound)
-                behind = units_of("sound", other, split)
+                others = [s for s in SOUND_CATEGORIES if s != cls.sound]
+                behind = units_of("sound", others[(j + cls.index) % len(others)], split)
                 sound, picture = sounds[(j + cls.index) % len(sounds)], pictures[(j + cls.index) % len(pictures)]
                 background = behind[(j + 2 * cls.index) % len(behind)]
                 clips.append(ClipPlan(len(clips), split, cls, sound, picture, background))
@@ -298,16 +319,26 @@ def load_picture(path: Path) -> np.ndarray:
 # --- one clip ------------------------------------------------------------------------------
 
 
-def _speech(files: list[Path], n: int, rng: np.random.Generator) -> np.ndarray:
-    """One speaker's prompts in random order with 0.1-0.6 s pauses, from a random lead-in."""
+# Sequenced categories: pauses between sounds (s) and the longest stretch of one sound (s).
+SEQUENCES = {"speech": {"pause": (0.1, 0.6), "longest": None}, "effects": {"pause": (0.2, 1.0), "longest": 2.5}}
+
+
+def _sequence(
+    files: list[Path], n: int, rng: np.random.Generator, pause: tuple[float, float], longest: float | None
+) -> np.ndarray:
+    """Sounds of ``files`` in random order with random pauses, from a random lead-in: one
+    speaker's prompts, or event sounds (each cut to ``longest`` seconds, so that the few long
+    jingles do not fill a clip)."""
     out, at = np.zeros(n, np.float32), int(rng.uniform(0, 0.5) * BAND_RATE)
     while at < n:
-        prompt = decode_sound(files[rng.integers(len(files))])
-        if len(prompt) < BAND_RATE // 10:  # a few prompts are empty files
+        sound = decode_sound(files[rng.integers(len(files))])
+        if len(sound) < BAND_RATE // 20:  # a few prompts are empty files
             continue
-        take = min(len(prompt), n - at)
-        out[at : at + take] = prompt[:take] / (np.abs(prompt).max() + 1e-6)
-        at += take + int(rng.uniform(0.1, 0.6) * BAND_RATE)
+        if longest is not None:
+            sound = sound[: int(longest * BAND_RATE)]
+        take = min(len(sound), n - at)
+        out[at : at + take] = sound[:take] / (np.abs(sound).max() + 1e-6)
+        at += take + int(rng.uniform(*pause) * BAND_RATE)
     return out
 
 
@@ -358,7 +389,10 @@ def render_clip(
     layers = []
     for unit in (plan.sound, plan.background):
         files = unit_files(unit, roots)
-        layers.append(_speech(files, n, rng) if unit.category == "speech" else _music(files, n, rng))
+        if unit.category == "music":
+            layers.append(_music(files, n, rng))
+        else:
+            layers.append(_sequence(files, n, rng, **SEQUENCES[unit.category]))
     front, back = layers
     # The background sits BACKGROUND_DB below the clip's own sound (RMS): speech over music or
     # music over murmured speech, as in real recordings; without it, the two categories are
