@@ -1,0 +1,177 @@
+"""Where along each modality's path the information about its own category is, and what else it encodes.
+
+The measurement behind docs/method.md ("When one modality learns nothing"). For pre-trained runs
+of the real-media benchmark (``real_media.py``'s OUT folder) and a randomly initialised encoder
+of the same seed, each stage of the audio path (fbank statistics, patch embedding, audio
+encoder, the joint layer's audio stream, the contrastive projection z_a) and of the video path
+is probed with kNN (``probes.knn``, the recipe's ``evaluate`` settings, features centred on the
+training mean):
+
+- **held-out**: training clips -> held-out clips (speakers, tracks and pictures never seen),
+  against the modality's own factor (audio: sound category, video: picture category);
+- **seen units**: half of the training clips -> the other half (every class and unit in both
+  halves), against the sound category, the picture category and the source units: what the
+  features encode on the data pre-training saw;
+- the mean pairwise cosine of the held-out features before centring (near 1: they all point
+  one way, what `pcav visualize health` flags).
+
+``--supervised`` adds the ceiling of the encoder itself: the same tiny audio (or video) encoder
+trained from scratch *with labels* on the training clips' factor (``finetune_demo``, one
+modality, no augmentation), scored on the held-out clips. An objective cannot be expected to
+beat it; if it is near the random encoder's kNN, the corpus is too small or too hard for the
+model, whatever the objective.
+
+    python benchmarks/audio_diagnosis.py --out /tmp/real runs/pcavmae_e34_s0 runs/cavmae_e34_s0
+    python benchmarks/audio_diagnosis.py --out /tmp/real runs/pcavmae_e34_s0 --supervised
+
+Run paths are relative to OUT. Prints one table per run and writes OUT/audio_diagnosis.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from bench_runs import corpus_keys
+
+from pcavmae_cli.engine import config
+from pcavmae_cli.engine.data.dataset import AudioVisualDataset
+from pcavmae_cli.engine.data.manifest import atomic_write_text, read_label_csv, read_manifest
+from pcavmae_cli.engine.data.model_inputs import model_inputs
+from pcavmae_cli.engine.evaluate.probes import knn
+from pcavmae_cli.engine.evaluate.runner import checkpoint_recipe, evaluate, open_checkpoint
+from pcavmae_cli.engine.model import PCAVMAE
+from pcavmae_cli.engine.model.embed import audio_image
+from pcavmae_cli.engine.train import checkpoint as ckpt
+from pcavmae_cli.engine.train.finetune import finetune
+from pcavmae_cli.engine.train.runtime import seed_everything
+
+FACTS = ("sound_category", "picture_category", "sound_unit", "picture_unit")
+
+
+@torch.no_grad()
+def stage_features(model: PCAVMAE, manifest: Path, cfg) -> dict[str, torch.Tensor]:
+    """Clip-level features at each stage of both paths (token means), middle frame, no masking."""
+    ds = AudioVisualDataset(manifest, cfg.data, frames="middle", compact=True)
+    loader = torch.utils.data.DataLoader(ds, batch_size=16, shuffle=False)
+    bb, rows = model.backbone, {}
+    for batch in loader:
+        x = model_inputs(batch, cfg.data, torch.device("cpu"))
+        fbank, frames = x["fbank"], x["frames"]
+        frames = frames.unsqueeze(1) if frames.dim() == 4 else frames
+        out = {"audio: fbank mean+std": torch.cat([fbank.mean(1), fbank.std(1)], 1)}
+        patches = bb.encoder_a.embed(audio_image(fbank))
+        out["audio: patch embedding"] = patches.mean(1)
+        tokens = bb.encoder_a(patches)
+        out["audio: encoder"] = tokens.mean(1)
+        pooled = bb.joint(tokens, "a").mean(1)
+        out["audio: joint layer (a)"] = pooled
+        out["audio: z_a"] = F.normalize(bb.proj_a(pooled), dim=-1)
+        tokens = bb.encoder_v(bb.encoder_v.embed(frames.flatten(0, 1)))
+        out["video: encoder"] = tokens.mean(1)
+        pooled = bb.joint(tokens, "v").mean(1)
+        out["video: joint layer (v)"] = pooled
+        out["video: z_v"] = F.normalize(bb.proj_v(pooled), dim=-1)
+        for name, value in out.items():
+            rows.setdefault(name, []).append(value.float())
+    return {name: torch.cat(parts) for name, parts in rows.items()}
+
+
+def codes(values: list[str]) -> tuple[torch.Tensor, int]:
+    names = sorted(set(values))
+    return torch.tensor([names.index(v) for v in values]), len(names)
+
+
+def knn_top1(xtr, ytr, xte, yte, n, ev) -> float:
+    return round(100 * knn(xtr, ytr, xte, yte, "single", k=ev.knn_k, weighting=ev.knn_weighting,
+                           temperature=ev.knn_temperature, num_classes=n).metrics["top1"], 1)  # fmt: skip
+
+
+def diagnose(out: Path, run: Path, random_init: bool) -> dict:
+    cp = open_checkpoint(run)
+    cfg = checkpoint_recipe(cp.folder)
+    seed_everything(cfg.seed)
+    model = PCAVMAE(cfg.model)
+    if not random_init:
+        ckpt.load_module(cp.folder / "model.safetensors", model, torch.device("cpu"))
+    model.eval()
+    clips = {r["clip_id"]: r for r in csv.DictReader((out / "corpus" / "clips.csv").open())}
+    feats, facts = {}, {}
+    for split in ("train", "eval"):
+        manifest = out / "data" / split / "manifest.jsonl"
+        ids = [r.id for r in read_manifest(manifest)]
+        feats[split] = stage_features(model, manifest, cfg)
+        facts[split] = {f: [clips[i][f] for i in ids] for f in FACTS}
+        facts[split]["cycle"] = [int(i[4:8]) for i in ids]  # clip number: classes take turns
+    ev, n_classes = cfg.evaluate, len(corpus_classes(out))
+    # Seen units: whole turns of the classes (6 consecutive clips) alternate between the halves,
+    # so both halves hold every class and, over the turns, every unit pair.
+    first = torch.tensor([(c // n_classes) % 2 == 0 for c in facts["train"]["cycle"]])
+    table = {}
+    for name, xtr in feats["train"].items():
+        xte = feats["eval"][name]
+        unit = F.normalize(xte, dim=1)  # the raw features' directions
+        mean = xtr.mean(0, keepdim=True)
+        xtr, xte = xtr - mean, xte - mean
+        own = "sound_category" if name.startswith("audio") else "picture_category"
+        ytr, n = codes(facts["train"][own])
+        yte, _ = codes(facts["eval"][own])
+        row = {"held-out": knn_top1(xtr, ytr, xte, yte, n, ev),
+               "mean cos": round(float((unit @ unit.T).mean()), 2)}  # fmt: skip
+        for fact in FACTS:
+            y, k = codes(facts["train"][fact])
+            row[f"seen: {fact}"] = knn_top1(xtr[first], y[first], xtr[~first], y[~first], k, ev)
+        table[name] = row
+    return table
+
+
+def corpus_classes(out: Path) -> list[str]:
+    return read_label_csv(out / "corpus" / "class_labels_indices.csv").mids
+
+
+def supervised(out: Path, modality: str) -> float:
+    """Held-out top-1 of the tiny encoder of one modality trained from scratch with labels on
+    its own factor (the ceiling an objective could reach with this model and these clips)."""
+    factor = "sound" if modality == "a" else "picture"
+    stats = json.loads((out / "data" / "fbank_stats.json").read_text())
+    train, held_out = (out / "data" / s / f"manifest_{factor}.jsonl" for s in ("train", "eval"))
+    labels = out / "corpus" / f"{factor}_labels.csv"
+    run = out / "supervised" / factor
+    overrides = [*corpus_keys(train, held_out, labels, stats["mean"], stats["std"]), f"train.run_dir={run}",
+                 "finetune.init_from=null", f"finetune.mode={modality}", "finetune.epochs=30",
+                 "finetune.eval_every_epochs=30", "finetune.mixup=0", "finetune.freq_mask=0", "finetune.time_mask=0",
+                 "finetune.audio_noise=false", "finetune.label_smoothing=0"]  # fmt: skip
+    if not (run / "eval" / "metrics.json").is_file():
+        finetune(config.load_recipe("finetune_demo", overrides))
+        evaluate("classification", run, held_out, labels_csv=labels, out=run / "eval")
+    return round(100 * json.loads((run / "eval" / "metrics.json").read_text())["metrics"]["top1"], 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="real_media.py's output folder")
+    parser.add_argument("runs", nargs="+", help="pre-training run folders, relative to --out")
+    parser.add_argument("--supervised", action="store_true", help="also train each modality's encoder with labels")
+    args = parser.parse_args()
+    report = {}
+    for i, name in enumerate(args.runs):
+        todo = [(name, False)] + ([(f"random init (seed of {name})", True)] if i == 0 else [])
+        for title, random_init in todo:
+            table = diagnose(args.out, args.out / name, random_init)
+            report[title] = table
+            columns = list(next(iter(table.values())))
+            print(f"\n{title}\n| stage | " + " | ".join(columns) + " |\n" + "|---" * (len(columns) + 1) + "|")
+            for stage, row in table.items():
+                print(f"| {stage} | " + " | ".join(str(row[c]) for c in columns) + " |")
+    if args.supervised:
+        report["supervised from scratch"] = {m: supervised(args.out, m) for m in ("a", "v")}
+        print("\nsupervised from scratch, held-out top-1 on the own factor:", report["supervised from scratch"])
+    atomic_write_text(args.out / "audio_diagnosis.json", json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
