@@ -94,7 +94,8 @@ def markdown_table(rows: dict[str, list[dict]], columns: dict[str, str], percent
         cells = []
         for key in columns:
             mean, std = mean_std([scale * r[key] for r in seeds])
-            cells.append(f"{mean:.1f} +- {std:.1f}" if len(seeds) > 1 else f"{mean:.1f}")
+            digits = 1 if percent else 2
+            cells.append(f"{mean:.{digits}f} +- {std:.{digits}f}" if len(seeds) > 1 else f"{mean:.{digits}f}")
         lines.append(f"| {model} | {len(seeds)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -110,6 +111,9 @@ def head_row(name: str, run: Path, init_from: Path, overrides: list[str], held_o
     clip by clip, ``pcav explain``'s faithfulness numbers (docs/method.md, "Faithfulness"): the
     mean prototype share of the top logit and the mean logit drop when the 3 top-contributing
     prototypes are removed vs 3 random others, per granularity."""
+    done = run / "eval" / "head_row.json"
+    if done.is_file():  # an earlier run of the benchmark finished this head
+        return json.loads(done.read_text())
     cfg = config.load_recipe("finetune_demo", [f"train.run_dir={run}", f"finetune.init_from={init_from}", *overrides])
     cfg.train.resume = find_checkpoint(run, "last", FINETUNE_FILES) is not None
     finetune(cfg)
@@ -126,8 +130,10 @@ def head_row(name: str, run: Path, init_from: Path, overrides: list[str], held_o
             level["share"].append(f.share)
             level["top"].append(f.deletion.top_logit_drop)
             level["random"].append(f.deletion.random_logit_drop)
-    return {"head": name, "top1": round(top1, 3),
-            "levels": {lvl: {k: _mean(v) for k, v in d.items()} for lvl, d in per_level.items()}}  # fmt: skip
+    row = {"head": name, "top1": round(top1, 3),
+           "levels": {lvl: {k: _mean(v) for k, v in d.items()} for lvl, d in per_level.items()}}  # fmt: skip
+    done.write_text(json.dumps(row, indent=2) + "\n")
+    return row
 
 
 def head_markdown(rows: list[dict]) -> str:

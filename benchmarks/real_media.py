@@ -255,6 +255,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seeds", type=int, default=3, help="pre-training seeds 0..N-1 per model")
+    parser.add_argument("--only-seed", type=int, default=None,
+                        help="run this one seed (several processes can share an --out, one seed each); "
+                             "a later run with --seeds N reuses their results")
     parser.add_argument("--epochs", type=int, default=None, help="epochs in all (default: the recipes' own)")
     parser.add_argument("--train-per-class", type=int, default=15)
     parser.add_argument("--eval-per-class", type=int, default=5)
@@ -277,7 +280,7 @@ def main() -> None:
         return
     rows: dict[str, list[dict]] = {"pcavmae": [], "cavmae": [], "random": []}
     heads: dict[int, list[dict]] = {}
-    for seed in range(args.seeds):
+    for seed in [args.only_seed] if args.only_seed is not None else range(args.seeds):
         for model in MODELS:
             run = run_seed(model, seed, prepared, out, args.epochs)
             row = frozen_row(run, prepared, out / "eval" / run.name, random_init=False)
