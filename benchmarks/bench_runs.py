@@ -117,9 +117,9 @@ def head_row(name: str, run: Path, init_from: Path, overrides: list[str], held_o
     cfg = config.load_recipe("finetune_demo", [f"train.run_dir={run}", f"finetune.init_from={init_from}", *overrides])
     cfg.train.resume = find_checkpoint(run, "last", FINETUNE_FILES) is not None
     finetune(cfg)
-    done = run / "eval" / "metrics.json"
-    if done.is_file():
-        top1 = json.loads(done.read_text())["metrics"]["top1"]
+    scored = run / "eval" / "metrics.json"
+    if scored.is_file():
+        top1 = json.loads(scored.read_text())["metrics"]["top1"]
     else:
         top1 = evaluate("classification", run, held_out, out=run / "eval").metrics["top1"]
     explainer = Explainer(run, data=held_out, device="cpu", top=1, exemplars=0)
