@@ -168,3 +168,12 @@ def test_shared_run_helpers_read_a_recipe_and_a_metrics_log(tmp_path):
            {"kind": "epoch", "seconds": 2.0}]  # fmt: skip
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
     assert bench_runs.pretrain_seconds(tmp_path) == 3.8  # 1.5 + 0.25 + 2.0, rounded to 0.1
+
+
+def test_tables_of_figures_that_are_not_rates_keep_two_decimals_and_heads_list_every_level():
+    table = bench_runs.markdown_table({"a": [{"cos": 0.714}, {"cos": 0.706}]}, {"cos": "cos"}, percent=False)
+    assert table.splitlines()[-1] == "| a | 2 | 0.71 +- 0.01 |"
+    rows = [{"head": "linear", "top1": 0.644, "levels": {"0": {"share": 0.55, "top": 1.2, "random": -0.1},
+                                                         "1": {"share": 0.58, "top": 1.3, "random": 0.0}}}]  # fmt: skip
+    lines = bench_runs.head_markdown(rows).splitlines()
+    assert lines[2:] == ["| linear | 0.644 | 0 | 0.55 | 1.2 | -0.1 |", "| linear | 0.644 | 1 | 0.58 | 1.3 | 0.0 |"]
