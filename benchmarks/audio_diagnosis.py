@@ -31,36 +31,36 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_runs import corpus_keys
+from bench_runs import corpus_keys, knn_top1
 
 from pcavmae_cli.engine import config
 from pcavmae_cli.engine.data.dataset import AudioVisualDataset
 from pcavmae_cli.engine.data.manifest import atomic_write_text, read_label_csv, read_manifest
 from pcavmae_cli.engine.data.model_inputs import model_inputs
-from pcavmae_cli.engine.evaluate.probes import knn
-from pcavmae_cli.engine.evaluate.runner import checkpoint_recipe, evaluate, open_checkpoint
-from pcavmae_cli.engine.model import PCAVMAE
+from pcavmae_cli.engine.evaluate.runner import checkpoint_recipe, evaluate, frozen_backbone, open_checkpoint
+from pcavmae_cli.engine.model.backbone import Backbone
 from pcavmae_cli.engine.model.embed import audio_image
-from pcavmae_cli.engine.train import checkpoint as ckpt
+from pcavmae_cli.engine.schema import Recipe
 from pcavmae_cli.engine.train.finetune import finetune
-from pcavmae_cli.engine.train.runtime import seed_everything
+from pcavmae_cli.engine.train.runtime import Runtime, resolve_runtime
 
 FACTS = ("sound_category", "picture_category", "sound_unit", "picture_unit")
 
 
 @torch.no_grad()
-def stage_features(model: PCAVMAE, manifest: Path, cfg) -> dict[str, torch.Tensor]:
+def stage_features(bb: Backbone, manifest: Path, cfg: Recipe, rt: Runtime) -> dict[str, torch.Tensor]:
     """Clip-level features at each stage of both paths (token means), middle frame, no masking."""
     ds = AudioVisualDataset(manifest, cfg.data, frames="middle", compact=True)
     loader = torch.utils.data.DataLoader(ds, batch_size=16, shuffle=False)
-    bb, rows = model.backbone, {}
+    rows: dict[str, list[torch.Tensor]] = {}
     for batch in loader:
-        x = model_inputs(batch, cfg.data, torch.device("cpu"))
+        x = model_inputs(batch, cfg.data, rt.device)
         fbank, frames = x["fbank"], x["frames"]
         frames = frames.unsqueeze(1) if frames.dim() == 4 else frames
         out = {"audio: fbank mean+std": torch.cat([fbank.mean(1), fbank.std(1)], 1)}
@@ -77,34 +77,30 @@ def stage_features(model: PCAVMAE, manifest: Path, cfg) -> dict[str, torch.Tenso
         out["video: joint layer (v)"] = pooled
         out["video: z_v"] = F.normalize(bb.proj_v(pooled), dim=-1)
         for name, value in out.items():
-            rows.setdefault(name, []).append(value.float())
+            rows.setdefault(name, []).append(value.float().cpu())
     return {name: torch.cat(parts) for name, parts in rows.items()}
 
 
-def codes(values: list[str]) -> tuple[torch.Tensor, int]:
-    names = sorted(set(values))
-    return torch.tensor([names.index(v) for v in values]), len(names)
+def codes(values: list[str], names: list[str]) -> torch.Tensor:
+    """Each value's index in ``names`` (the training split's values, so both splits agree)."""
+    return torch.tensor([names.index(v) for v in values])
 
 
-def knn_top1(xtr, ytr, xte, yte, n, ev) -> float:
-    return round(100 * knn(xtr, ytr, xte, yte, "single", k=ev.knn_k, weighting=ev.knn_weighting,
-                           temperature=ev.knn_temperature, num_classes=n).metrics["top1"], 1)  # fmt: skip
+def percent_knn(xtr, ytr, xte, yte, n: int, ev) -> float:
+    return round(100 * knn_top1(xtr, ytr, xte, yte, n, ev), 1)
 
 
 def diagnose(out: Path, run: Path, random_init: bool) -> dict:
     cp = open_checkpoint(run)
     cfg = checkpoint_recipe(cp.folder)
-    seed_everything(cfg.seed)
-    model = PCAVMAE(cfg.model)
-    if not random_init:
-        ckpt.load_module(cp.folder / "model.safetensors", model, torch.device("cpu"))
-    model.eval()
-    clips = {r["clip_id"]: r for r in csv.DictReader((out / "corpus" / "clips.csv").open())}
+    rt = resolve_runtime(cfg.train)
+    backbone = frozen_backbone(cp, cfg, rt, random_init).eval()
+    clips = {r["clip_id"]: r for r in csv.DictReader(io.StringIO((out / "corpus" / "clips.csv").read_text()))}
     feats, facts = {}, {}
     for split in ("train", "eval"):
         manifest = out / "data" / split / "manifest.jsonl"
         ids = [r.id for r in read_manifest(manifest)]
-        feats[split] = stage_features(model, manifest, cfg)
+        feats[split] = stage_features(backbone, manifest, cfg, rt)
         facts[split] = {f: [clips[i][f] for i in ids] for f in FACTS}
         facts[split]["cycle"] = [int(i[4:8]) for i in ids]  # clip number: classes take turns
     ev, n_classes = cfg.evaluate, len(corpus_classes(out))
@@ -118,13 +114,14 @@ def diagnose(out: Path, run: Path, random_init: bool) -> dict:
         mean = xtr.mean(0, keepdim=True)
         xtr, xte = xtr - mean, xte - mean
         own = "sound_category" if name.startswith("audio") else "picture_category"
-        ytr, n = codes(facts["train"][own])
-        yte, _ = codes(facts["eval"][own])
-        row = {"held-out": knn_top1(xtr, ytr, xte, yte, n, ev),
+        names = sorted(set(facts["train"][own]))
+        ytr, yte = codes(facts["train"][own], names), codes(facts["eval"][own], names)
+        row = {"held-out": percent_knn(xtr, ytr, xte, yte, len(names), ev),
                "mean cos": round(float((unit @ unit.T).mean()), 2)}  # fmt: skip
         for fact in FACTS:
-            y, k = codes(facts["train"][fact])
-            row[f"seen: {fact}"] = knn_top1(xtr[first], y[first], xtr[~first], y[~first], k, ev)
+            names = sorted(set(facts["train"][fact]))
+            y = codes(facts["train"][fact], names)
+            row[f"seen: {fact}"] = percent_knn(xtr[first], y[first], xtr[~first], y[~first], len(names), ev)
         table[name] = row
     return table
 

@@ -16,8 +16,9 @@ from pathlib import Path
 
 from pcavmae_cli.engine import config
 from pcavmae_cli.engine.data.manifest import read_manifest
+from pcavmae_cli.engine.evaluate.probes import knn
 from pcavmae_cli.engine.evaluate.runner import evaluate
-from pcavmae_cli.engine.schema import Recipe
+from pcavmae_cli.engine.schema import EvaluateConfig, Recipe
 from pcavmae_cli.engine.train.checkpoint import FINETUNE_FILES, find_checkpoint
 from pcavmae_cli.engine.train.finetune import finetune
 from pcavmae_cli.engine.viz.explain import Explainer
@@ -64,6 +65,13 @@ def epoch_overrides(cfg: Recipe, epochs: int) -> list[str]:
     if cfg.prototypes is not None:
         out.append(f"prototypes.warmup_epochs={round(cfg.prototypes.warmup_epochs * epochs / total)}")
     return out
+
+
+def knn_top1(train_x, train_y, test_x, test_y, num_classes: int, ev: EvaluateConfig) -> float:
+    """Single-label kNN top-1 (a fraction) with a recipe's ``evaluate`` settings, as ``pcav
+    evaluate --task knn`` scores it."""
+    return knn(train_x, train_y, test_x, test_y, "single", k=ev.knn_k, weighting=ev.knn_weighting,
+               temperature=ev.knn_temperature, num_classes=num_classes).metrics["top1"]  # fmt: skip
 
 
 def pretrain_seconds(run: Path) -> float:

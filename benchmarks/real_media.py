@@ -36,21 +36,25 @@ from pathlib import Path
 
 import real_media_corpus as corpus_lib
 import torch
-from bench_runs import HEADS, corpus_keys, epoch_overrides, head_markdown, head_row, markdown_table, pretrain_seconds
+from bench_runs import (
+    HEADS,
+    corpus_keys,
+    epoch_overrides,
+    head_markdown,
+    head_row,
+    knn_top1,
+    markdown_table,
+    pretrain_seconds,
+)
 
 from pcavmae_cli.engine import config
-from pcavmae_cli.engine.data.dataset import AudioVisualDataset
 from pcavmae_cli.engine.data.manifest import LabelSet, atomic_write_text, read_label_csv, read_manifest, write_label_csv
 from pcavmae_cli.engine.data.preprocess import preprocess
 from pcavmae_cli.engine.data.stats import fbank_stats
-from pcavmae_cli.engine.evaluate.predict import clip_features
-from pcavmae_cli.engine.evaluate.probes import knn, linear_probe
+from pcavmae_cli.engine.evaluate.probes import linear_probe
 from pcavmae_cli.engine.evaluate.retrieval import retrieval_metrics
-from pcavmae_cli.engine.evaluate.runner import checkpoint_recipe, open_checkpoint
-from pcavmae_cli.engine.model import PCAVMAE
-from pcavmae_cli.engine.train import checkpoint as ckpt
-from pcavmae_cli.engine.train.data import close_loader, embed_loader
-from pcavmae_cli.engine.train.runtime import resolve_runtime, seed_everything
+from pcavmae_cli.engine.evaluate.runner import checkpoint_recipe, frozen_backbone, manifest_features, open_checkpoint
+from pcavmae_cli.engine.train.runtime import resolve_runtime
 from pcavmae_cli.engine.prototypes.step import load_prototypes
 from pcavmae_cli.engine.train.checkpoint import find_checkpoint
 from pcavmae_cli.engine.train.pretrain import pretrain
@@ -119,25 +123,15 @@ def factor_manifests(built: corpus_lib.RealCorpus, manifests: dict[str, Path], f
 
 
 def clip_features_of(run: Path, random_init: bool, manifests: dict[str, Path]) -> tuple[dict, dict]:
-    """Frozen features ``{split: {name: (N, width)}}`` of each split's clips (the middle frame,
-    as ``pcav evaluate`` embeds them: ``evaluate.frames``) with the run's encoder or a random one
-    initialised as ``pcav evaluate --random-init`` does, and the run's ``evaluate`` settings."""
+    """Frozen features ``{split: {name: (N, width)}}`` of each split's clips, embedded as
+    ``pcav evaluate`` embeds them (``runner.frozen_backbone``, ``runner.manifest_features``,
+    frames ``evaluate.frames``), and the run's ``evaluate`` settings."""
     cp = open_checkpoint(run)
     cfg = checkpoint_recipe(cp.folder)
     rt = resolve_runtime(cfg.train)
-    seed_everything(cfg.seed)
-    model = PCAVMAE(cfg.model)
-    if not random_init:
-        ckpt.load_module(cp.folder / "model.safetensors", model, torch.device("cpu"))
-    backbone = model.backbone.to(rt.device)
-    feats = {}
-    for split, manifest in manifests.items():
-        ds = AudioVisualDataset(manifest, cfg.data, frames=cfg.evaluate.frames, compact=True)
-        loader = embed_loader(ds, cfg.data.loader, rt)
-        try:
-            feats[split] = clip_features(backbone, loader, rt, data=cfg.data)
-        finally:
-            close_loader(loader)
+    backbone = frozen_backbone(cp, cfg, rt, random_init)
+    feats = {split: manifest_features(manifest, backbone, cfg, rt, cfg.evaluate.frames)[0]
+             for split, manifest in manifests.items()}  # fmt: skip
     return feats, cfg.evaluate
 
 
@@ -161,14 +155,10 @@ def frozen_row(run: Path, prepared: dict, out: Path, random_init: bool) -> dict:
     label_csv = prepared["corpus"].label_csv
     ytr, yte = targets(manifests["train"], label_csv), targets(manifests["eval"], label_csv)
 
-    def knn_top1(xtr, ytr_, xte, yte_, n):
-        return knn(xtr, ytr_, xte, yte_, "single", k=ev.knn_k, weighting=ev.knn_weighting,
-                   temperature=ev.knn_temperature, num_classes=n).metrics["top1"]  # fmt: skip
-
     n = len(read_label_csv(label_csv).mids)
     row: dict = {}
     for feature in FEATURES:
-        row[f"knn_{feature}"] = knn_top1(tr[feature], ytr, te[feature], yte, n)
+        row[f"knn_{feature}"] = knn_top1(tr[feature], ytr, te[feature], yte, n, ev)
         row[f"linear_{feature}"] = linear_probe(tr[feature], ytr, te[feature], yte, "single", num_classes=n,
                                                 weight_decay=ev.linear_weight_decay,
                                                 max_iter=ev.linear_max_iter).metrics["top1"]  # fmt: skip
@@ -176,7 +166,7 @@ def frozen_row(run: Path, prepared: dict, out: Path, random_init: bool) -> dict:
         labelled = prepared["factors"][factor]
         f_tr, f_te = targets(labelled["train"], labelled["label_csv"]), targets(labelled["eval"], labelled["label_csv"])
         row[f"knn_{feature}_{factor}"] = knn_top1(tr[feature], f_tr, te[feature], f_te,
-                                                  len(read_label_csv(labelled["label_csv"]).mids))  # fmt: skip
+                                                  len(read_label_csv(labelled["label_csv"]).mids), ev)  # fmt: skip
     retrieval = retrieval_metrics(te["z_a"], te["z_v"], ks=ev.retrieval_ks)
     row.update({k: retrieval[k] for k in ("a2v_r1", "v2a_r1")})
     out.mkdir(parents=True, exist_ok=True)

@@ -141,13 +141,36 @@ def write_outputs(out_dir: Path, record: dict[str, Any], classes: list[ClassRow]
     return files
 
 
-def _backbone(cp: Checkpoint, cfg: Recipe, rt: Runtime, random_init: bool):
-    """The pre-training checkpoint's backbone (encoders, joint layer, projections), or a fresh one."""
+def frozen_backbone(cp: Checkpoint, cfg: Recipe, rt: Runtime, random_init: bool):
+    """The pre-training checkpoint's backbone (encoders, joint layer, projections), or a fresh one
+    initialised from ``cfg.seed`` (``--random-init``: the same random encoder on every call)."""
     seed_everything(cfg.seed)
     model = PCAVMAE(cfg.model)
     if not random_init:
         ckpt.load_module(cp.folder / "model.safetensors", model, torch.device("cpu"))
     return model.backbone.to(rt.device)
+
+
+def manifest_features(
+    manifest: Path,
+    backbone,
+    cfg: Recipe,
+    rt: Runtime,
+    policy: str,
+    labels: LabelSet | None = None,
+    reporter: Reporter | None = None,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """``clip_features`` of every clip of ``manifest`` (frames ``policy``), and their targets
+    when ``labels`` are given: what the retrieval, kNN and linear-probe tasks score."""
+    reporter = default_reporter(reporter)
+    ds = AudioVisualDataset(manifest, cfg.data, frames=policy, labels=labels, compact=True)
+    loader = embed_loader(ds, cfg.data.loader, rt)
+    try:
+        with reporter.progress(f"embed {manifest.parent.name}", len(loader)) as advance:
+            feats = clip_features(backbone, loader, rt, advance, data=cfg.data)
+    finally:
+        close_loader(loader)
+    return feats, (ds.targets() if labels is not None else None)
 
 
 def _classifier(cp: Checkpoint, cfg: Recipe, labels: LabelSet, rt: Runtime) -> Classifier:
@@ -213,14 +236,7 @@ def evaluate(
     label_mode: str | None = None
 
     def features_of(manifest: Path, backbone, labels: LabelSet | None) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-        ds = AudioVisualDataset(manifest, cfg.data, frames=policy, labels=labels, compact=True)
-        loader = embed_loader(ds, cfg.data.loader, rt)
-        try:
-            with reporter.progress(f"embed {manifest.parent.name}", len(loader)) as advance:
-                feats = clip_features(backbone, loader, rt, advance, data=cfg.data)
-        finally:
-            close_loader(loader)
-        return feats, (ds.targets() if labels is not None else None)
+        return manifest_features(manifest, backbone, cfg, rt, policy, labels, reporter)
 
     if task == "classification":
         labels = _labels(cfg, labels_csv, task)
@@ -236,7 +252,7 @@ def evaluate(
         metrics, classes = classification_metrics(scores, targets, label_mode, labels.names)
         record.update({"mode": cfg.finetune.mode, "label_mode": label_mode, "n_clips": len(ds)})
     elif task == "retrieval":
-        backbone = _backbone(cp, cfg, rt, random_init)
+        backbone = frozen_backbone(cp, cfg, rt, random_init)
         feats, _ = features_of(data, backbone, None)
         metrics = retrieval_metrics(feats["z_a"], feats["z_v"], ks=cfg.evaluate.retrieval_ks)
         record.update({"n_clips": len(feats["z_a"]), "embeddings": "z_a, z_v (contrastive space)"})
@@ -248,7 +264,7 @@ def evaluate(
             raise UserError(f"--task {task} needs training clips: pass --train-data MANIFEST")
         labels = _labels(cfg, labels_csv, task)
         label_mode = cfg.data.label_mode
-        backbone = _backbone(cp, cfg, rt, random_init)
+        backbone = frozen_backbone(cp, cfg, rt, random_init)
         train_feats, train_y = features_of(train_manifest, backbone, labels)
         test_feats, test_y = features_of(data, backbone, labels)
         ev, which = cfg.evaluate, cfg.evaluate.features
