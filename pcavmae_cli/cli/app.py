@@ -15,6 +15,7 @@ import typer
 from pcavmae_cli import __version__
 from pcavmae_cli.cli import (
     bench_cmd,
+    card_cmd,
     convert_cmd,
     demo_cmd,
     demo_data_cmd,
@@ -24,6 +25,7 @@ from pcavmae_cli.cli import (
     explain_cmd,
     finetune_cmd,
     pack_cmd,
+    predict_cmd,
     preprocess_cmd,
     pretrain_cmd,
     recipes_cmd,
@@ -76,6 +78,8 @@ app.command("evaluate")(evaluate_cmd.evaluate)
 app.add_typer(visualize_cmd.app, name="visualize")
 app.command("explain")(explain_cmd.explain)
 app.command("embed")(embed_cmd.embed)
+app.command("predict")(predict_cmd.predict)
+app.command("card")(card_cmd.card)
 app.add_typer(convert_cmd.app, name="convert")
 app.command("bench")(bench_cmd.bench)
 reflow_commands(app)

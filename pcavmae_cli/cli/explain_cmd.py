@@ -9,6 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from pcavmae_cli.cli import options
 from pcavmae_cli.cli.console import console
 
 
@@ -62,6 +63,10 @@ def explain(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for explain.png/.html/.json "
                                        "(default RUN/plots/explain/CLIP)."),  # fmt: skip
     device: str = typer.Option("auto", "--device", help="auto (the GPU if there is one), cpu or cuda."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="Label CSV (index,mid,display_name) "
+                                          "(default: the run's, or its own copy labels.csv).", metavar="CSV",
+                                          show_default=False),  # fmt: skip
+    overrides: Optional[list[str]] = options.Overrides,
 ) -> None:
     """Explain one clip: its nearest prototypes, their members and labels, and what drives the prediction.
 
@@ -71,14 +76,19 @@ def explain(
     share). Prints tables and writes a PNG (frames and log-Mels), JSON, and an HTML page that plays
     the clip and its exemplars (their WAVs copied into media/ next to it).
 
+    A run folder works wherever it was moved; where its training manifest now lives elsewhere,
+    say so with an override (it applies to the run and to the run whose prototypes explain).
+
     Example: pcav explain demo0042_0 --checkpoint pcav-demo/runs/finetune
+    Example: pcav explain my.mp4 -c /shared/runs/finetune data.train_manifest=/data/train/manifest.jsonl
     """
     from pcavmae_cli.engine.viz.explain import Explainer
     from pcavmae_cli.engine.viz.explain_report import (
         decision_sentence, decomposition_bars, default_folder, modality_lines, render,
     )  # fmt: skip
 
-    explainer = Explainer(checkpoint, prototypes_run=prototypes, data=data, device=device, top=top, exemplars=exemplars)
+    explainer = Explainer(checkpoint, prototypes_run=prototypes, data=data, device=device, top=top, exemplars=exemplars,
+                          labels=labels, overrides=overrides or [])  # fmt: skip
     ex = explainer.explain(clip)
     folder = Path(out) if out is not None else default_folder(explainer.run.plots, ex.clip_id)  # before any output
     labels = ", ".join(ex.labels) or "unlabelled"

@@ -30,7 +30,6 @@ from typing import Any, Literal
 
 import torch
 
-from pcavmae_cli.engine import config
 from pcavmae_cli.engine.data.dataset import AudioVisualDataset
 from pcavmae_cli.engine.data.manifest import LabelSet, atomic_write_text, read_label_csv
 from pcavmae_cli.engine.errors import UserError
@@ -42,6 +41,7 @@ from pcavmae_cli.engine.model import PCAVMAE, Classifier
 from pcavmae_cli.engine.model.classifier import load_classifier_checkpoint
 from pcavmae_cli.engine.progress import ProgressReporter as Reporter
 from pcavmae_cli.engine.progress import default_reporter
+from pcavmae_cli.engine.run_folder import read_run_recipe
 from pcavmae_cli.engine.schema import Recipe
 from pcavmae_cli.engine.train import checkpoint as ckpt
 from pcavmae_cli.engine.train.data import close_loader, embed_loader
@@ -99,11 +99,9 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
 
 
 def checkpoint_recipe(folder: Path, overrides: Sequence[str] = ()) -> Recipe:
-    """The checkpoint's resolved recipe with ``overrides``; ``evaluate`` from ``base`` if it has none."""
-    raw = config.load_raw(str(folder / "config.yaml"))
-    if raw.get("evaluate") is None:
-        raw["evaluate"] = config.load_raw("base")["evaluate"]
-    cfg = config.build(Recipe, config.apply_overrides(raw, list(overrides)))
+    """The checkpoint's resolved recipe, its paths rebased to where the run folder is now
+    (``run_folder.py``), with ``overrides``; ``evaluate`` from ``base`` if it has none."""
+    cfg = read_run_recipe(folder / "config.yaml", overrides)
     if cfg.model is None or cfg.train is None:
         raise UserError(f"{folder / 'config.yaml'} lacks the 'model' or 'train' section of a training run")
     return cfg
@@ -286,4 +284,9 @@ def evaluate(
         out = cp.run_dir / "eval" / f"{task}-{data.parent.name}{suffix}"
     out_dir = Path(out)
     files = write_outputs(out_dir, record, classes, label_mode)
+    if out_dir.resolve().is_relative_to((cp.run_dir / "eval").resolve()):
+        from pcavmae_cli.engine.model_card import write_model_card  # the card lists the run's evaluations
+
+        if (cp.run_dir / "config.yaml").is_file():
+            write_model_card(cp.run_dir)
     return EvalResult(task, cp, metrics, classes, label_mode, out_dir, files, record)

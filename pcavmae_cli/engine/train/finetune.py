@@ -56,6 +56,8 @@ from pcavmae_cli.engine.folder_lock import run_folder_lock
 from pcavmae_cli.engine.evaluate.metrics import classification_metrics
 from pcavmae_cli.engine.model import PCAVMAE, Classifier, LoadReport, load_pretrained, load_pretraining_state
 from pcavmae_cli.engine.model.prototype_head import PrototypeHeadSpec, stack_prototypes
+from pcavmae_cli.engine.model_card import write_model_card
+from pcavmae_cli.engine.run_folder import keep_labels, portable_recipe
 from pcavmae_cli.engine.schema import Recipe
 from pcavmae_cli.engine.tensor_io import read_safetensors
 from pcavmae_cli.engine.train import augment
@@ -278,9 +280,11 @@ class FineTuner:
         self.resumed_from_step = None
         if resume_from is not None:
             self._resume(resume_from)
-        self.config_text = config.dump_yaml(cfg)
+        # paths absolute and the labels copied in: the run folder works wherever it is moved (run_folder.py)
+        self.config_text = config.dump_yaml(portable_recipe(cfg))
         if self.rt.is_main:
             atomic_write_text(self.run_dir / "config.yaml", self.config_text)
+            keep_labels(cfg, self.run_dir)
         self.metrics = MetricsLog(
             self.run_dir / "metrics.jsonl", enabled=self.rt.is_main, keep_until_step=self.resumed_from_step
         )
@@ -348,6 +352,7 @@ class FineTuner:
         if self.average is not None and weights is None:
             files["average"] = self.average
         path = ckpt.save_files(self.run_dir, name, weights=files, state=state, config_text=self.config_text)
+        write_model_card(self.run_dir)  # README.md: what the run is, as of this checkpoint
         if name == "last":
             self.last_saved = (path, self.boundary["train"]["step"])
         return path

@@ -65,6 +65,8 @@ from pcavmae_cli.engine.folder_lock import run_folder_lock
 from pcavmae_cli.engine.model import PCAVMAE, MomentumEncoder
 from pcavmae_cli.engine.prototypes import Prototypes, load_prototypes, prototypes_active
 from pcavmae_cli.engine.progress import ProgressReporter, default_reporter
+from pcavmae_cli.engine.model_card import write_model_card
+from pcavmae_cli.engine.run_folder import keep_labels, portable_recipe
 from pcavmae_cli.engine.schema import Recipe, StageConfig
 from pcavmae_cli.engine.train import checkpoint as ckpt
 from pcavmae_cli.engine.train.checks import check_clusters, check_recipe, is_stage_end, stage_of
@@ -206,9 +208,11 @@ class Trainer:
         self.resumed_from_step = None
         if resume_from is not None:
             self._resume(resume_from)
-        self.config_text = config.dump_yaml(cfg)
+        # paths absolute and the labels copied in: the run folder works wherever it is moved (run_folder.py)
+        self.config_text = config.dump_yaml(portable_recipe(cfg))
         if self.rt.is_main:
             atomic_write_text(self.run_dir / "config.yaml", self.config_text)
+            keep_labels(cfg, self.run_dir)
         self.metrics = MetricsLog(
             self.run_dir / "metrics.jsonl", enabled=self.rt.is_main, keep_until_step=self.resumed_from_step
         )
@@ -285,6 +289,7 @@ class Trainer:
         path = ckpt.save_checkpoint(
             self.run_dir, name, model=self.model, momentum=self.momentum, state=state, config_text=self.config_text
         )
+        write_model_card(self.run_dir)  # README.md: what the run is, as of this checkpoint
         if name == "last":
             self.last_saved = (path, self.boundary["train"]["step"])
         return path

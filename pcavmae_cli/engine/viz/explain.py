@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -166,11 +167,11 @@ def _finetune_folder(path: Path) -> Path | None:
     return None
 
 
-def load_classifier(folder: Path, device: torch.device) -> tuple[ClassifierHead, Recipe]:
-    """A fine-tuning checkpoint's classifier and the pre-training run it started from."""
+def load_classifier(folder: Path, device: torch.device, overrides: Sequence[str] = ()) -> tuple[ClassifierHead, Recipe]:
+    """A fine-tuning checkpoint's classifier and its recipe (paths rebased, ``overrides`` on top)."""
     from pcavmae_cli.engine.data.manifest import read_label_csv
 
-    cfg = read_run_recipe(folder / "config.yaml")
+    cfg = read_run_recipe(folder / "config.yaml", overrides)
     if cfg.finetune is None or cfg.model is None:
         raise UserError(f"{folder / 'config.yaml'} has no 'finetune' section; is it a fine-tuning run?")
     if cfg.data.label_csv is None:
@@ -206,6 +207,8 @@ class Explainer:
         candidates: int = 32,
         listed: int = 16,
         seed: int = 0,
+        labels: str | Path | None = None,
+        overrides: Sequence[str] = (),
     ):
         if top < 1 or exemplars < 0 or candidates < 1 or listed < 1:
             raise UserError("--top, --candidates and --listed must be >= 1, --exemplars >= 0")
@@ -215,9 +218,11 @@ class Explainer:
         if not path.exists():
             raise UserError(f"not found: {path}")
         self.head: ClassifierHead | None = None
+        # the overrides (and --labels) apply to the explained run and to the run whose prototypes explain
+        overrides = [*overrides, *([f"data.label_csv={labels}"] if labels is not None else [])]
         finetuned = _finetune_folder(path)
         if finetuned is not None:
-            self.head, head_cfg = load_classifier(finetuned, self.device)
+            self.head, head_cfg = load_classifier(finetuned, self.device, overrides)
             self.head_data = head_cfg.data
             self.checkpoint = finetuned
             source = prototypes_run or head_cfg.finetune.init_from
@@ -225,9 +230,9 @@ class Explainer:
                 raise UserError(f"{finetuned}: the model was fine-tuned from no pre-training run; pass --prototypes RUN")
             if not Path(source).exists():
                 raise UserError(f"pre-training run {source} (finetune.init_from) not found; pass --prototypes RUN")
-            self.run = open_run(source)
+            self.run = open_run(source, overrides=overrides)
         else:
-            self.run = open_run(prototypes_run or path)
+            self.run = open_run(prototypes_run or path, overrides=overrides)
             self.checkpoint = self.run.checkpoint if prototypes_run is None else open_run(path).checkpoint
         _, self.momentum = self.run.load_model(self.device)
         self.epoch, self.levels = self.run.latest_prototypes()

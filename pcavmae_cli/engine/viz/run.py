@@ -16,10 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from torch.utils.data import DataLoader, Subset
 
-from pcavmae_cli.engine import config
+from pcavmae_cli.engine import run_folder
 from pcavmae_cli.engine.data.dataset import AudioVisualDataset
 from pcavmae_cli.engine.data.manifest import ClipRecord, read_label_csv, read_manifest
 from pcavmae_cli.engine.data.model_inputs import model_inputs
@@ -41,13 +40,10 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def read_run_recipe(path: Path) -> Recipe:
-    """The resolved recipe a run (or checkpoint) folder stored as ``config.yaml``."""
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise UserError(f"{path}: cannot read the run's recipe ({exc})") from None
-    return config.build(Recipe, data)
+def read_run_recipe(path: Path, overrides: Sequence[str] = ()) -> Recipe:
+    """The resolved recipe a run (or checkpoint) folder stored as ``config.yaml``, its paths
+    rebased to where the folder is now (``run_folder.read_run_recipe``), with ``overrides``."""
+    return run_folder.read_run_recipe(path, overrides)
 
 
 @dataclass
@@ -97,6 +93,9 @@ class RunView:
         path = Path(manifest)
         if not path.is_absolute() and not path.is_file():
             path = self.run_dir / manifest
+        if not path.is_file():
+            raise UserError(f"{path}: the training manifest of {self.run_dir} (key 'data.train_manifest', whose clips "
+                            "the prototypes group) is not found; pass data.train_manifest=PATH where it is now")
         return path, read_manifest(path)
 
     def label_names(self) -> dict[str, str]:
@@ -119,7 +118,7 @@ class RunView:
         return model.eval(), momentum.eval()
 
 
-def open_run(path: str | Path, *, need_checkpoint: bool = True) -> RunView:
+def open_run(path: str | Path, *, need_checkpoint: bool = True, overrides: Sequence[str] = ()) -> RunView:
     """A run folder or a checkpoint folder (``runs/x`` or ``runs/x/checkpoints/last``)."""
     path = Path(path)
     if not path.exists():
@@ -127,14 +126,14 @@ def open_run(path: str | Path, *, need_checkpoint: bool = True) -> RunView:
     if all((path / f).is_file() for f in ckpt.FILES):  # a checkpoint folder
         checkpoint = path
         run_dir = path.parent.parent if path.parent.name == "checkpoints" else path
-        return RunView(run_dir, checkpoint, read_run_recipe(path / "config.yaml"))
+        return RunView(run_dir, checkpoint, read_run_recipe(path / "config.yaml", overrides))
     if not (path / "config.yaml").is_file():
         raise UserError(f"{path} is neither a run folder (with config.yaml) nor a checkpoint folder")
     checkpoint = ckpt.find_checkpoint(path, "last")
     if checkpoint is None and need_checkpoint:
         raise UserError(f"{path} has no complete checkpoints/last")
     source = checkpoint / "config.yaml" if checkpoint is not None else path / "config.yaml"
-    return RunView(path, checkpoint, read_run_recipe(source))
+    return RunView(path, checkpoint, read_run_recipe(source, overrides))
 
 
 def display(label: str, names: dict[str, str]) -> str:
