@@ -28,6 +28,7 @@ from pcavmae_cli.engine.train.finetune import finetune
 from pcavmae_cli.engine.train.pretrain import pretrain
 from tests.cli_helpers import pcav
 from tests.conftest import make_mp4
+from tests.test_fbank import write_wav
 from tests.tiny_corpus import TINY_FINETUNE, TINY_MODEL, write_corpus
 
 # ---------------------------------------------------------------- windows
@@ -241,3 +242,74 @@ def test_every_run_has_a_model_card(project):
     assert (run / "README.md").read_text() == card
     bad = pcav("card", str(project.elsewhere), cwd=project.elsewhere)
     assert bad.returncode == 1 and "not a run folder" in bad.stderr
+
+
+# ---------------------------------------------------------------- search
+
+
+@pytest.fixture(scope="module")
+def library(project):
+    """Four short videos (two tones x two picture sizes) embedded by the pre-training run."""
+    folder = project.elsewhere / "library_videos"
+    for k, (tone, size) in enumerate([(300, "64x48"), (300, "96x64"), (2000, "64x48"), (2000, "96x64")]):
+        make_mp4(folder / f"v{k}.mp4", 3.0, size=size, tone=f"0.5*sin(2*PI*{tone}*t)")
+    out = project.elsewhere / "library"
+    result = pcav("embed", "-c", str(project.moved / "runs" / "pre"), "--videos", str(folder), "--out", str(out),
+                  cwd=project.elsewhere)  # fmt: skip
+    assert result.returncode == 0, result.stderr + result.stdout
+    return SimpleNamespace(path=out, videos=folder)
+
+
+def test_search_by_clip_is_the_brute_force_ranking(project, library):
+    from pcavmae_cli.engine.search import nearest, open_library
+
+    lib = open_library(library.path)
+    assert lib.ids == ["v0", "v1", "v2", "v3"] and lib.checkpoint.endswith("runs/pre/checkpoints/last")
+    joint = np.load(library.path / "joint.npy")
+    joint = joint / np.linalg.norm(joint, axis=1, keepdims=True)
+    hits = nearest(lib, joint[0], "joint", 3, exclude=0)
+    expected = np.argsort(-(joint @ joint[0]))[1:]
+    assert [h.row for h in hits] == expected.tolist() and [h.rank for h in hits] == [1, 2, 3]
+    assert [h.score for h in hits] == pytest.approx((joint @ joint[0])[expected].tolist(), abs=1e-6)
+    approx = nearest(lib, joint[0], "joint", 3, exclude=0, use_faiss=True)  # HNSW is exact at this size
+    assert [h.row for h in approx] == [h.row for h in hits]
+    result = pcav("search", str(library.path), "--clip", "v0", "--top", "2", cwd=project.elsewhere)
+    assert result.returncode == 0, result.stderr
+    assert "v0" not in result.stdout.split("clips")[1] and f"{hits[0].score:.3f}" in result.stdout
+
+
+def test_search_by_video_and_by_sound(project, library):
+    page = project.elsewhere / "hits" / "page.html"
+    result = pcav("search", str(library.path), "--video", str(library.videos / "v2.mp4"), "--top", "4", "--html",
+                  str(page), "--device", "cpu", cwd=project.elsewhere)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    first = result.stdout.split("┃ source")[1].splitlines()[2]
+    assert "v2" in first and "1.000" in first  # the video itself, cosine 1
+    text = page.read_text()
+    assert text.count("<tr><td>") == 4 and len(list((page.parent / "page_files").glob("*.jpg"))) == 4
+    assert '<video controls preload="none" width="240" src="../library_videos/v' in text
+    # a sound alone: z_a from the audio path only, the same as the full forward's
+    model = load(project.moved / "runs" / "pre", device="cpu")
+    clip = model.read_video(library.videos / "v2.mp4")
+    torch.testing.assert_close(model.audio_features(clip.fbank)["z_a"], model.features(clip.fbank[None], clip.frames[None])["z_a"])
+    # read_audio decodes a file's sound as preprocessing does (the clip store keeps the fbank in fp16)
+    torch.testing.assert_close(model.read_audio(library.videos / "v2.mp4"), clip.fbank.float(), atol=5e-3, rtol=0)
+    wav = project.elsewhere / "tone.wav"
+    t = np.arange(16000 * 2) / 16000
+    write_wav(wav, (0.3 * 32767 * np.sin(2 * np.pi * 2000 * t)).astype(np.int16))
+    result = pcav("search", str(library.path), "--audio", str(wav), "--top", "2", "--device", "cpu", cwd=project.elsewhere)
+    assert result.returncode == 0, result.stderr
+    assert "a->v, 4 clips" in result.stdout and result.stdout.count(" v") >= 2
+
+
+def test_search_errors_are_one_line(project, library):
+    cases = [
+        ([str(library.path)], "exactly one query"),
+        ([str(library.path), "--audio", str(library.videos / "v0.mp4"), "--mode", "av->av"], "--mode a->v"),
+        ([str(library.path), "--clip", "nope"], "not in the library"),
+        ([str(project.elsewhere / "nothing"), "--clip", "v0"], "not a pcav embed output"),
+        ([str(library.path), "--clip", "v0", "--mode", "x"], "--mode: expected"),
+    ]
+    for args, message in cases:
+        result = pcav("search", *args, cwd=project.elsewhere)
+        assert result.returncode == 1 and message in result.stderr and result.stderr.count("\n") == 1, (args, result.stderr)

@@ -29,6 +29,7 @@ from pcavmae_cli.cli import (
     preprocess_cmd,
     pretrain_cmd,
     recipes_cmd,
+    search_cmd,
     stats_cmd,
     visualize_cmd,
 )
@@ -80,6 +81,7 @@ app.command("explain")(explain_cmd.explain)
 app.command("embed")(embed_cmd.embed)
 app.command("predict")(predict_cmd.predict)
 app.command("card")(card_cmd.card)
+app.command("search")(search_cmd.search)
 app.add_typer(convert_cmd.app, name="convert")
 app.command("bench")(bench_cmd.bench)
 reflow_commands(app)

@@ -275,6 +275,11 @@ def embed(
     feats = {name: torch.cat([p[name] for p in parts]) for name in FEATURES}
     source = str(videos if videos is not None else manifest)
     files = write_output(out, fmt, feats, dataset.records, source)
+    from pcavmae_cli.engine.search import meta_path  # the sidecar pcav search reads: which model made this
+
+    meta = {"checkpoint": str(cp.folder.resolve()), "kind": cp.kind, "frames": policy, "source": source,
+            "widths": {name: int(v.shape[1]) for name, v in feats.items()}}  # fmt: skip
+    files.append(atomic_write_text(meta_path(out), json.dumps(meta, indent=2) + "\n"))
     if failures is not None and n_failed:
         kept = (out if fmt == "npy" else out.parent) / ("failures.jsonl" if fmt == "npy" else f"{out.stem}.failures.jsonl")
         shutil.copyfile(failures, kept)

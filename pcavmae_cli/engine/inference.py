@@ -41,6 +41,7 @@ from pcavmae_cli.engine.errors import UserError
 from pcavmae_cli.engine.evaluate.predict import FEATURES, activation, backbone_features
 from pcavmae_cli.engine.evaluate.runner import Checkpoint, checkpoint_recipe, open_checkpoint
 from pcavmae_cli.engine.model import Backbone, Classifier
+from pcavmae_cli.engine.model.embed import audio_image
 from pcavmae_cli.engine.schema import Recipe
 from pcavmae_cli.engine.train.runtime import Runtime, resolve_runtime
 
@@ -135,6 +136,42 @@ class Model:
             sample = AudioVisualDataset(report.manifest, self.cfg.data, frames=frames, compact=True)[0]
         frames_k = sample["frames"]  # (3, S, S) for one frame, (K, 3, S, S) for all
         return ClipInputs(sample["fbank"], frames_k.unsqueeze(0) if frames_k.dim() == 3 else frames_k)
+
+    def read_audio(self, path: str | Path) -> torch.Tensor:
+        """A sound file (any format ffmpeg reads; its first ``data.clip_seconds``) as the fbank
+        ``(T, F)`` the audio encoder reads, not normalised: 16 kHz mono, as preprocessing makes it."""
+        import subprocess
+
+        from pcavmae_cli.engine.data.audio_io import read_wav
+        from pcavmae_cli.engine.media import ffmpeg_exe
+
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"not found: {path}")
+        rate = self.cfg.data.audio.sample_rate
+        with tempfile.TemporaryDirectory(prefix="pcav-audio-") as tmp:
+            wav = Path(tmp) / "audio.wav"
+            cmd = [ffmpeg_exe(), "-nostdin", "-v", "error", "-i", str(path), "-vn", "-t", f"{self.cfg.data.clip_seconds}",
+                   "-ac", "1", "-ar", str(rate), "-c:a", "pcm_s16le", "-f", "wav", str(wav)]  # fmt: skip
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0 or not wav.is_file() or wav.stat().st_size <= 44:
+                line = (done.stderr.strip().splitlines() or ["no audio stream"])[-1]
+                raise UserError(f"{path}: no sound could be read ({line})")
+            waveform = read_wav(wav, rate)
+        return fb.fit_length(fb.log_mel(waveform, rate, self.cfg.data.audio.fbank), self.cfg.data.audio.fbank.target_frames)
+
+    @torch.no_grad()
+    def audio_features(self, fbank: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The audio-only features of a batch of fbanks ``(B, T, F)`` (not normalised): ``audio``
+        (the joint layer's audio stream, mean-pooled) and ``z_a``, as ``features`` computes them,
+        without any frame: what searching videos by a sound needs."""
+        bb = self.backbone
+        fbank = fbank if fbank.dim() == 3 else fbank.unsqueeze(0)
+        x = fb.normalise(fbank.to(self.device), self.cfg.data.audio.fbank)
+        with self.rt.autocast():
+            pooled = bb.joint(bb.encoder_a(bb.encoder_a.embed(audio_image(x))), "a").mean(dim=1)
+            z_a = torch.nn.functional.normalize(bb.proj_a(pooled), dim=-1)
+        return {"audio": pooled.float().cpu(), "z_a": z_a.float().cpu()}
 
     def from_arrays(self, waveform: np.ndarray | torch.Tensor, sample_rate: int, frames: np.ndarray | torch.Tensor) -> ClipInputs:
         """A mono (or ``(channels, samples)``) waveform and frames ``(K, H, W, 3)`` or ``(K, 3, H, W)``

@@ -76,10 +76,10 @@ class Failure:
 REQUIRED_KEYS = ("id", "video", "audio", "labels", "duration", "n_frames")
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary file and a rename: never half a file
-    (``engine/files.py``, which also gives it the umask's mode)."""
-    files.atomic_write_text(path, text)
+    (``engine/files.py``, which also gives it the umask's mode); returns ``path``."""
+    return files.atomic_write_text(path, text)
 
 
 def write_lines(path: Path, rows: Iterable[ClipRecord | Failure]) -> None:
