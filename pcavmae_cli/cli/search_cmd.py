@@ -40,8 +40,8 @@ def search(
     embedded by the same model. A sound finds videos through the contrastive space both
     modalities share (a->v): a bark finds clips that look like dogs.
 
-    Example: pcav embed -c runs/pretrain --videos my_videos/ --out library/
     Example: pcav search library/ --audio bark.wav --top 5 --html hits.html
+    (the library made first with: pcav embed -c runs/pretrain --videos my_videos/ --out library/)
     """
     from pcavmae_cli.engine.errors import UserError
     from pcavmae_cli.engine.search import MODES, nearest, open_library, write_html
