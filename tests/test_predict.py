@@ -313,3 +313,40 @@ def test_search_errors_are_one_line(project, library):
     for args, message in cases:
         result = pcav("search", *args, cwd=project.elsewhere)
         assert result.returncode == 1 and message in result.stderr and result.stderr.count("\n") == 1, (args, result.stderr)
+
+
+# ---------------------------------------------------------------- export
+
+
+def test_onnx_export_gives_pcavs_scores_on_a_real_video(project):
+    import onnxruntime as ort
+
+    out = project.elsewhere / "exported"
+    result = pcav("export", str(project.lone), str(out), cwd=project.elsewhere)
+    assert result.returncode == 0, result.stderr + result.stdout
+    meta = json.loads((out / "export.json").read_text())
+    assert meta["outputs"] == ["scores", "logits"] and meta["labels"] == ["class 0", "class 1", "class 2"]
+    assert meta["max_abs_diff"] <= meta["tolerance"] == 1e-4
+    model = load(project.lone, device="cpu")
+    clips = [model.read_video(project.videos / name) for name in ("long.mp4", "short clip.mp4")]
+    fbank = torch.stack([c.fbank.float() for c in clips])
+    frames = torch.stack([c.frames for c in clips])  # (2, 10, 3, S, S): another B and K than traced
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    scores, logits = session.run(None, {"fbank": fbank.numpy(), "frames": frames.numpy()})
+    torch.testing.assert_close(torch.from_numpy(scores), model.scores(fbank, frames), atol=1e-4, rtol=0)
+    assert logits.shape == (2, 10, 3)
+
+
+def test_torch_export_of_a_pretraining_run_gives_its_features(project):
+    from pcavmae_cli.engine.export import ENCODER_OUTPUTS, export
+
+    result = export(project.moved / "runs" / "pre", project.elsewhere / "exported_pre", fmt="torch")
+    assert result.files[0].name == "model.pt2" and result.outputs == ENCODER_OUTPUTS
+    model = load(project.moved / "runs" / "pre", device="cpu")
+    clip = model.read_video(project.videos / "long.mp4")
+    got = torch.export.load(str(result.files[0])).module()(clip.fbank.float()[None], clip.frames[None])
+    want = model.features(clip.fbank[None], clip.frames[None])
+    for name, value in zip(ENCODER_OUTPUTS, got):
+        torch.testing.assert_close(value, want[name], atol=1e-4, rtol=0)
+    bad = pcav("export", str(project.lone), str(project.elsewhere / "x"), "--format", "tflite", cwd=project.elsewhere)
+    assert bad.returncode == 1 and "onnx or torch" in bad.stderr

@@ -23,6 +23,7 @@ from pcavmae_cli.cli import (
     embed_cmd,
     evaluate_cmd,
     explain_cmd,
+    export_cmd,
     finetune_cmd,
     pack_cmd,
     predict_cmd,
@@ -82,6 +83,7 @@ app.command("embed")(embed_cmd.embed)
 app.command("predict")(predict_cmd.predict)
 app.command("card")(card_cmd.card)
 app.command("search")(search_cmd.search)
+app.command("export")(export_cmd.export)
 app.add_typer(convert_cmd.app, name="convert")
 app.command("bench")(bench_cmd.bench)
 reflow_commands(app)
