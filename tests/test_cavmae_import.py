@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -304,3 +305,32 @@ def test_without_projection_heads_the_contrastive_space_is_the_encoder_width():
     assert not any(k.startswith(("backbone.proj_", "dproj_")) for k in model.state_dict())
     with pytest.raises(UserError, match="model.proj_dim must equal model.embed_dim"):
         check_config(config.load_recipe("cavmae_base", [*OVERRIDES, "model.proj_dim=16"]).model)
+
+
+def test_an_imported_finetuned_model_predicts_a_video_with_given_labels(tmp_path):
+    """The most asked question of CAV-MAE's users: its fine-tuned model on my own video."""
+    import pcavmae_cli
+    from pcavmae_cli.engine.data.manifest import LabelSet, write_label_csv
+    from tests.conftest import make_mp4
+
+    ref = reference_finetune(classes=5)
+    result = convert_cavmae(save(tmp_path, checkpoint_state(ref)), tmp_path / "run", overrides=OVERRIDES)
+    video = make_mp4(tmp_path / "mine.mp4", 4.0, size="64x48")
+    model = pcavmae_cli.load(tmp_path / "run", device="cpu")
+    with pytest.raises(UserError, match="--labels"):
+        model.predict(video)
+    labels = tmp_path / "labels.csv"
+    write_label_csv(labels, LabelSet([f"/m/{k}" for k in range(5)], [f"sound {k}" for k in range(5)]))
+    model = pcavmae_cli.load(result.out, device="cpu", labels=labels)
+    pred = model.predict(video, top_k=3)
+    assert [t.name for t in pred.top] == [model.labels[i] for i in np.argsort(-pred.scores)[:3]]
+    clip = model.read_video(video)
+    cfg = config.load_recipe(str(result.checkpoint / "config.yaml"))
+    from pcavmae_cli.engine.data import fbank as fb
+    from pcavmae_cli.engine.data import frames as fr
+
+    audio = fb.normalise(clip.fbank, cfg.data.audio.fbank)[None]
+    logits = torch.stack([ref(audio, fr.normalise(clip.frames[k], cfg.data.video)[None], "multimodal")[0]
+                          for k in range(clip.frames.shape[0])])  # CAV-MAE's own forward, frame by frame
+    probs = torch.sigmoid(logits) if cfg.data.label_mode == "multi_hot" else torch.softmax(logits, dim=-1)
+    torch.testing.assert_close(torch.from_numpy(pred.scores), probs.mean(dim=0), atol=1e-4, rtol=0)

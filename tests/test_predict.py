@@ -350,3 +350,17 @@ def test_torch_export_of_a_pretraining_run_gives_its_features(project):
         torch.testing.assert_close(value, want[name], atol=1e-4, rtol=0)
     bad = pcav("export", str(project.lone), str(project.elsewhere / "x"), "--format", "tflite", cwd=project.elsewhere)
     assert bad.returncode == 1 and "onnx or torch" in bad.stderr
+
+
+def test_predict_a_manifest_of_preprocessed_clips(project):
+    from pcavmae_cli.engine.data.dataset import AudioVisualDataset
+
+    model = load(project.lone, device="cpu")
+    manifest = project.moved / "data" / "eval" / "manifest.jsonl"
+    result = predict_videos(model, project.elsewhere / "manifest.csv", data=manifest, top_k=1)
+    assert [v.video for v in result.videos] == [f"eval{i}" for i in range(6)] and result.n_failed == 0
+    ds = AudioVisualDataset(manifest, model.cfg.data, frames="all", compact=True)
+    for k, v in enumerate(result.videos):
+        sample = ds[k]
+        torch.testing.assert_close(v.window_scores[0], model.scores(sample["fbank"][None], sample["frames"][None])[0])
+        assert result.top[v.video][0].name == model.labels[int(v.window_scores[0].argmax())]

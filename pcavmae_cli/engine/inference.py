@@ -111,7 +111,9 @@ class Model:
             from pcavmae_cli.engine.model.classifier import load_classifier_checkpoint
 
             if self.label_set is None:
-                raise UserError(f"{self.checkpoint.folder}: the run names no label CSV; pass labels=CSV (--labels)")
+                named = self.cfg.data.label_csv
+                what = f"its label CSV {named} (data.label_csv) is not found" if named else "the run names no label CSV"
+                raise UserError(f"{self.checkpoint.folder}: {what}; pass labels=CSV (--labels)")
             self._classifier = load_classifier_checkpoint(
                 self.checkpoint.folder / "model.safetensors", self.cfg.model, len(self.label_set.mids),
                 self.cfg.finetune, self.device,
@@ -296,5 +298,9 @@ def load(
         extra.append(f"data.label_csv={labels}")
     cfg = checkpoint_recipe(cp.folder, extra)
     rt = resolve_runtime(cfg.train)
-    label_set = read_label_csv(cfg.data.label_csv) if cfg.data.label_csv else None
+    named = cfg.data.label_csv
+    if labels is not None or (named and Path(named).is_file()):
+        label_set = read_label_csv(named)  # a CSV given by the caller must exist: read_label_csv names it
+    else:
+        label_set = None  # embedding needs no labels; classifying says which file is missing
     return Model(cp, cfg, rt, label_set)
