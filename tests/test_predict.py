@@ -271,8 +271,11 @@ def test_search_by_clip_is_the_brute_force_ranking(project, library):
     expected = np.argsort(-(joint @ joint[0]))[1:]
     assert [h.row for h in hits] == expected.tolist() and [h.rank for h in hits] == [1, 2, 3]
     assert [h.score for h in hits] == pytest.approx((joint @ joint[0])[expected].tolist(), abs=1e-6)
-    approx = nearest(lib, joint[0], "joint", 3, exclude=0, use_faiss=True)  # HNSW is exact at this size
-    assert [h.row for h in approx] == [h.row for h in hits]
+    ranked = nearest(lib, joint[0], "joint", 3, exclude=0, use_faiss=True)  # IVF with one list: exact here
+    assert [h.row for h in ranked] == [h.row for h in hits] and lib.index_path("joint").is_file()
+    assert [h.score for h in ranked] == pytest.approx([h.score for h in hits], abs=1e-5)
+    again = nearest(open_library(library.path), joint[0], "joint", 3, exclude=0, use_faiss=True)  # the kept index
+    assert [h.row for h in again] == [h.row for h in hits]
     result = pcav("search", str(library.path), "--clip", "v0", "--top", "2", cwd=project.elsewhere)
     assert result.returncode == 0, result.stderr
     assert "v0" not in result.stdout.split("clips")[1] and f"{hits[0].score:.3f}" in result.stdout
@@ -364,3 +367,31 @@ def test_predict_a_manifest_of_preprocessed_clips(project):
         sample = ds[k]
         torch.testing.assert_close(v.window_scores[0], model.scores(sample["fbank"][None], sample["frames"][None])[0])
         assert result.top[v.video][0].name == model.labels[int(v.window_scores[0].argmax())]
+
+
+def test_the_ivf_index_finds_the_exact_neighbours_of_clustered_clips(tmp_path):
+    """Embeddings of real clips cluster (by class, by source); on such data the approximate
+    index must return what brute force returns, be kept, and be rebuilt when the library grows."""
+    from pcavmae_cli.engine.search import Library, ivf_lists, nearest
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((50, 32)).astype(np.float32)
+    x = centres[rng.integers(0, 50, 5000)] + 0.3 * rng.standard_normal((5000, 32)).astype(np.float32)
+
+    def library(rows):
+        return Library(tmp_path, [str(i) for i in range(len(rows))], [""] * len(rows), [""] * len(rows),
+                       {"joint": lambda: rows}, None)  # fmt: skip
+
+    lib = library(x)
+    assert ivf_lists(5000) == 128 and ivf_lists(10) == 1
+    recalls = []
+    for q in x[rng.integers(0, 5000, 20)] + 0.1 * rng.standard_normal((20, 32)).astype(np.float32):
+        exact = {h.row for h in nearest(lib, q, "joint", 10)}
+        recalls.append(len(exact & {h.row for h in nearest(lib, q, "joint", 10, use_faiss=True)}) / 10)
+    assert np.mean(recalls) >= 0.95, recalls
+    stamp = lib.index_path("joint").stat().st_mtime_ns
+    nearest(library(x), x[0], "joint", 5, use_faiss=True)
+    assert lib.index_path("joint").stat().st_mtime_ns == stamp  # kept, not rebuilt
+    grown = library(np.concatenate([x, x[:100]]))
+    assert len(nearest(grown, x[0], "joint", 5, use_faiss=True)) == 5
+    assert lib.index_path("joint").stat().st_mtime_ns != stamp  # another row count: rebuilt

@@ -30,8 +30,9 @@ def search(
                                               metavar="PATH", show_default=False),  # fmt: skip
     html_out: Optional[Path] = typer.Option(None, "--html", help="Also write a page with a frame of each hit and its "
                                             "video to play.", metavar="FILE.html", show_default=False),  # fmt: skip
-    use_faiss: bool = typer.Option(False, "--faiss", help="Approximate HNSW search (faiss-cpu, the 'search' extra) for "
-                                   "very large libraries; exact brute force otherwise."),  # fmt: skip
+    use_faiss: bool = typer.Option(False, "--faiss", help="Search the library's faiss IVF index (approximate; built "
+                                   "on first use and kept next to it; faiss-cpu, the 'search' extra): for libraries of "
+                                   "millions of clips."),  # fmt: skip
     device: str = typer.Option("auto", "--device", help="auto (the GPU if there is one), cpu or cuda."),
 ) -> None:
     """Find the clips of your library most like a video, a sound, or one of its clips (cosine similarity).
@@ -58,9 +59,7 @@ def search(
     exclude = None
     if clip is not None:
         exclude = lib.row(clip)
-        if query_feature not in lib.features:
-            raise UserError(f"{library} has no '{query_feature}' feature for --mode {mode}")
-        query = lib.features[query_feature][exclude]
+        query = lib.feature(query_feature)[exclude]
         label = f"clip {clip}"
     else:
         from pcavmae_cli.engine.inference import load
