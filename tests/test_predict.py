@@ -395,3 +395,16 @@ def test_the_ivf_index_finds_the_exact_neighbours_of_clustered_clips(tmp_path):
     grown = library(np.concatenate([x, x[:100]]))
     assert len(nearest(grown, x[0], "joint", 5, use_faiss=True)) == 5
     assert lib.index_path("joint").stat().st_mtime_ns != stamp  # another row count: rebuilt
+
+
+def test_a_lone_pretraining_run_is_pointed_at_its_data_by_an_override(project):
+    lone = project.elsewhere / "pre_alone"
+    shutil.copytree(project.moved / "runs" / "pre", lone)
+    out = project.elsewhere / "galleries"
+    result = pcav("visualize", "prototypes", str(lone), "--out", str(out), "--device", "cpu", cwd=project.elsewhere)
+    assert result.returncode == 1 and "data.train_manifest=PATH" in result.stderr and result.stderr.count("\n") == 1
+    manifest = project.moved / "data" / "train" / "manifest.jsonl"
+    result = pcav("visualize", "prototypes", str(lone), "--out", str(out), "--device", "cpu",
+                  f"data.train_manifest={manifest}", cwd=project.elsewhere)  # fmt: skip
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert (out / "index.html").is_file() or list(out.glob("*.html"))

@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from pcavmae_cli.cli import options
 from pcavmae_cli.cli.console import console
 
 app = typer.Typer(
@@ -35,6 +36,7 @@ def tsne(
     max_clips: int = typer.Option(2000, "--max-clips", help="Embed at most this many clips (evenly spaced)."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     seed: int = typer.Option(0, "--seed", help="t-SNE seed."),
+    overrides: Optional[list[str]] = options.Overrides,
 ) -> None:
     """t-SNE of the audio, video and joint clip embeddings, coloured by class, prototypes overlaid.
 
@@ -43,7 +45,7 @@ def tsne(
     from pcavmae_cli.engine.viz.run import open_run
     from pcavmae_cli.engine.viz.tsne import tsne_for_run
 
-    result = tsne_for_run(open_run(checkpoint), data, out, level=level, overlay=prototypes, max_clips=max_clips,
+    result = tsne_for_run(open_run(checkpoint, overrides=overrides or []), data, out, level=level, overlay=prototypes, max_clips=max_clips,
                           device=device, seed=seed)  # fmt: skip
     console.print(f"{result.n_clips} clips, {len(result.classes)} classes, {result.n_prototypes} prototypes shown")
     _wrote(result.path)
@@ -58,6 +60,7 @@ def reconstruct(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="PNG to write (default RUN/plots/reconstruct.png)."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     seed: int = typer.Option(0, "--seed", help="Seed of the random masks."),
+    overrides: Optional[list[str]] = options.Overrides,
 ) -> None:
     """Frame and spectrogram as input, masked, reconstructed, and reconstructed with the visible patches pasted.
 
@@ -66,7 +69,7 @@ def reconstruct(
     from pcavmae_cli.engine.viz.reconstruct import reconstruct_for_run
     from pcavmae_cli.engine.viz.run import open_run
 
-    _wrote(reconstruct_for_run(open_run(checkpoint), data, out, clips=clips, n=n, device=device, seed=seed))
+    _wrote(reconstruct_for_run(open_run(checkpoint, overrides=overrides or []), data, out, clips=clips, n=n, device=device, seed=seed))
 
 
 @app.command("curves")
@@ -121,6 +124,7 @@ def prototypes(
     members: int = typer.Option(4, "--members", help="Member clips shown per prototype."),
     candidates: int = typer.Option(64, "--candidates", help="Members embedded per prototype to pick the nearest."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    overrides: Optional[list[str]] = options.Overrides,
 ) -> None:
     """Prototype galleries per granularity, purity / NMI against labels and their evolution, and an HTML page.
 
@@ -130,7 +134,7 @@ def prototypes(
     from pcavmae_cli.engine.viz.prototypes_report import prototypes_report
     from pcavmae_cli.engine.viz.run import open_run
 
-    report = prototypes_report(open_run(run, need_checkpoint=False), out, top=top, members=members,
+    report = prototypes_report(open_run(run, need_checkpoint=False, overrides=overrides or []), out, top=top, members=members,
                                candidates=candidates, device=device)  # fmt: skip
     for s in report.levels:
         console.print(f"granularity {s.level}: {s.k} prototypes, purity {fmt(s.purity)}, NMI {fmt(s.nmi)} "
