@@ -41,6 +41,18 @@ def exit_130_when_stopped() -> Iterator[None]:
         raise typer.Exit(130) from None
 
 
+def _print_flushed(line: str) -> None:
+    console.print(line, highlight=False, soft_wrap=True, markup=False)
+    console.file.flush()
+
+
+@contextlib.contextmanager
+def _plain_progress(description: str, total: int) -> Iterator[Callable[..., None]]:
+    """No bar: one line as the work starts (a log shows what is running), nothing per item."""
+    _print_flushed(f"{description}: {total} to do")
+    yield lambda n=1, note="": None
+
+
 @contextlib.contextmanager
 def progress_bar(description: str, total: int, *, bar_width: int | None = 40) -> Iterator[Callable[..., None]]:
     """A Rich progress bar; yields ``advance(n=1, note='')`` for engine callbacks.
@@ -70,13 +82,25 @@ class RichReporter:
     warnings as ``warning: ...`` lines (not Python warnings: a CLI user gets the line only).
 
     ``bar_width=None`` suits training, whose notes (loss parts, samples/s) need the room.
+    ``plain`` (default: when the output is not a terminal -- nohup, a SLURM log, a pipe): no
+    bars, which would print nothing until they end; instead a line when each piece of work
+    starts and the training loop's step and epoch lines (``log_line``), each flushed at once.
     """
 
-    def __init__(self, bar_width: int | None = 40) -> None:
+    def __init__(self, bar_width: int | None = 40, plain: bool | None = None) -> None:
         self.bar_width = bar_width
+        self.plain = (not console.is_terminal) if plain is None else plain
 
     def progress(self, description: str, total: int):
+        if self.plain:
+            return _plain_progress(description, total)
         return progress_bar(description, total, bar_width=self.bar_width)
+
+    def log_line(self, line: str) -> None:
+        """A training step or epoch line (``engine/train/log_lines.py``): printed in plain mode
+        only; on a terminal the bars show the same."""
+        if self.plain:
+            _print_flushed(line)
 
     def warning(self, message: str, category: type[Warning] = UserWarning) -> None:
         """One line on the console, as the other commands' warnings (``category`` is for Python callers)."""

@@ -66,6 +66,7 @@ from pcavmae_cli.engine.train.checks import check_finetune
 from pcavmae_cli.engine.train.data import EpochBatchSampler, balanced_weights, close_loader, embed_loader, train_loader
 from pcavmae_cli.engine.train.distributed import BatchShard, check_batches_fit_world, comm_device, split, world_from_env
 from pcavmae_cli.engine.train.fast import StepCompiler, set_activation_checkpointing
+from pcavmae_cli.engine.train.log_lines import RunClock, duration, significant, tell
 from pcavmae_cli.engine.train.metrics import Meter, MetricsLog, read_metrics
 from pcavmae_cli.engine.train.optim import build_finetune_optimizer, set_lr
 from pcavmae_cli.engine.train.pending import PendingLosses, finite_weights
@@ -280,6 +281,7 @@ class FineTuner:
         self.resumed_from_step = None
         if resume_from is not None:
             self._resume(resume_from)
+        self.clock = RunClock(self.schedule.total_steps, self.state.step)  # the whole-run ETA of log lines
         # paths absolute and the labels copied in: the run folder works wherever it is moved (run_folder.py)
         self.config_text = config.dump_yaml(portable_recipe(cfg))
         if self.rt.is_main:
@@ -470,7 +472,9 @@ class FineTuner:
                     self.window_meter, window_start = Meter(("loss",)), time.perf_counter()
                 rate = epoch_samples / max(time.perf_counter() - epoch_start, 1e-9)
                 mean = self.epoch_meter.means()["loss"]  # as of the last flush
-                advance(1, f"loss {'-' if mean is None else f'{mean:.3f}'} {rate:.0f}/s")
+                eta = self.clock.eta(st.step)
+                run_eta = f" ETA run {duration(eta)}" if eta is not None else ""
+                advance(1, f"loss {'-' if mean is None else f'{mean:.3f}'} {significant(rate)}/s{run_eta}")
                 if interrupted is not None:
                     raise interrupted
                 if asked:
@@ -579,6 +583,7 @@ class FineTuner:
         if val is not None:
             record.update({f"val_{k}": v for k, v in val.items()})
         self.metrics.write(record)
+        tell(self.reporter, record, self.plan.total_epochs, self.schedule.total_steps, self.clock, self.rt.is_main)
 
     def _diverged(self, step: int, what: str) -> TrainingDiverged:
         if self.last_saved is None:

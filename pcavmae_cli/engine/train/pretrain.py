@@ -82,6 +82,7 @@ from pcavmae_cli.engine.train.distributed import (
 )
 from pcavmae_cli.engine.train.estep import health_shard, measure_health, run_estep
 from pcavmae_cli.engine.train.fast import StepCompiler, set_activation_checkpointing
+from pcavmae_cli.engine.train.log_lines import RunClock, duration, significant, tell
 from pcavmae_cli.engine.train.metrics import Meter, MetricsLog, format_losses, loss_fields, read_metrics
 from pcavmae_cli.engine.train.objective import BatchObjective, batch_losses
 from pcavmae_cli.engine.train.optim import build_optimizer, set_lr
@@ -208,6 +209,7 @@ class Trainer:
         self.resumed_from_step = None
         if resume_from is not None:
             self._resume(resume_from)
+        self.clock = RunClock(self.schedule.total_steps, self.state.step)  # the whole-run ETA of log lines
         # paths absolute and the labels copied in: the run folder works wherever it is moved (run_folder.py)
         self.config_text = config.dump_yaml(portable_recipe(cfg))
         if self.rt.is_main:
@@ -434,7 +436,9 @@ class Trainer:
                     self._log("step", epoch, stage, lr, self.shown, rate, prototypes=protos is not None)
                     self.window_meter, window_start = Meter(), time.perf_counter()
                 rate = epoch_samples / max(time.perf_counter() - epoch_start, 1e-9)
-                advance(1, f"{format_losses(self.epoch_meter.means())} {rate:.0f}/s")  # as of the last flush
+                eta = self.clock.eta(st.step)
+                run_eta = f" ETA run {duration(eta)}" if eta is not None else ""
+                advance(1, f"{format_losses(self.epoch_meter.means())} {significant(rate)}/s{run_eta}")  # as of the last flush
                 if interrupted is not None:
                     raise interrupted
                 if asked:
@@ -560,11 +564,13 @@ class Trainer:
         self, kind: str, epoch: int, stage: StageConfig, lr: float, means: dict, rate: float, *,
         prototypes: bool, **extra: Any,
     ) -> None:  # fmt: skip
-        self.metrics.write({
+        record = {
             "kind": kind, "step": self.state.step, "epoch": epoch, "stage": stage.name, "lr": lr,
             **loss_fields(means), "samples_per_s": round(rate, 2), "prototypes": prototypes,
             "time": round(time.time(), 3), **extra,
-        })  # fmt: skip
+        }  # fmt: skip
+        self.metrics.write(record)
+        tell(self.reporter, record, self.plan.total_epochs, self.schedule.total_steps, self.clock, self.rt.is_main)
 
     def _diverged(self, stage: StageConfig, step: int, what: str) -> TrainingDiverged:
         """``{what} at step 4 (epoch 1, stage 'joint'); the run stopped, the last good checkpoint is ...``"""

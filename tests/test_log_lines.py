@@ -1,0 +1,56 @@
+"""Training progress that reads well in a log file: plain step lines, a whole-run ETA, rates
+with two significant digits."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from pcavmae_cli.engine.train.log_lines import RunClock, duration, log_line, significant
+from tests.cli_helpers import PCAV
+from tests.tiny_corpus import TINY_MODEL, write_corpus
+
+
+def test_rates_keep_two_significant_digits_and_durations_read_naturally():
+    assert [significant(x) for x in (28.3, 0.4137, 0.004137, 5.0, 1234.5)] == ["28", "0.41", "0.0041", "5.0", "1234"]
+    assert [duration(s) for s in (42, 425, 11520, 190000)] == ["42s", "7m05s", "3h12m", "2d04h"]
+
+
+def test_the_eta_is_for_the_whole_run_from_this_process_pace():
+    clock = RunClock(total_steps=100, start_step=40, now=0.0)  # resumed at step 40
+    assert clock.eta(40, now=5.0) is None  # no step done here yet
+    assert clock.eta(50, now=20.0) == pytest.approx(2.0 * 50)  # 2 s a step, 50 steps left
+
+
+def test_a_line_names_every_part_one_based():
+    record = {"kind": "step", "step": 7, "epoch": 0, "stage": "joint", "lr": 2.5e-4, "loss_total": 5.25,
+              "loss_infonce": 2.1, "loss_r": 3.15, "loss_pje": None, "samples_per_s": 0.413}  # fmt: skip
+    line = log_line(record, total_epochs=34, total_steps=200, eta=3725.0)
+    assert line == ("step 7/200  epoch 1/34  stage joint  loss 5.25  nce 2.1  r 3.15  lr 0.00025  0.41 samples/s  "
+                    "ETA run 1h02m")  # fmt: skip
+    epoch = log_line({**record, "kind": "epoch", "val_top1": 0.5}, 34, 200, None)
+    assert epoch.startswith("epoch 1/34 done  step 7/200") and "val_top1 0.5" in epoch and epoch.endswith("ETA run -")
+
+
+def test_pretrain_writes_step_lines_to_a_log_file_before_the_first_epoch_ends(tmp_path):
+    manifest = write_corpus(tmp_path / "data", 2, 4)
+    log = tmp_path / "pretrain.log"
+    with log.open("w") as fh:  # stdout is a file, as under nohup or SLURM
+        done = subprocess.run(
+            [str(PCAV), "pretrain", "--recipe", "demo", *TINY_MODEL, f"data.train_manifest={manifest}",
+             f"train.run_dir={tmp_path / 'run'}", "data.label_csv=null", "prototypes.num_clusters=[2]",
+             "prototypes.warmup_epochs=1", "optim.effective_batch=2", "stages.0.epochs=2", "stages.1.epochs=1",
+             "train.log_every=1"],
+            stdout=fh, stderr=subprocess.STDOUT, timeout=600,
+        )  # fmt: skip
+    text = log.read_text()
+    assert done.returncode == 0, text
+    lines = text.splitlines()
+    steps = [i for i, line in enumerate(lines) if line.startswith("step ")]
+    first_epoch = next(i for i, line in enumerate(lines) if line.startswith("epoch 1/3 done"))
+    assert steps and steps[0] < first_epoch  # progress shows while the epoch runs
+    assert lines[steps[0]].startswith("step 1/12  epoch 1/3  stage joint  loss ")
+    assert "samples/s" in lines[steps[0]] and " lr " in lines[steps[0]] and "ETA run " in lines[steps[0]]
+    assert sum(line.startswith("epoch ") and " done " in line for line in lines) == 3
+    assert "\x1b[" not in text and "━" not in text.split("pcav pretrain")[0]  # no bars, no escapes before the summary
