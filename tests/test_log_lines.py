@@ -54,3 +54,22 @@ def test_pretrain_writes_step_lines_to_a_log_file_before_the_first_epoch_ends(tm
     assert "samples/s" in lines[steps[0]] and " lr " in lines[steps[0]] and "ETA run " in lines[steps[0]]
     assert sum(line.startswith("epoch ") and " done " in line for line in lines) == 3
     assert "\x1b[" not in text and "━" not in text.split("pcav pretrain")[0]  # no bars, no escapes before the summary
+
+
+def test_the_summary_shows_each_stage_last_epoch_and_only_parts_that_ran():
+    from types import SimpleNamespace
+
+    from pcavmae_cli.cli.pretrain_cmd import summary_rows, summary_table
+
+    def row(epoch, stage, **losses):
+        parts = {f"loss_{p}": losses.get(p) for p in ("total", "infonce", "r", "pje", "pcpe")}
+        return {"epoch": epoch, "stage": stage, "samples_per_s": 10.0, **parts}
+
+    epochs = [row(e, "joint", total=5.0, infonce=2.0, r=3.0, pje=1.0 if e > 1 else None, pcpe=0.5 if e > 1 else None)
+              for e in range(4)] + [row(4, "encoders", total=2.0, infonce=1.0, pje=1.0)]  # fmt: skip
+    assert [r["epoch"] for r in summary_rows(epochs)] == [0, 3, 4]
+    table = summary_table(SimpleNamespace(epochs=epochs))
+    assert [c.header for c in table.columns] == ["epoch", "stage", "total", "infonce", "r", "pje", "pcpe", "samples/s"]
+    only_nce = [row(e, "cavmae", total=1.0, infonce=0.5, r=0.5) for e in range(3)]
+    assert [c.header for c in summary_table(SimpleNamespace(epochs=only_nce)).columns] == \
+        ["epoch", "stage", "total", "infonce", "r", "samples/s"]

@@ -3,6 +3,7 @@ trained demo run (files exist, are PNGs of the expected size, HTML links only ex
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -194,3 +195,20 @@ def test_demo_figures_returns_every_file(trained_demo_run, tmp_path):
             assert width >= 800 and height >= 400
         elif path.suffix == ".html":
             html_links(path)
+
+
+def test_a_figure_is_written_in_the_format_its_name_asks_for(tmp_path):
+    """-o x.pdf gives a PDF and -o x.svg an SVG (papers want vector figures), a .jpg is refused
+    before any work, in one line."""
+    rows = [{"kind": "epoch", "step": 2 * e + 2, "epoch": e, "stage": "a", "lr": 0.1, "loss_total": 1.0 / (e + 1),
+             "samples_per_s": 10.0, "time": 1.0} for e in range(3)]  # fmt: skip
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    heads = {"x.pdf": b"%PDF", "x.svg": b"<?xml", "x.png": b"\x89PNG"}
+    for name, head in heads.items():
+        result = pcav("visualize", "curves", str(metrics), "-o", str(tmp_path / name))
+        assert result.returncode == 0, result.stderr
+        assert (tmp_path / name).read_bytes().startswith(head), name
+    bad = pcav("visualize", "curves", str(metrics), "-o", str(tmp_path / "x.jpg"))
+    assert bad.returncode == 1 and ".png, .pdf or .svg" in bad.stderr and bad.stderr.count("\n") == 1
+    assert not (tmp_path / "x.jpg").exists()

@@ -17,18 +17,29 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+PARTS = ("total", "infonce", "r", "pje", "pcpe")
+
+
+def summary_rows(epochs: list[dict]) -> list[dict]:
+    """The first epoch and the last epoch of every stage, in order (a stage that ran only an epoch
+    or two, as the prototype stages of a short run, is never left out)."""
+    if not epochs:
+        return []
+    last_of_stage = {row["stage"]: i for i, row in enumerate(epochs)}
+    keep = sorted({0, *last_of_stage.values()})
+    return [epochs[i] for i in keep]
+
+
 def summary_table(result) -> Table:
-    """First and last epoch of the run, one column per loss part (``-``: not computed)."""
+    """First epoch and each stage's last epoch, one column per loss part that ran."""
+    rows = summary_rows(result.epochs)
+    parts = [p for p in PARTS if any(row.get(f"loss_{p}") is not None for row in rows)]
     table = Table(title="pcav pretrain", show_header=True, header_style="bold")
-    for name in ("epoch", "stage", "total", "infonce", "r", "pje", "pcpe", "samples/s"):
+    for name in ("epoch", "stage", *parts, "samples/s"):
         table.add_column(name, justify="left" if name == "stage" else "right")
-    rows = result.epochs[:1] + result.epochs[-1:] if len(result.epochs) > 1 else result.epochs
     for row in rows:
-        table.add_row(
-            str(row["epoch"] + 1), row["stage"],
-            *(_fmt(row[f"loss_{p}"]) for p in ("total", "infonce", "r", "pje", "pcpe")),
-            f"{row['samples_per_s']:.1f}",
-        )  # fmt: skip
+        table.add_row(str(row["epoch"] + 1), row["stage"], *(_fmt(row.get(f"loss_{p}")) for p in parts),
+                      f"{row['samples_per_s']:.1f}")  # fmt: skip
     return table
 
 

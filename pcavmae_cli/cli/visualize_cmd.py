@@ -30,7 +30,7 @@ def _wrote(*paths: Path) -> None:
 def tsne(
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help=CHECKPOINT_HELP),
     data: Path = typer.Option(..., "--data", "-d", help="Manifest of the clips to embed."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="PNG to write (default RUN/plots/tsne.png)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Figure to write: .png, .pdf or .svg (default RUN/plots/tsne.png)."),
     level: Optional[int] = typer.Option(None, "--level", help="Granularity of the prototypes shown (default: the finest)."),
     prototypes: bool = typer.Option(True, "--prototypes/--no-prototypes", help="Overlay the run's prototypes."),
     max_clips: int = typer.Option(2000, "--max-clips", help="Embed at most this many clips (evenly spaced)."),
@@ -42,6 +42,9 @@ def tsne(
 
     Example: pcav visualize tsne --checkpoint pcav-demo/runs/pretrain --data pcav-demo/data/train/manifest.jsonl
     """
+    from pcavmae_cli.engine.viz.draw import check_figure_path
+
+    check_figure_path(out)
     from pcavmae_cli.engine.viz.run import open_run
     from pcavmae_cli.engine.viz.tsne import tsne_for_run
 
@@ -57,7 +60,7 @@ def reconstruct(
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="Manifest (default: the run's eval manifest)."),
     clips: Optional[list[str]] = typer.Option(None, "--clip", help="Clip id to show (repeatable); default: --n clips."),
     n: int = typer.Option(3, "--n", help="Clips to show, evenly spaced over the manifest."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="PNG to write (default RUN/plots/reconstruct.png)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Figure to write: .png, .pdf or .svg (default RUN/plots/reconstruct.png)."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     seed: int = typer.Option(0, "--seed", help="Seed of the random masks."),
     overrides: Optional[list[str]] = options.Overrides,
@@ -66,6 +69,9 @@ def reconstruct(
 
     Example: pcav visualize reconstruct --checkpoint pcav-demo/runs/pretrain --n 3
     """
+    from pcavmae_cli.engine.viz.draw import check_figure_path
+
+    check_figure_path(out)
     from pcavmae_cli.engine.viz.reconstruct import reconstruct_for_run
     from pcavmae_cli.engine.viz.run import open_run
 
@@ -75,12 +81,15 @@ def reconstruct(
 @app.command("curves")
 def curves(
     run: Path = typer.Argument(..., help="A run folder (with metrics.jsonl) or a metrics.jsonl file."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="PNG to write (default RUN/plots/curves.png)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Figure to write: .png, .pdf or .svg (default RUN/plots/curves.png)."),
 ) -> None:
     """Every loss part and metric of metrics.jsonl against optimiser steps (and epochs).
 
     Example: pcav visualize curves pcav-demo/runs/pretrain
     """
+    from pcavmae_cli.engine.viz.draw import check_figure_path
+
+    check_figure_path(out)
     from pcavmae_cli.engine.viz.curves import curves_for_run
 
     _wrote(curves_for_run(run, out))
@@ -89,12 +98,15 @@ def curves(
 @app.command("health")
 def health(
     run: Path = typer.Argument(..., help="A pre-training run folder (with metrics.jsonl) or a metrics.jsonl file."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="PNG to write (default RUN/plots/health.png)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Figure to write: .png, .pdf or .svg (default RUN/plots/health.png)."),
 ) -> None:
     """Representation health per epoch: mean cosine, effective rank, cosine spread to the prototypes, agreement.
 
     Example: pcav visualize health pcav-demo/runs/pretrain
     """
+    from pcavmae_cli.engine.viz.draw import check_figure_path
+
+    check_figure_path(out)
     from pcavmae_cli.engine.viz.draw import fmt
     from pcavmae_cli.engine.viz.health import health_for_run
 

@@ -21,6 +21,7 @@ from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from pcavmae_cli.engine.data.manifest import atomic_write_text  # noqa: E402
+from pcavmae_cli.engine.errors import UserError  # noqa: E402
 from pcavmae_cli.engine.files import atomic_write  # noqa: E402
 from pcavmae_cli.engine.schema import DataConfig  # noqa: E402
 
@@ -47,11 +48,23 @@ def new_figure(width: float, height: float) -> Figure:
     return Figure(figsize=(width, height), dpi=DPI)
 
 
+FORMATS = {".png": "png", ".pdf": "pdf", ".svg": "svg"}  # what a figure's file name may ask for
+
+
+def check_figure_path(path: str | Path | None) -> None:
+    """Refuse a figure name whose suffix is not a format ``save`` writes, before any work."""
+    if path is not None and Path(path).suffix.lower() not in FORMATS:
+        raise UserError(f"{path}: a figure is written as .png, .pdf or .svg, not '{Path(path).suffix or 'no suffix'}'")
+
+
 def save(fig: Figure, path: str | Path) -> Path:
-    """Write ``fig`` as PNG to ``path`` (folders made), atomically; returns the path."""
+    """Write ``fig`` to ``path`` (folders made), atomically, in the format its suffix names:
+    PNG, or PDF / SVG (vector, for papers); returns the path."""
     path = Path(path)
+    check_figure_path(path)
+    fmt = FORMATS[path.suffix.lower()]
     path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=DPI, format="png", facecolor="white"))
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=DPI, format=fmt, facecolor="white"))
 
 
 def frame_image(frame: torch.Tensor, data: DataConfig) -> np.ndarray:
