@@ -30,6 +30,7 @@ from pcavmae_cli.cli import (
     preprocess_cmd,
     pretrain_cmd,
     recipes_cmd,
+    runs_cmd,
     search_cmd,
     stats_cmd,
     visualize_cmd,
@@ -84,6 +85,7 @@ app.command("predict")(predict_cmd.predict)
 app.command("card")(card_cmd.card)
 app.command("search")(search_cmd.search)
 app.command("export")(export_cmd.export)
+app.command("runs")(runs_cmd.runs)
 app.add_typer(convert_cmd.app, name="convert")
 app.command("bench")(bench_cmd.bench)
 reflow_commands(app)

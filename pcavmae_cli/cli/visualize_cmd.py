@@ -80,19 +80,29 @@ def reconstruct(
 
 @app.command("curves")
 def curves(
-    run: Path = typer.Argument(..., help="A run folder (with metrics.jsonl) or a metrics.jsonl file."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Figure to write: .png, .pdf or .svg (default RUN/plots/curves.png)."),
+    runs: list[Path] = typer.Argument(..., help="A run folder (with metrics.jsonl) or a metrics.jsonl file; several "
+                                      "to compare them.", metavar="RUN...", show_default=False),  # fmt: skip
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Figure to write: .png, .pdf or .svg (default "
+                                       "RUN/plots/curves.png; for several runs compare-curves.png here)."),  # fmt: skip
 ) -> None:
-    """Every loss part and metric of metrics.jsonl against optimiser steps (and epochs).
+    """Every loss part and metric of metrics.jsonl against optimiser steps; several runs overlaid.
 
-    Example: pcav visualize curves pcav-demo/runs/pretrain
+    One run: every logged line (steps and epochs), stages and warm-up marked. Several runs: their
+    epoch means in one panel per quantity, a colour per run, named in the legend.
+
+    Example: pcav visualize curves pcav-demo/runs/pretrain pcav-demo/runs/pretrain_cavmae -o compare.png
     """
     from pcavmae_cli.engine.viz.draw import check_figure_path
 
     check_figure_path(out)
+    if len(runs) > 1:
+        from pcavmae_cli.engine.viz.compare import compare_figure
+
+        _wrote(compare_figure(runs, out if out is not None else Path("compare-curves.png")))
+        return
     from pcavmae_cli.engine.viz.curves import curves_for_run
 
-    _wrote(curves_for_run(run, out))
+    _wrote(curves_for_run(runs[0], out))
 
 
 @app.command("health")

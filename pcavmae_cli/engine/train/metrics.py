@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from pcavmae_cli.engine.data.manifest import atomic_write_text
+from pcavmae_cli.engine.errors import UserError
 
 LOSS_PARTS = ("total", "infonce", "r", "r_a", "r_v", "pje", "pcpe")
 
@@ -101,5 +102,13 @@ def read_metrics(path: str | Path, kind: str | None = None) -> list[dict[str, An
     path = Path(path)
     if not path.is_file():
         return []
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if number == len(lines):  # the last line torn by a kill mid-write: what was written before stands
+                break
+            raise UserError(f"{path}: line {number} is not JSON") from None
     return [r for r in rows if kind is None or r.get("kind") == kind]
