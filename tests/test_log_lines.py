@@ -3,6 +3,7 @@ with two significant digits."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 import pytest
@@ -54,6 +55,19 @@ def test_pretrain_writes_step_lines_to_a_log_file_before_the_first_epoch_ends(tm
     assert "samples/s" in lines[steps[0]] and " lr " in lines[steps[0]] and "ETA run " in lines[steps[0]]
     assert sum(line.startswith("epoch ") and " done " in line for line in lines) == 3
     assert "\x1b[" not in text and "━" not in text.split("pcav pretrain")[0]  # no bars, no escapes before the summary
+    # the TensorBoard event files mirror metrics.jsonl: every loss part, lr, throughput, health, prototypes
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for part in ("total", "infonce", "r", "r_a", "r_v", "pje", "pcpe"):
+        assert f"epoch/loss_{part}" in tags and f"step/loss_{part}" in tags, part
+    assert {"step/lr", "epoch/samples_per_s", "epoch/num_prototypes/g0", "epoch/health_cos_a", "epoch/epoch"} <= tags
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in rows if r["kind"] == "epoch"]
+    logged = [(e.step, e.value) for e in events.Scalars("epoch/loss_total")]
+    assert logged == [(r["step"], pytest.approx(r["loss_total"])) for r in epochs]
 
 
 def test_the_summary_shows_each_stage_last_epoch_and_only_parts_that_ran():
@@ -73,3 +87,21 @@ def test_the_summary_shows_each_stage_last_epoch_and_only_parts_that_ran():
     only_nce = [row(e, "cavmae", total=1.0, infonce=0.5, r=0.5) for e in range(3)]
     assert [c.header for c in summary_table(SimpleNamespace(epochs=only_nce)).columns] == \
         ["epoch", "stage", "total", "infonce", "r", "samples/s"]
+
+
+def test_tensorboard_is_one_switch_and_its_absence_one_warning(tmp_path, monkeypatch):
+    import sys
+
+    from pcavmae_cli.engine.train.tensorboard_log import TensorBoardLog, scalars
+
+    assert scalars({"kind": "epoch", "step": 4, "epoch": 1, "stage": "joint", "loss_r": None, "loss_total": 2.0,
+                    "num_prototypes": [2, 4], "prototypes": True}) == \
+        {"epoch/loss_total": 2.0, "epoch/num_prototypes/g0": 2.0, "epoch/num_prototypes/g1": 4.0, "epoch/epoch": 2.0}
+    off = TensorBoardLog(tmp_path / "off", enabled=False)
+    off.write({"kind": "epoch", "step": 1, "loss_total": 1.0})
+    assert not (tmp_path / "off").exists()
+    said = []
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if the package were not installed
+    missing = TensorBoardLog(tmp_path / "missing", enabled=True, warn=said.append)
+    missing.write({"kind": "epoch", "step": 1, "loss_total": 1.0})
+    assert len(said) == 1 and "pcavmae-cli[tensorboard]" in said[0] and not (tmp_path / "missing").exists()

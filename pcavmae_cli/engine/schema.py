@@ -222,6 +222,7 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None  # cap for smoke runs; null: the whole manifest
     compile: bool = False  # torch.compile the pre-training step; eager with a warning where it fails
     activation_checkpointing: bool = False  # recompute block activations in backward (large batches)
+    tensorboard: bool = True  # event files in run_dir/tensorboard/ mirroring metrics.jsonl (tensorboard_log.py)
 
 
 @dataclass

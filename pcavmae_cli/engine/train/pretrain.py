@@ -83,6 +83,7 @@ from pcavmae_cli.engine.train.distributed import (
 from pcavmae_cli.engine.train.estep import health_shard, measure_health, run_estep
 from pcavmae_cli.engine.train.fast import StepCompiler, set_activation_checkpointing
 from pcavmae_cli.engine.train.log_lines import RunClock, duration, significant, tell
+from pcavmae_cli.engine.train.tensorboard_log import TensorBoardLog
 from pcavmae_cli.engine.train.metrics import Meter, MetricsLog, format_losses, loss_fields, read_metrics
 from pcavmae_cli.engine.train.objective import BatchObjective, batch_losses
 from pcavmae_cli.engine.train.optim import build_optimizer, set_lr
@@ -218,6 +219,10 @@ class Trainer:
         self.metrics = MetricsLog(
             self.run_dir / "metrics.jsonl", enabled=self.rt.is_main, keep_until_step=self.resumed_from_step
         )
+        self.tensorboard = TensorBoardLog(
+            self.run_dir, cfg.train.tensorboard and self.rt.is_main, warn=self.reporter.warning,
+            purge_step=None if self.resumed_from_step is None else self.resumed_from_step + 1,
+        )  # fmt: skip
         self.boundary = self._snapshot()
         self.last_saved: tuple[Path, int] | None = (resume_from, self.state.step) if resume_from else None
 
@@ -303,6 +308,7 @@ class Trainer:
             close_loader(self.loader)
             close_loader(self.embed_loader)
             close_loader(self.health_loader)
+            self.tensorboard.close()
 
         run_stoppable(self._epoch, lambda: self.state.epoch >= self.plan.total_epochs,
                       lambda: self._save("last"), lambda: self.boundary, close_loaders)  # fmt: skip
@@ -570,6 +576,7 @@ class Trainer:
             "time": round(time.time(), 3), **extra,
         }  # fmt: skip
         self.metrics.write(record)
+        self.tensorboard.write(record)
         tell(self.reporter, record, self.plan.total_epochs, self.schedule.total_steps, self.clock, self.rt.is_main)
 
     def _diverged(self, stage: StageConfig, step: int, what: str) -> TrainingDiverged:
