@@ -400,7 +400,7 @@ def reference(corpus, pretrained, tmp_path_factory):
 def test_the_fine_tuning_run_folder(reference, pretrained):
     run_dir, result = reference
     assert sorted(p.name for p in run_dir.iterdir()) == ["README.md", "checkpoints", "config.yaml", "labels.csv",
-                                                         "metrics.jsonl"]  # fmt: skip
+                                                         "metrics.jsonl", "tensorboard"]  # fmt: skip
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["averaged", "best", "last"]
     last = run_dir / "checkpoints" / "last"
     assert {p.name for p in last.iterdir()} == {*ckpt.FINETUNE_FILES, "average.safetensors"}

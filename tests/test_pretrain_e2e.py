@@ -28,7 +28,8 @@ def test_pretrain_demo_recipe_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "pcav pretrain" in result.stdout and f"run folder: {run}" in result.stdout
 
-    assert sorted(p.name for p in run.iterdir()) == ["README.md", "checkpoints", "config.yaml", "metrics.jsonl", "prototypes"]
+    assert sorted(p.name for p in run.iterdir()) == ["README.md", "checkpoints", "config.yaml", "metrics.jsonl", "prototypes",
+                                                    "tensorboard"]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best", "last"]
     last = run / "checkpoints" / "last"
     assert {"model.safetensors", "momentum.safetensors", "state.pt", "config.yaml"} <= {p.name for p in last.iterdir()}

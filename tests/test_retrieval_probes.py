@@ -51,11 +51,12 @@ def test_retrieval_metrics_by_hand():
     audio, video = paired()
     m = retrieval_metrics(audio.numpy(), video.numpy(), ks=(1, 2, 3, 5))
     # a2v ranks 2 4 2 3
-    assert (m["a2v_r1"], m["a2v_r2"], m["a2v_r3"], m["a2v_r5"]) == (0.0, 0.5, 0.75, 1.0)
+    assert (m["a2v_r1"], m["a2v_r2"], m["a2v_r3"]) == (0.0, 0.5, 0.75)
+    assert m["a2v_r5"] is None and m["v2a_r5"] is None  # k >= N clips: every clip is within k, says nothing
     assert m["a2v_median_rank"] == 2.5  # median of 2 2 3 4
     assert m["a2v_mean_rank"] == pytest.approx(11 / 4)
     # v2a ranks 1 4 2 2
-    assert (m["v2a_r1"], m["v2a_r2"], m["v2a_r3"], m["v2a_r5"]) == (0.25, 0.75, 0.75, 1.0)
+    assert (m["v2a_r1"], m["v2a_r2"], m["v2a_r3"]) == (0.25, 0.75, 0.75)
     assert m["v2a_median_rank"] == 2.0
     assert m["v2a_mean_rank"] == pytest.approx(9 / 4)
     assert m["n"] == 4

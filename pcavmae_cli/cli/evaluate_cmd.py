@@ -66,6 +66,9 @@ def evaluate(
     record = result.record
     table = metrics_table(f"pcav evaluate: {task}", result.metrics)
     table.caption = f"{record['n_clips']} clips, frames: {record['frames']}"
+    undefined = [k for k, v in result.metrics.items() if v is None and k.split("_")[-1][1:].isdigit()]
+    if undefined:  # R@k with k >= the clips: every clip is within k
+        table.caption += f"; - : {', '.join(undefined)} undefined on {record['n_clips']} clips (k >= clips)"
     console.print(table)
     if result.classes:
         console.print(per_class_table(result.classes, result.label_mode))

@@ -61,14 +61,17 @@ def pair_ranks(queries: np.ndarray | Tensor, gallery: np.ndarray | Tensor, chunk
     return torch.cat(ranks).cpu()
 
 
-def rank_metrics(ranks: Tensor, ks: Sequence[int] = (1, 5, 10), prefix: str = "") -> dict[str, float]:
+def rank_metrics(ranks: Tensor, ks: Sequence[int] = (1, 5, 10), prefix: str = "") -> dict[str, float | None]:
     """R@k for each k, median and mean rank, from 1-based ranks (N,).
 
     Keys: ``{prefix}r{k}`` for each k, ``{prefix}median_rank``, ``{prefix}mean_rank``. The
-    median of an even count is the mean of the two middle ranks (numpy's median).
+    median of an even count is the mean of the two middle ranks (numpy's median). R@k is
+    ``None`` (null in metrics.json, ``-`` on screen) when k >= N: every clip then ranks within
+    the first k, and the 1.0 would say nothing.
     """
     r = ranks.double()
-    out = {f"{prefix}r{k}": float((r <= k).double().mean()) for k in ks}
+    n = r.shape[0]
+    out: dict[str, float | None] = {f"{prefix}r{k}": float((r <= k).double().mean()) if k < n else None for k in ks}
     out[f"{prefix}median_rank"] = float(np.median(r.numpy()))
     out[f"{prefix}mean_rank"] = float(r.mean())
     return out

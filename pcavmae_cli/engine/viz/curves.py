@@ -23,7 +23,9 @@ from pcavmae_cli.engine.errors import UserError
 from pcavmae_cli.engine.train.metrics import read_metrics
 from pcavmae_cli.engine.viz import draw
 
-BOOKKEEPING = {"kind", "step", "epoch", "stage", "prototypes", "time"}
+# not curves: what a line is, and a fine-tuning validation's class counts (how many classes it saw)
+BOOKKEEPING = {"kind", "step", "epoch", "stage", "prototypes", "time", "metric", "val_classes",
+               "val_classes_without_positives"}
 FLAGS = {"health_collapsed_a", "health_collapsed_v", "health_collapsed_joint"}  # `visualize health` rings them
 GROUPS = {
     "loss_r": ("loss_r", "loss_r_a", "loss_r_v"),
