@@ -136,11 +136,14 @@ def export(run: str | Path, out: str | Path, *, fmt: Format = "onnx", labels: st
     if fmt == "onnx":
         path = out / "model.onnx"
         tmp = out / ".model.onnx.tmp"
-        with torch.no_grad():
-            torch.onnx.export(module, (fbank, frames), str(tmp), input_names=["fbank", "frames"],
-                              output_names=list(outputs), opset_version=OPSET, dynamo=False,
-                              dynamic_axes={"fbank": {0: "batch"}, "frames": {0: "batch", 1: "frames"},
-                                            **{name: {0: "batch"} for name in outputs}})  # fmt: skip
+        try:
+            with torch.no_grad():
+                torch.onnx.export(module, (fbank, frames), str(tmp), input_names=["fbank", "frames"],
+                                  output_names=list(outputs), opset_version=OPSET, dynamo=False,
+                                  dynamic_axes={"fbank": {0: "batch"}, "frames": {0: "batch", 1: "frames"},
+                                                **{name: {0: "batch"} for name in outputs}})  # fmt: skip
+        except ImportError as exc:  # torch's exporter imports onnx
+            raise UserError(f"--format onnx needs {exc.name or 'onnx'}: pip install 'pcavmae-cli[export]'") from None
         tmp.replace(path)
         got = _run_onnx(path, check_fbank, check_frames)
     else:
