@@ -36,6 +36,7 @@ import safetensors.torch as st
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from pcavmae_cli.engine.chunks import run_chunks
 from pcavmae_cli.engine.data.dataset import AudioVisualDataset
 from pcavmae_cli.engine.data.manifest import atomic_write_text
 from pcavmae_cli.engine.data.model_inputs import model_inputs
@@ -44,7 +45,6 @@ from pcavmae_cli.engine.errors import UserError
 from pcavmae_cli.engine.files import atomic_write
 from pcavmae_cli.engine.evaluate.predict import FEATURES, _frames_5d, backbone_features
 from pcavmae_cli.engine.evaluate.runner import Checkpoint, checkpoint_recipe, open_checkpoint
-from pcavmae_cli.engine.interrupt import StopRequests, Stopped
 from pcavmae_cli.engine.model import PCAVMAE, Backbone
 from pcavmae_cli.engine.progress import ProgressReporter as Reporter
 from pcavmae_cli.engine.progress import default_reporter
@@ -242,36 +242,28 @@ def embed(
     key = _fingerprint(cp, policy, manifest, n)
     (work / "chunks").mkdir(parents=True, exist_ok=True)
     starts = list(range(0, n, chunk))
-    parts: list[dict[str, torch.Tensor]] = []
-    done = skipped = embedded = 0
-    # Ctrl-C / SIGTERM: the chunk being embedded is dropped, the finished ones stay for a rerun.
-    with StopRequests() as asked, reporter.progress(f"embed {n} clips", n) as advance:
+
+    def chunk_ids(number: int) -> list[str]:
+        return [r.id for r in dataset.records[starts[number] : starts[number] + chunk]]
+
+    def chunk_path(number: int) -> Path:
+        return work / "chunks" / f"chunk-{number:06d}.safetensors"
+
+    def compute(number: int, check: Callable[[], None]) -> dict[str, torch.Tensor]:
+        start, stop = starts[number], min(starts[number] + chunk, n)
+        loader = embed_loader(Subset(dataset, range(start, stop)), cfg.data.loader, rt)
         try:
-            for number, start in enumerate(starts):
-                stop = min(start + chunk, n)
-                ids = [r.id for r in dataset.records[start:stop]]
-                path = work / "chunks" / f"chunk-{number:06d}.safetensors"
-                feats = _load_chunk(path, ids, key)
-                if feats is None:
-                    loader = embed_loader(Subset(dataset, range(start, stop)), cfg.data.loader, rt)
-                    try:
-                        feats = embed_chunk(backbone, loader, start, stop - start, rt, cfg.data, check=asked.check)
-                    finally:
-                        close_loader(loader)
-                    _save_chunk(path, feats, ids, key)
-                    done += 1
-                else:
-                    skipped += 1
-                parts.append(feats)
-                embedded = stop
-                advance(stop - start, f"chunk {number + 1}/{len(starts)}")
-                if on_chunk is not None:
-                    on_chunk(number)
-                asked.check()
-        except (KeyboardInterrupt, RuntimeError):  # RuntimeError: loader workers killed by the same signal
-            if asked.reason is None:
-                raise
-            raise Stopped(embedded, n, "clips", asked.reason) from None
+            feats = embed_chunk(backbone, loader, start, stop - start, rt, cfg.data, check=check)
+        finally:
+            close_loader(loader)
+        _save_chunk(chunk_path(number), feats, chunk_ids(number), key)
+        return feats
+
+    # Ctrl-C / SIGTERM: the chunk being embedded is dropped, the finished ones stay for a rerun.
+    with reporter.progress(f"embed {n} clips", n) as advance:
+        run = run_chunks([min(chunk, n - s) for s in starts], lambda i: _load_chunk(chunk_path(i), chunk_ids(i), key),
+                         compute, advance, unit="clips", on_chunk=on_chunk)  # fmt: skip
+    parts, done, skipped = run.parts, run.done, run.skipped
     feats = {name: torch.cat([p[name] for p in parts]) for name in FEATURES}
     source = str(videos if videos is not None else manifest)
     files = write_output(out, fmt, feats, dataset.records, source)

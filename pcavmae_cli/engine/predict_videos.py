@@ -36,12 +36,13 @@ from typing import Literal
 import safetensors.torch as st
 import torch
 
+from pcavmae_cli.engine.chunks import run_chunks
 from pcavmae_cli.engine.data.dataset import AudioVisualDataset
 from pcavmae_cli.engine.data.manifest import Failure, atomic_write_text, read_manifest
 from pcavmae_cli.engine.data.preprocess import ClipInput, Inputs, clip_id_of_stem, list_folder, preprocess
 from pcavmae_cli.engine.errors import UserError
 from pcavmae_cli.engine.inference import FramePolicy, Model, TopClass
-from pcavmae_cli.engine.interrupt import StopRequests, Stopped
+from pcavmae_cli.engine.interrupt import StopRequests
 from pcavmae_cli.engine.media import ProbeError, probe
 from pcavmae_cli.engine.progress import ProgressReporter as Reporter
 from pcavmae_cli.engine.progress import default_reporter
@@ -338,31 +339,23 @@ def predict(
     else:
         items = list_videos(videos, folder, exclude=(out, work))
         groups = [items[i : i + chunk] for i in range(0, len(items), chunk)]
-        parts: list[ChunkScores] = []
         (work / "chunks").mkdir(parents=True, exist_ok=True)
+        keys = [_fingerprint(model, frames, window, hop, [x.id or "" for x in g]) for g in groups]
+
+        def chunk_path(number: int) -> Path:
+            return work / "chunks" / f"chunk-{number:06d}.safetensors"
+
+        def compute(number: int, check: Callable[[], None]) -> ChunkScores:
+            found = _run_chunk(model, groups[number], work / "clips", window, hop, frames, jobs, check)
+            _save_chunk(chunk_path(number), keys[number], found)
+            shutil.rmtree(work / "clips", ignore_errors=True)  # one chunk's clips on disk at a time
+            return found
+
         # Ctrl-C / SIGTERM: the chunk in progress is dropped, the finished ones stay for a rerun.
-        with StopRequests() as asked, reporter.progress(f"predict {len(items)} videos", len(items)) as advance:
-            try:
-                for number, group in enumerate(groups):
-                    key = _fingerprint(model, frames, window, hop, [x.id or "" for x in group])
-                    path = work / "chunks" / f"chunk-{number:06d}.safetensors"
-                    found = _load_chunk(path, key)
-                    if found is None:
-                        found = _run_chunk(model, group, work / "clips", window, hop, frames, jobs, asked.check)
-                        _save_chunk(path, key, found)
-                        shutil.rmtree(work / "clips", ignore_errors=True)  # one chunk's clips on disk at a time
-                        done += 1
-                    else:
-                        skipped += 1
-                    parts.append(found)
-                    advance(len(group), f"chunk {number + 1}/{len(groups)}")
-                    if on_chunk is not None:
-                        on_chunk(number)
-                    asked.check()
-            except (KeyboardInterrupt, RuntimeError):  # RuntimeError: loader workers killed by the same signal
-                if asked.reason is None:
-                    raise
-                raise Stopped(sum(len(g) for g in groups[: len(parts)]), len(items), "videos", asked.reason) from None
+        with reporter.progress(f"predict {len(items)} videos", len(items)) as advance:
+            run = run_chunks([len(g) for g in groups], lambda i: _load_chunk(chunk_path(i), keys[i]), compute, advance,
+                             unit="videos", on_chunk=on_chunk)  # fmt: skip
+        parts, done, skipped = run.parts, run.done, run.skipped
         n_classes = len(model.label_set.mids)
         merged = ChunkScores([i for p in parts for i in p.ids], [s for p in parts for s in p.spans],
                              torch.cat([p.scores for p in parts]) if parts else torch.zeros(0, n_classes),
