@@ -8,13 +8,24 @@ redoing it. A stop request (``StopRequests``) drops the chunk in progress and ra
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from pathlib import Path
+from typing import Any, Generic, TypeVar
 
 from pcavmae_cli.engine.interrupt import StopRequests, Stopped
 
 T = TypeVar("T")
+
+
+def chunk_key(weights: Path, *settings: Any) -> str:
+    """What a finished chunk depends on: the weights file (path, size, modification time) and
+    the ``settings`` (JSON-able); a chunk saved under another key is redone."""
+    stat = weights.stat()
+    text = json.dumps([str(weights.resolve()), stat.st_size, stat.st_mtime_ns, *settings])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @dataclass

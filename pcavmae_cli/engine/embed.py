@@ -22,7 +22,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
-import hashlib
 import io
 import json
 import shutil
@@ -36,7 +35,7 @@ import safetensors.torch as st
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from pcavmae_cli.engine.chunks import run_chunks
+from pcavmae_cli.engine.chunks import chunk_key, run_chunks
 from pcavmae_cli.engine.data.dataset import AudioVisualDataset
 from pcavmae_cli.engine.data.manifest import atomic_write_text
 from pcavmae_cli.engine.data.model_inputs import model_inputs
@@ -92,14 +91,6 @@ def feature_backbone(cp: Checkpoint, cfg: Recipe) -> Backbone:
 
 def work_folder(out: Path) -> Path:
     return out.parent / f".{out.name}.work"
-
-
-def _fingerprint(cp: Checkpoint, frames: str, manifest: Path, n: int) -> str:
-    """What a finished chunk depends on; a chunk written under another fingerprint is redone."""
-    weights = cp.folder / "model.safetensors"
-    stat = weights.stat()
-    text = json.dumps([str(weights.resolve()), stat.st_size, stat.st_mtime_ns, frames, str(manifest.resolve()), n])
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @torch.no_grad()
@@ -239,7 +230,7 @@ def embed(
         raise UserError(f"{manifest}: no clips to embed")
     rt = resolve_runtime(cfg.train)
     backbone = feature_backbone(cp, cfg).to(rt.device).eval()
-    key = _fingerprint(cp, policy, manifest, n)
+    key = chunk_key(cp.folder / "model.safetensors", policy, str(manifest.resolve()), n)
     (work / "chunks").mkdir(parents=True, exist_ok=True)
     starts = list(range(0, n, chunk))
 

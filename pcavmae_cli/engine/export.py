@@ -30,8 +30,6 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from pcavmae_cli.engine.data import fbank as fb
-from pcavmae_cli.engine.data import frames as fr
 from pcavmae_cli.engine.errors import UserError
 from pcavmae_cli.engine.evaluate.predict import activation, backbone_features
 from pcavmae_cli.engine.files import atomic_write_text
@@ -106,9 +104,8 @@ def example_inputs(model: Model, batch: int = 2, frames: int = 2, seed: int = 0)
 def reference_outputs(model: Model, fbank: Tensor, frames: Tensor) -> tuple[Tensor, ...]:
     """pcav's own forward on the same inputs (``Model.scores`` / ``Model.features``)."""
     if model.kind == "finetune":
-        inputs = {"fbank": fb.normalise(fbank, model.cfg.data.audio.fbank), "frames": fr.normalise(frames, model.cfg.data.video)}
-        logits = model.classifier.frame_logits(inputs["fbank"], inputs["frames"])
-        return model.scores(fbank, frames), logits.float()
+        logits = model.frame_logits(fbank, frames)
+        return model.probabilities(logits), logits
     feats = model.features(fbank, frames)
     return tuple(feats[name] for name in ENCODER_OUTPUTS)
 

@@ -212,13 +212,20 @@ class Model:
     # ------------------------------------------------------------------ outputs
 
     @torch.no_grad()
+    def frame_logits(self, fbank: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+        """Logits of every frame of a batch (inputs as ``scores``): ``(B, K, C)`` float32 on the CPU."""
+        inputs = self._normalised(fbank, frames)
+        with self.rt.autocast():
+            return self.classifier.frame_logits(inputs["fbank"], inputs["frames"]).float().cpu()
+
     def scores(self, fbank: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
         """Class probabilities of a batch: fbank ``(B, T, F)`` and frames ``(B, K, 3, S, S)`` uint8,
         not normalised (a loader's compact batch) -> ``(B, C)`` float32 on the CPU, averaged over K."""
-        inputs = self._normalised(fbank, frames)
-        with self.rt.autocast():
-            logits = self.classifier.frame_logits(inputs["fbank"], inputs["frames"])
-        return activation(logits, self.cfg.data.label_mode).mean(dim=1).cpu()
+        return self.probabilities(self.frame_logits(fbank, frames))
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Frame logits ``(B, K, C)`` -> the task's probabilities averaged over K, ``(B, C)``."""
+        return activation(logits, self.cfg.data.label_mode).mean(dim=1)
 
     @torch.no_grad()
     def features(self, fbank: torch.Tensor, frames: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -18,23 +18,10 @@ from pcavmae_cli.engine.errors import UserError
 from pcavmae_cli.engine.files import atomic_write_text
 from pcavmae_cli.engine.run_folder import read_run_recipe
 from pcavmae_cli.engine.schema import Recipe
+from pcavmae_cli.engine.train.metrics import read_metrics, training_hours
 
 CARD = "README.md"
 SHOWN_LABELS = 12
-
-
-def _metrics(path: Path) -> list[dict[str, Any]]:
-    """The epoch lines of ``metrics.jsonl`` (a torn last line, from a kill, is skipped)."""
-    rows = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if row.get("kind") == "epoch":
-                rows.append(row)
-    return rows
 
 
 def _clips(manifest: str | None) -> str:
@@ -68,7 +55,7 @@ def _evaluations(run_dir: Path) -> list[str]:
 def card_text(run_dir: Path, cfg: Recipe) -> str:
     """The model card of ``run_dir`` (module docstring)."""
     kind = "fine-tuned classifier" if cfg.finetune is not None else "pre-trained audio-visual encoder"
-    epochs = _metrics(run_dir / "metrics.jsonl")
+    epochs = read_metrics(run_dir / "metrics.jsonl", "epoch", strict=False)
     m = cfg.model
     lines = [f"# {run_dir.name}: PCAV-MAE {kind}", "",
              f"Written by pcav {__version__} from this folder's files; `pcav card {run_dir.name}` rewrites it.", ""]  # fmt: skip
@@ -96,7 +83,7 @@ def card_text(run_dir: Path, cfg: Recipe) -> str:
     lines += ["", "## Training", ""]
     if epochs:
         last = epochs[-1]
-        hours = sum(r.get("seconds", 0.0) + r.get("estep_seconds", 0.0) + r.get("eval_seconds", 0.0) for r in epochs) / 3600
+        hours = training_hours(epochs)
         lines.append(f"- {len(epochs)} epochs logged (last: epoch {last['epoch'] + 1}, step {last['step']}, "
                      f"stage `{last.get('stage')}`), {hours:.2f} h of training time")  # fmt: skip
         parts = {k: v for k, v in last.items() if (k.startswith("loss") or k.startswith("val_")) and v is not None}

@@ -24,7 +24,6 @@ top classes over time.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import shutil
@@ -36,7 +35,7 @@ from typing import Literal
 import safetensors.torch as st
 import torch
 
-from pcavmae_cli.engine.chunks import run_chunks
+from pcavmae_cli.engine.chunks import chunk_key, run_chunks
 from pcavmae_cli.engine.data.dataset import AudioVisualDataset
 from pcavmae_cli.engine.data.manifest import Failure, atomic_write_text, read_manifest
 from pcavmae_cli.engine.data.preprocess import ClipInput, Inputs, clip_id_of_stem, list_folder, preprocess
@@ -143,14 +142,6 @@ def _windows_of(item: ClipInput, window: float, hop: float) -> tuple[list[ClipIn
         return [], Failure(str(item.path), exc.reason, exc.detail, item.id)
     spans = plan_windows(info.duration, window, hop)
     return [ClipInput(f"{item.id}{WINDOW_MARK}{k:04d}", item.path, seek=s, seek_end=e) for k, (s, e) in enumerate(spans)], None
-
-
-def _fingerprint(model: Model, frames: str, window: float, hop: float, ids: list[str]) -> str:
-    """What a finished chunk depends on; a chunk saved under another fingerprint is redone."""
-    weights = model.checkpoint.folder / "model.safetensors"
-    stat = weights.stat()
-    text = json.dumps([str(weights.resolve()), stat.st_size, stat.st_mtime_ns, frames, window, hop, ids])
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @torch.no_grad()
@@ -340,7 +331,8 @@ def predict(
         items = list_videos(videos, folder, exclude=(out, work))
         groups = [items[i : i + chunk] for i in range(0, len(items), chunk)]
         (work / "chunks").mkdir(parents=True, exist_ok=True)
-        keys = [_fingerprint(model, frames, window, hop, [x.id or "" for x in g]) for g in groups]
+        weights = model.checkpoint.folder / "model.safetensors"
+        keys = [chunk_key(weights, frames, window, hop, [x.id or "" for x in g]) for g in groups]
 
         def chunk_path(number: int) -> Path:
             return work / "chunks" / f"chunk-{number:06d}.safetensors"

@@ -10,13 +10,13 @@ last epoch's total loss), and the training time its epoch lines add up to.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from pcavmae_cli.engine.errors import UserError
+from pcavmae_cli.engine.train.metrics import read_metrics, training_hours
 
 MAX_DEPTH = 4  # runs/<group>/<name>/... is as deep as folders of runs go
 
@@ -29,19 +29,6 @@ class RunRow:
     status: str
     best: str
     hours: float
-
-
-def _epochs(path: Path) -> list[dict]:
-    rows = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:  # a torn last line
-                continue
-            if row.get("kind") == "epoch":
-                rows.append(row)
-    return rows
 
 
 def _planned_epochs(cfg: dict) -> int | None:
@@ -58,7 +45,7 @@ def describe(run: Path) -> RunRow:
     except (OSError, yaml.YAMLError) as exc:
         return RunRow(run, "?", f"unreadable config.yaml ({exc.__class__.__name__})", "?", "-", 0.0)
     kind = "finetune" if cfg.get("finetune") else "pretrain"
-    epochs = _epochs(run / "metrics.jsonl")
+    epochs = read_metrics(run / "metrics.jsonl", "epoch", strict=False)
     planned = _planned_epochs(cfg)
     if not epochs:
         status = "no epoch finished"
@@ -74,8 +61,7 @@ def describe(run: Path) -> RunRow:
         best = f"val {metric} {max(values):.4g}"
     elif epochs and isinstance(epochs[-1].get("loss_total", epochs[-1].get("loss")), (int, float)):
         best = f"loss {epochs[-1].get('loss_total', epochs[-1].get('loss')):.4g} (last)"
-    hours = sum(e.get("seconds", 0.0) + e.get("estep_seconds", 0.0) + e.get("eval_seconds", 0.0) for e in epochs) / 3600
-    return RunRow(run, kind, str(cfg.get("description") or ""), status, best, hours)
+    return RunRow(run, kind, str(cfg.get("description") or ""), status, best, training_hours(epochs))
 
 
 def find_runs(folder: str | Path) -> list[Path]:

@@ -66,7 +66,7 @@ from pcavmae_cli.engine.train.checks import check_finetune
 from pcavmae_cli.engine.train.data import EpochBatchSampler, balanced_weights, close_loader, embed_loader, train_loader
 from pcavmae_cli.engine.train.distributed import BatchShard, check_batches_fit_world, comm_device, split, world_from_env
 from pcavmae_cli.engine.train.fast import StepCompiler, set_activation_checkpointing
-from pcavmae_cli.engine.train.log_lines import RunClock, duration, significant, tell
+from pcavmae_cli.engine.train.log_lines import RunClock, significant, tell
 from pcavmae_cli.engine.train.tensorboard_log import TensorBoardLog
 from pcavmae_cli.engine.train.metrics import Meter, MetricsLog, read_metrics
 from pcavmae_cli.engine.train.optim import build_finetune_optimizer, set_lr
@@ -478,9 +478,7 @@ class FineTuner:
                     self.window_meter, window_start = Meter(("loss",)), time.perf_counter()
                 rate = epoch_samples / max(time.perf_counter() - epoch_start, 1e-9)
                 mean = self.epoch_meter.means()["loss"]  # as of the last flush
-                eta = self.clock.eta(st.step)
-                run_eta = f" ETA run {duration(eta)}" if eta is not None else ""
-                advance(1, f"loss {'-' if mean is None else f'{mean:.3f}'} {significant(rate)}/s{run_eta}")
+                advance(1, f"loss {'-' if mean is None else f'{mean:.3f}'} {significant(rate)}/s{self.clock.note(st.step)}")
                 if interrupted is not None:
                     raise interrupted
                 if asked:

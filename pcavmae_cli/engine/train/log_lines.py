@@ -55,6 +55,11 @@ class RunClock:
         elapsed = (time.perf_counter() if now is None else now) - self.started
         return elapsed / done * max(self.total_steps - step, 0)
 
+    def note(self, step: int) -> str:
+        """`` ETA run 3h12m`` for a progress bar's note, empty before the first step."""
+        eta = self.eta(step)
+        return "" if eta is None else f" ETA run {duration(eta)}"
+
 
 def log_line(record: dict[str, Any], total_epochs: int, total_steps: int, eta: float | None) -> str:
     """One metrics record as a line a person reads in a log file (epochs 1-based, as on screen)."""

@@ -97,8 +97,13 @@ class MetricsLog:
             fh.write(json.dumps(clean) + "\n")
 
 
-def read_metrics(path: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
-    """The lines of a ``metrics.jsonl`` (of one ``kind`` if given); none if the file is missing."""
+def read_metrics(path: str | Path, kind: str | None = None, *, strict: bool = True) -> list[dict[str, Any]]:
+    """The lines of a ``metrics.jsonl`` (of one ``kind`` if given); none if the file is missing.
+
+    A torn last line (a kill mid-write) is skipped: what was written before it stands. Any other
+    line that is not JSON is an error naming it, or, with ``strict=False`` (readers that only
+    report on a run: its model card, ``pcav runs``), skipped too.
+    """
     path = Path(path)
     if not path.is_file():
         return []
@@ -108,7 +113,12 @@ def read_metrics(path: str | Path, kind: str | None = None) -> list[dict[str, An
         try:
             rows.append(json.loads(line))
         except ValueError:
-            if number == len(lines):  # the last line torn by a kill mid-write: what was written before stands
-                break
+            if number == len(lines) or not strict:
+                continue
             raise UserError(f"{path}: line {number} is not JSON") from None
     return [r for r in rows if kind is None or r.get("kind") == kind]
+
+
+def training_hours(epochs: list[dict[str, Any]]) -> float:
+    """Hours of training the epoch lines add up to (epochs, E-steps and validations)."""
+    return sum(e.get("seconds", 0.0) + e.get("estep_seconds", 0.0) + e.get("eval_seconds", 0.0) for e in epochs) / 3600

@@ -82,7 +82,7 @@ from pcavmae_cli.engine.train.distributed import (
 )
 from pcavmae_cli.engine.train.estep import health_shard, measure_health, run_estep
 from pcavmae_cli.engine.train.fast import StepCompiler, set_activation_checkpointing
-from pcavmae_cli.engine.train.log_lines import RunClock, duration, significant, tell
+from pcavmae_cli.engine.train.log_lines import RunClock, significant, tell
 from pcavmae_cli.engine.train.tensorboard_log import TensorBoardLog
 from pcavmae_cli.engine.train.metrics import Meter, MetricsLog, format_losses, loss_fields, read_metrics
 from pcavmae_cli.engine.train.objective import BatchObjective, batch_losses
@@ -442,9 +442,8 @@ class Trainer:
                     self._log("step", epoch, stage, lr, self.shown, rate, prototypes=protos is not None)
                     self.window_meter, window_start = Meter(), time.perf_counter()
                 rate = epoch_samples / max(time.perf_counter() - epoch_start, 1e-9)
-                eta = self.clock.eta(st.step)
-                run_eta = f" ETA run {duration(eta)}" if eta is not None else ""
-                advance(1, f"{format_losses(self.epoch_meter.means())} {significant(rate)}/s{run_eta}")  # as of the last flush
+                note = f"{format_losses(self.epoch_meter.means())} {significant(rate)}/s{self.clock.note(st.step)}"
+                advance(1, note)  # the losses as of the last flush
                 if interrupted is not None:
                     raise interrupted
                 if asked:
