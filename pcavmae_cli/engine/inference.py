@@ -124,18 +124,15 @@ class Model:
 
     def read_video(self, path: str | Path, *, start: float | None = None, frames: FramePolicy = "all") -> ClipInputs:
         """A media file (the ``data.clip_seconds`` from ``start``, default its beginning) as model inputs."""
-        from pcavmae_cli.engine.data.preprocess import ClipInput, Inputs, clip_id_of_stem, preprocess
+        from pcavmae_cli.engine.data.preprocess import preprocess_file
 
         path = Path(path)
         if not path.is_file():
             raise UserError(f"not found: {path}")
         with tempfile.TemporaryDirectory(prefix="pcav-clip-") as tmp:
             end = None if start is None else start + self.cfg.data.clip_seconds
-            item = ClipInput(clip_id_of_stem(path.stem), path.resolve(), seek=start, seek_end=end)
-            report = preprocess(Inputs(path.parent, "folder", items=[item]), Path(tmp), self.cfg.data, jobs=1)
-            if report.n_ok != 1:
-                raise UserError(f"{path}: cannot be read ({failure_reason(report.failures_path)})")
-            sample = AudioVisualDataset(report.manifest, self.cfg.data, frames=frames, compact=True)[0]
+            manifest = preprocess_file(path, Path(tmp), self.cfg.data, start=start, end=end)
+            sample = AudioVisualDataset(manifest, self.cfg.data, frames=frames, compact=True)[0]
         frames_k = sample["frames"]  # (3, S, S) for one frame, (K, 3, S, S) for all
         return ClipInputs(sample["fbank"], frames_k.unsqueeze(0) if frames_k.dim() == 3 else frames_k)
 
@@ -270,17 +267,6 @@ class TopClass:
 class Prediction:
     top: list[TopClass]  # best first
     scores: np.ndarray  # (C,) every class's probability, in label order
-
-
-def failure_reason(failures: Path) -> str:
-    """The first recorded failure of a preprocessing run, as one line."""
-    import json
-
-    try:
-        first = json.loads(failures.read_text(encoding="utf-8").splitlines()[0])
-    except (OSError, IndexError, ValueError):
-        return "preprocessing failed"
-    return f"{first.get('reason', 'failed')}: {first.get('detail', '')}".strip(": ")
 
 
 def load(

@@ -533,6 +533,21 @@ def preprocess(
         return _run(inputs, out, settings, jobs, progress)
 
 
+def preprocess_file(
+    path: Path, out: Path, data: DataConfig, *, start: float | None = None, end: float | None = None
+) -> Path:
+    """One media file (from ``start`` to ``end`` seconds, default its first clip) into ``out``;
+    its one-clip manifest, or a ``UserError`` naming the file and why it could not be read.
+    What ``pcav explain`` and the Python API (``inference.Model.read_video``) do with a video."""
+    item = ClipInput(clip_id_of_stem(path.stem), path.resolve(), seek=start, seek_end=end)
+    report = preprocess(Inputs(path.parent, "folder", items=[item]), out, data, jobs=1)
+    if report.n_ok != 1:
+        lines = report.failures_path.read_text(encoding="utf-8").splitlines()
+        failure = json.loads(lines[0]) if lines else {"reason": "failed"}
+        raise UserError(f"{path}: cannot preprocess ({failure['reason']}: {failure.get('detail', '')})")
+    return report.manifest
+
+
 def _run(inputs: Inputs, out: Path, settings: ClipSettings, jobs: int, progress: Progress | None) -> PreprocessReport:
     """``preprocess`` once ``out`` is locked. A Ctrl-C (or SIGTERM) stops handing out clips, keeps
     the ones finished, drops the failures of those it interrupted (``engine/interrupt.py``), writes

@@ -29,7 +29,6 @@ writes ``explain.png``, ``explain.html`` and ``explain.json``.
 
 from __future__ import annotations
 
-import json
 import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -40,7 +39,7 @@ import torch
 
 from pcavmae_cli.engine.data.dataset import AudioVisualDataset
 from pcavmae_cli.engine.data.manifest import read_manifest
-from pcavmae_cli.engine.data.preprocess import ClipInput, Inputs, clip_id_of_stem, preprocess
+from pcavmae_cli.engine.data.preprocess import preprocess_file
 from pcavmae_cli.engine.errors import UserError
 from pcavmae_cli.engine.model.classifier import Classifier, load_classifier_checkpoint
 from pcavmae_cli.engine.prototypes import joint_embedding
@@ -262,13 +261,7 @@ class Explainer:
         """The manifest holding ``clip``, its row, where it came from, and whether it is a video file."""
         path = Path(clip)
         if path.is_file():  # any media file ffmpeg can read: preprocessing probes its content
-            clip_id = clip_id_of_stem(path.stem)
-            inputs = Inputs(path.parent, "folder", items=[ClipInput(clip_id, path.resolve())])
-            report = preprocess(inputs, tmp, self.run.cfg.data, jobs=1)
-            if report.n_ok != 1:
-                failure = json.loads(report.failures_path.read_text().splitlines()[0])
-                raise UserError(f"{path}: cannot preprocess ({failure['reason']}: {failure.get('detail', '')})")
-            return report.manifest, 0, str(path), True
+            return preprocess_file(path, tmp, self.run.cfg.data), 0, str(path), True
         for manifest in self.manifests:
             if not manifest.is_file():
                 continue
