@@ -39,7 +39,7 @@ from tests.test_fbank import write_wav
 N_CLIPS = 10  # batches of 2, 2 per optimiser step: 3 steps per epoch, the last one a single batch
 TINY = [
     "data.audio.fbank.num_mel_bins=8", "data.audio.fbank.target_frames=32", "data.video.crop_size=16",
-    "data.loader.batch_size=2", "data.loader.num_workers=0", "data.label_csv=null",
+    "data.loader.batch_size=2", "data.loader.num_workers=0", "data.label_csv=null", "data.eval_manifest=null",
     "model.embed_dim=16", "model.depth_modality=1", "model.depth_joint=1", "model.num_heads=2",
     "model.mlp_ratio=2.0", "model.decoder_dim=8", "model.decoder_depth=1", "model.decoder_heads=2",
     "model.decoder_mlp_dim=16", "model.patch_size=4", "model.audio_frames=32", "model.mel_bins=8",
@@ -316,7 +316,7 @@ def test_the_run_folder_holds_config_metrics_checkpoints_prototypes(reference):
         assert sorted(p.name for p in (run_dir / "checkpoints" / name).iterdir()) == sorted(ckpt.FILES)
     state = torch.load(run_dir / "checkpoints/last/state.pt", weights_only=True)
     assert state["train"] == {"step": 9, "epoch": 3, "position": 0, "best_metric": state["train"]["best_metric"],
-                              "best_epoch": 2, "best_regime": [1, 1], "health": None}  # fmt: skip
+                              "best_epoch": 2, "best_regime": [1, 1], "best_by": "loss", "health": None}  # fmt: skip
     model = PCAVMAE(config.load_recipe(str(run_dir / "config.yaml")).model)
     ckpt.load_weights(run_dir / "checkpoints" / "last", model, MomentumEncoder(model), torch.device("cpu"))
 

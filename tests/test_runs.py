@@ -45,10 +45,10 @@ def test_runs_lists_each_run_with_its_status_and_best_metric(tmp_path):
     assert (pcav_row.kind, pcav_row.status, pcav_row.best) == ("pretrain", "finished", "loss 2 (last)")
     assert cav_row.status == "stopped at step 4 (epoch 1/3)" and abs(pcav_row.hours - 0.3) < 1e-9
     ft = describe(tmp_path / "runs" / "group" / "ft")
-    assert (ft.kind, ft.status, ft.best) == ("finetune", "finished", "val top1 0.75")
+    assert (ft.kind, ft.status, ft.best) == ("finetune", "finished", "val top1 0.75 (epoch 2)")
     result = pcav("runs", str(tmp_path / "runs"))
     assert result.returncode == 0, result.stderr
-    for text in ("group/ft", "finetune", "val top1 0.75", "stopped at step 4 (epoch 1/3)", "cav-like"):
+    for text in ("group/ft", "finetune", "val top1 0.75 (epoch 2)", "stopped at step 4 (epoch 1/3)", "cav-like"):
         assert text in result.stdout, text
     assert "checkpoints" not in result.stdout
 

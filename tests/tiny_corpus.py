@@ -16,10 +16,11 @@ from torchvision.io import write_jpeg
 from pcavmae_cli.engine.data.manifest import LabelSet, write_label_csv
 from tests.test_fbank import write_wav
 
-# The model and input sizes of tests/test_pretrain.py's TINY, without its pre-training keys.
+# The model and input sizes of tests/test_pretrain.py's TINY, without its pre-training keys (and no
+# eval manifest: a test that validates names its own).
 TINY_MODEL = [
     "data.audio.fbank.num_mel_bins=8", "data.audio.fbank.target_frames=32", "data.video.crop_size=16",
-    "data.loader.batch_size=2", "data.loader.num_workers=0",
+    "data.loader.batch_size=2", "data.loader.num_workers=0", "data.eval_manifest=null",
     "model.embed_dim=16", "model.depth_modality=1", "model.depth_joint=1", "model.num_heads=2",
     "model.mlp_ratio=2.0", "model.decoder_dim=8", "model.decoder_depth=1", "model.decoder_heads=2",
     "model.decoder_mlp_dim=16", "model.patch_size=4", "model.audio_frames=32", "model.mel_bins=8",

@@ -11,6 +11,7 @@ from pcavmae_cli.cli import launch, options
 from pcavmae_cli.cli.console import console
 from pcavmae_cli.cli.training import run_as_rank
 from pcavmae_cli.engine import config
+from pcavmae_cli.engine.train.metrics import best_validated
 
 
 def _fmt(value: float | None) -> str:
@@ -21,24 +22,32 @@ PARTS = ("total", "infonce", "r", "pje", "pcpe")
 
 
 def summary_rows(epochs: list[dict]) -> list[dict]:
-    """The first epoch and the last epoch of every stage, in order (a stage that ran only an epoch
-    or two, as the prototype stages of a short run, is never left out)."""
+    """The first epoch, the last epoch of every stage, and the best validated one, in order (a
+    stage that ran only an epoch or two, as the prototype stages of a short run, is never left out)."""
     if not epochs:
         return []
     last_of_stage = {row["stage"]: i for i, row in enumerate(epochs)}
-    keep = sorted({0, *last_of_stage.values()})
+    validated = best_validated(epochs)
+    keep = sorted({0, *last_of_stage.values(), *([validated[2]] if validated else [])})
     return [epochs[i] for i in keep]
 
 
 def summary_table(result) -> Table:
-    """First epoch and each stage's last epoch, one column per loss part that ran."""
+    """The ``summary_rows``, one column per loss part that ran, and the validation metric that
+    picked ``checkpoints/best`` (its epoch marked) where the run was validated."""
     rows = summary_rows(result.epochs)
     parts = [p for p in PARTS if any(row.get(f"loss_{p}") is not None for row in rows)]
+    validated = best_validated(result.epochs)
+    metric = validated[0] if validated else None
+    best_epoch = result.epochs[validated[2]]["epoch"] if validated else None
     table = Table(title="pcav pretrain", show_header=True, header_style="bold")
-    for name in ("epoch", "stage", *parts, "samples/s"):
+    columns = ("epoch", "stage", *parts, *([f"val {metric}"] if metric else []), "samples/s")
+    for name in columns:
         table.add_column(name, justify="left" if name == "stage" else "right")
     for row in rows:
-        table.add_row(str(row["epoch"] + 1), row["stage"], *(_fmt(row.get(f"loss_{p}")) for p in parts),
+        epoch = f"{row['epoch'] + 1}{' (best)' if row['epoch'] == best_epoch else ''}"
+        val = [_fmt(row.get(f"val_{metric}"))] if metric else []
+        table.add_row(epoch, row["stage"], *(_fmt(row.get(f"loss_{p}")) for p in parts), *val,
                       f"{row['samples_per_s']:.1f}")  # fmt: skip
     return table
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from pcavmae_cli.engine.errors import UserError
-from pcavmae_cli.engine.train.metrics import read_metrics, training_hours
+from pcavmae_cli.engine.train.metrics import best_validated, read_metrics, training_hours
 
 MAX_DEPTH = 4  # runs/<group>/<name>/... is as deep as folders of runs go
 
@@ -55,10 +55,10 @@ def describe(run: Path) -> RunRow:
         last = epochs[-1]
         status = f"stopped at step {last['step']} (epoch {last['epoch'] + 1}/{planned or '?'})"
     best = "-"
-    metric = next((e.get("metric") for e in reversed(epochs) if e.get("metric")), None)
-    values = [e[f"val_{metric}"] for e in epochs if metric and isinstance(e.get(f"val_{metric}"), (int, float))]
-    if values:
-        best = f"val {metric} {max(values):.4g}"
+    validated = best_validated(epochs)
+    if validated is not None:
+        metric, value, index = validated
+        best = f"val {metric} {value:.4g} (epoch {epochs[index]['epoch'] + 1})"
     elif epochs and isinstance(epochs[-1].get("loss_total", epochs[-1].get("loss")), (int, float)):
         best = f"loss {epochs[-1].get('loss_total', epochs[-1].get('loss')):.4g} (last)"
     return RunRow(run, kind, str(cfg.get("description") or ""), status, best, training_hours(epochs))

@@ -313,6 +313,37 @@ class EvaluateConfig:
     knn_temperature: float  # exp(s / T) weights of "similarity"
 
 
+VALIDATION_METRICS = ("knn_joint", "knn_audio", "knn_video", "a2v_r1", "a2v_r5", "v2a_r1", "v2a_r5", "loss")
+
+
+@dataclass
+class ValidationConfig:
+    """Pre-training's validation: frozen-feature metrics of the model on ``data.eval_manifest``
+    after every ``every_epochs``-th epoch and the last (``train/pretrain_validation.py``;
+    docs/method.md, "Validation during pre-training"). ``metric`` picks ``checkpoints/best``.
+    """
+
+    every_epochs: int = 1  # validate after every n-th epoch (and after the last); 0: never
+    # what picks checkpoints/best (highest wins): knn_joint / knn_audio / knn_video (leave-one-out
+    # kNN on the eval clips: top-1, or mAP for multi-hot labels), a2v_r1, a2v_r5, v2a_r1, v2a_r5;
+    # "loss": the lowest epoch-mean training loss within a stage, as without validation
+    metric: str = "knn_joint"
+    frames: Literal["middle", "all"] = "middle"  # frames per eval clip: the middle one, or all averaged
+    # kNN neighbours come from this many training clips, evenly spaced (all when fewer); 0: from
+    # the other eval clips (leave-one-out)
+    gallery_clips: int = 4096
+
+    def __post_init__(self) -> None:
+        from pcavmae_cli.engine.errors import UserError
+
+        if self.every_epochs < 0:
+            raise UserError("validation: 'every_epochs' must be >= 0")
+        if self.gallery_clips < 0:
+            raise UserError("validation: 'gallery_clips' must be >= 0")
+        if self.metric not in VALIDATION_METRICS:
+            raise UserError(f"validation: 'metric' must be one of {', '.join(VALIDATION_METRICS)}, not {self.metric!r}")
+
+
 @dataclass
 class Recipe:
     """A whole recipe. ``extends: NAME`` in the YAML merges this recipe over another.
@@ -334,3 +365,4 @@ class Recipe:
     finetune: FinetuneConfig | None = None
     evaluate: EvaluateConfig | None = None
     health: HealthConfig | None = None  # pre-training's representation health; null: not measured
+    validation: ValidationConfig | None = None  # pre-training's validation on data.eval_manifest; null: none

@@ -125,11 +125,15 @@ def clip_features(
     advance: Callable[..., None] = lambda n=1, note="": None,
     *,
     data: DataConfig,
+    rows: int | None = None,
 ) -> dict[str, Tensor]:
     """``backbone_features`` of every clip of ``loader``'s dataset (compact samples, normalised
-    with ``data``'s statistics): ``{name: (N, width)}`` float32, CPU."""
+    with ``data``'s statistics): ``{name: (N, width)}`` float32, CPU.
+
+    ``rows``: the height of the matrices when the loader holds a shard of a manifest (a clip's
+    row is its manifest row, other rows stay zero); default the dataset's length."""
     backbone.eval()
-    n = len(loader.dataset)
+    n = len(loader.dataset) if rows is None else rows
     out: dict[str, Tensor] = {}
     for batch in loader:
         inputs = model_inputs(batch, data, rt.device)

@@ -180,6 +180,7 @@ def knn(
     class_names: Sequence[str] | None = None,
     chunk_size: int = 1024,
     device: torch.device | str | None = None,
+    leave_one_out: bool = False,
 ) -> ProbeResult:
     """Cosine k-nearest-neighbour classification of the test clips by the training clips.
 
@@ -197,6 +198,9 @@ def knn(
         chunk_size: test rows per similarity block (memory chunk_size x N_train, and
             chunk_size x k x C for multi-hot labels).
         device: where to compute (default: the device of ``train_x``).
+        leave_one_out: the test clips *are* the training clips (same rows, same order) and
+            each is classified by the others: its own row is never a neighbour, so k is at most
+            N - 1. Pre-training's validation uses it to score a labelled eval set on its own.
     Returns:
         ``ProbeResult``; ``scores`` are the vote shares.
     """
@@ -210,10 +214,17 @@ def knn(
     ytr_raw, yte = _tensor(train_y, xtr.device), _tensor(test_y, None)
     _check_features(xtr, ytr_raw, xte, yte)
     ytr, c = _targets(ytr_raw, yte, label_mode, _class_count(num_classes, class_names))
-    kk = min(k, len(xtr))
+    if leave_one_out and xtr.shape != xte.shape:
+        raise ValueError("leave_one_out needs the test clips to be the training clips")
+    if leave_one_out and len(xtr) < 2:
+        raise ValueError("leave_one_out needs at least 2 clips")
+    kk = min(k, len(xtr) - 1 if leave_one_out else len(xtr))
     scores = []
     for start in range(0, len(xte), chunk_size):
         sim = xte[start : start + chunk_size] @ xtr.T  # (chunk, N_train)
+        if leave_one_out:  # a clip is not its own neighbour
+            rows = torch.arange(len(sim), device=sim.device)
+            sim[rows, rows + start] = -torch.inf
         top_sim, top_idx = sim.topk(kk, dim=1)  # (chunk, kk)
         if weighting == "uniform":
             w = torch.ones_like(top_sim)  # integer vote counts: equal votes stay exactly equal

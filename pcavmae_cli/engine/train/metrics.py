@@ -122,3 +122,16 @@ def read_metrics(path: str | Path, kind: str | None = None, *, strict: bool = Tr
 def training_hours(epochs: list[dict[str, Any]]) -> float:
     """Hours of training the epoch lines add up to (epochs, E-steps and validations)."""
     return sum(e.get("seconds", 0.0) + e.get("estep_seconds", 0.0) + e.get("eval_seconds", 0.0) for e in epochs) / 3600
+
+
+def best_validated(epochs: list[dict[str, Any]]) -> tuple[str, float, int] | None:
+    """The validation metric the epoch lines name (``metric``: fine-tuning's ``top1`` / ``mAP``,
+    pre-training's ``knn_joint`` ...), its best (highest) ``val_`` value and the index of the
+    first epoch line that reached it; ``None`` where no epoch was validated by a metric."""
+    metric = next((e.get("metric") for e in reversed(epochs) if e.get("metric")), None)
+    scored = [(e.get(f"val_{metric}"), i) for i, e in enumerate(epochs)]
+    scored = [(v, i) for v, i in scored if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+    if not scored:
+        return None
+    value = max(v for v, _ in scored)
+    return metric, float(value), next(i for v, i in scored if v == value)

@@ -81,6 +81,7 @@ from pcavmae_cli.engine.train.distributed import (
     world_from_env,
 )
 from pcavmae_cli.engine.train.estep import health_shard, measure_health, run_estep
+from pcavmae_cli.engine.train.pretrain_validation import PretrainValidation
 from pcavmae_cli.engine.train.fast import StepCompiler, set_activation_checkpointing
 from pcavmae_cli.engine.train.log_lines import RunClock, significant, tell
 from pcavmae_cli.engine.train.tensorboard_log import TensorBoardLog
@@ -137,9 +138,10 @@ class TrainState:
     step: int = 0  # optimiser steps done
     epoch: int = 0  # the epoch in progress (global, 0-based)
     position: int = 0  # batches of that epoch done (always a whole number of optimiser steps)
-    best_metric: float | None = None  # lowest epoch-mean total loss of the current comparison
+    best_metric: float | None = None  # the best value of best_by so far
     best_epoch: int | None = None
-    best_regime: list[int] | None = None  # [stage index, prototypes on]: totals compare only within one
+    best_regime: list[int] | None = None  # by loss: [stage index, prototypes on]; totals compare only within one
+    best_by: str = "loss"  # "loss" (lowest epoch-mean total) or the validation figure, e.g. "val_knn_joint" (highest)
     health: dict[str, Any] | None = None  # this epoch's representation health, measured at its start
 
 
@@ -191,6 +193,7 @@ class Trainer:
                 self.embed_loader = embed_loader(shard, loader_cfg, self.rt)
             if cfg.health is not None:
                 self._health_loader(middle)
+        self.validation = PretrainValidation(cfg, self.rt, reporter.warning) if PretrainValidation.active(cfg) else None
         steps_per_epoch = -(-self.sampler.batches_per_epoch // self.plan.accum_steps)
         self.schedule = Schedule(steps_per_epoch, self.plan.total_epochs, cfg.optim)
 
@@ -308,6 +311,8 @@ class Trainer:
             close_loader(self.loader)
             close_loader(self.embed_loader)
             close_loader(self.health_loader)
+            if self.validation is not None:
+                self.validation.close()
             self.tensorboard.close()
 
         run_stoppable(self._epoch, lambda: self.state.epoch >= self.plan.total_epochs,
@@ -451,7 +456,8 @@ class Trainer:
         if self._flush(stage, stop):  # the epoch line and the best/last checkpoints need every value
             raise KeyboardInterrupt(stop.reason or "another process stopped")
         seconds = time.perf_counter() - epoch_start
-        self._end_epoch(epoch, stage_index, stage, lr, protos, seconds, estep_seconds, epoch_samples)
+        val = self._validate(epoch, protos, stop)
+        self._end_epoch(epoch, stage_index, stage, lr, protos, seconds, estep_seconds, epoch_samples, val)
 
     # ------------------------------------------------------------------ several processes
 
@@ -535,9 +541,29 @@ class Trainer:
         self.momentum.update(self.model, self.cfg.model.momentum)
         return lr
 
+    def _validate(self, epoch: int, protos: list[Prototypes] | None, stop: StopRequests) -> dict[str, Any] | None:
+        """The validation figures of the model as this epoch leaves it, where one is due
+        (``pretrain_validation.py``), with ``seconds``; ``None`` otherwise. A stop request is
+        taken between batches in one process (under DDP at the next flush point: the shards may
+        differ in batches, so no collective runs here)."""
+        v = self.validation
+        if v is None or not v.due(epoch, epoch + 1 == self.plan.total_epochs):
+            return None
+        started = time.perf_counter()
+
+        def step(n: int = 1, note: str = "") -> None:
+            advance(n, note)
+            if self.rt.world_size == 1:
+                stop.check()
+
+        with self.reporter.progress(f"validate {epoch + 1}/{self.plan.total_epochs}", v.batches()) as advance:
+            figures = v.measure(self.model.backbone, protos, step)
+        return {**figures, "seconds": round(time.perf_counter() - started, 3)}
+
     def _end_epoch(
         self, epoch: int, stage_index: int, stage: StageConfig, lr: float,
         protos: list[Prototypes] | None, seconds: float, estep_seconds: float, samples: int,
+        val: dict[str, Any] | None = None,
     ) -> None:  # fmt: skip
         st = self.state
         means = self.epoch_meter.means()
@@ -548,14 +574,25 @@ class Trainer:
         }
         if self.cfg.health is not None:  # measured at the epoch's start; null where it was not
             extra |= st.health if st.health is not None else empty_health()
+        if self.validation is not None:  # the figure that picks best; val_* on validated epochs only
+            extra["metric"] = self.validation.metric
+            if val is not None:  # eval_seconds: as fine-tuning's validation time
+                extra |= {f"val_{k}": v for k, v in val.items() if k != "seconds"} | {"eval_seconds": val["seconds"]}
         self._log("epoch", epoch, stage, lr, means, samples / max(seconds, 1e-9), prototypes=protos is not None, **extra)
-        regime = [stage_index, int(protos is not None)]
-        metric = means["total"]
-        improved = metric is not None and (
-            st.best_regime != regime or st.best_metric is None or metric < st.best_metric
-        )
-        if improved:
-            st.best_metric, st.best_epoch, st.best_regime = metric, epoch, regime
+        if self.validation is not None and self.validation.metric != "loss":
+            by = f"val_{self.validation.metric}"
+            value = None if val is None else val[self.validation.metric]
+            improved = value is not None and (st.best_by != by or st.best_metric is None or value > st.best_metric)
+            if improved:
+                st.best_metric, st.best_epoch, st.best_regime, st.best_by = value, epoch, None, by
+        else:
+            regime = [stage_index, int(protos is not None)]
+            metric = means["total"]
+            improved = metric is not None and (
+                st.best_by != "loss" or st.best_regime != regime or st.best_metric is None or metric < st.best_metric
+            )
+            if improved:
+                st.best_metric, st.best_epoch, st.best_regime, st.best_by = metric, epoch, regime, "loss"
         st.epoch, st.position, st.health = epoch + 1, 0, None
         self.epoch_meter, self.window_meter = Meter(), Meter()
         self.boundary = self._snapshot()
