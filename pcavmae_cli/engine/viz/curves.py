@@ -29,7 +29,9 @@ BOOKKEEPING = {"kind", "step", "epoch", "stage", "prototypes", "time", "metric",
 FLAGS = {"health_collapsed_a", "health_collapsed_v", "health_collapsed_joint"}  # `visualize health` rings them
 GROUPS = {
     "loss_r": ("loss_r", "loss_r_a", "loss_r_v"),
-    "seconds": ("seconds", "estep_seconds"),
+    "seconds": ("seconds", "estep_seconds", "eval_seconds"),
+    "val_knn_joint": ("val_knn_joint", "val_knn_audio", "val_knn_video"),
+    "val_a2v_r1": ("val_a2v_r1", "val_a2v_r5", "val_v2a_r1", "val_v2a_r5"),
     **{f"health_{f}_a": (f"health_{f}_a", f"health_{f}_v", f"health_{f}_joint") for f in ("cos", "rank", "spread")},
     "health_agree_a": ("health_agree_a", "health_agree_v"),
 }
@@ -47,9 +49,14 @@ TITLES = {
     "health_rank_a": "effective rank of the clip embeddings",
     "health_spread_a": "cosine spread to the prototypes",
     "health_agree_a": "nearest prototype by one modality = joint cluster",
+    "val_knn_joint": "validation: kNN on held-out clips",
+    "val_a2v_r1": "validation: audio <-> video retrieval",
+    "val_purity": "validation: prototype purity",
+    "val_nmi": "validation: prototype NMI",
 }
-ORDER = ("loss_total", "loss_infonce", "loss_r", "loss_pje", "loss_pcpe", "lr", "samples_per_s", "num_prototypes",
-         "seconds", "health_cos_a", "health_rank_a", "health_spread_a", "health_agree_a")  # fmt: skip
+ORDER = ("loss_total", "loss_infonce", "loss_r", "loss_pje", "loss_pcpe", "val_knn_joint", "val_a2v_r1", "val_purity",
+         "val_nmi", "lr", "samples_per_s", "num_prototypes", "seconds", "health_cos_a", "health_rank_a",
+         "health_spread_a", "health_agree_a")  # fmt: skip
 KIND_STYLE = {"step": dict(lw=0.9, alpha=0.45), "epoch": dict(marker="o", ms=4, lw=1.6)}
 KIND_NAMES = {"step": "per log step", "epoch": "epoch mean"}
 
@@ -135,10 +142,11 @@ def curves_figure(rows: list[dict[str, Any]], out: str | Path, title: str = "Tra
                 xs = _x(sub)
                 for j in range(width):
                     ys = np.array([v[j] if j < len(v) else np.nan for v in vals])
+                    kept = ~np.isnan(ys)  # unmeasured epochs (validation every n-th) do not break the line
                     name = key if width == 1 else f"granularity {j}" if len(keys) == 1 else f"{key} g{j}"
                     label = f"{name}, {KIND_NAMES.get(kind, kind)}" if len(kinds) > 1 else name
                     style = KIND_STYLE.get(kind, dict(marker="s", ms=4, lw=1.2))
-                    ax.plot(xs, ys, label=label, color=f"C{(c * width + j) % 10}", **style)
+                    ax.plot(xs[kept], ys[kept], label=label, color=f"C{(c * width + j) % 10}", **style)
         if warm_end is not None and by_step:
             ax.axvspan(0, warm_end, color="0.85", alpha=0.5, lw=0)
         for start, stage in stage_starts[1:]:
