@@ -256,7 +256,7 @@ def test_every_torch_file_pcav_reads_refuses_pickled_code(tmp_path):
     with pytest.raises(UserError, match=r"state\.pt.*holds pickled Python code"):
         ckpt.load_state(tmp_path / "last")
     with pytest.raises(UserError, match=r"prototypes-epoch0003\.pt.*holds pickled Python code"):
-        load_prototypes(tmp_path, 3)
+        load_prototypes(tmp_path, 2)  # index 2: the file of epoch 3
     assert not marker.exists()
 
 

@@ -176,7 +176,7 @@ def _pretrain_rank(rank: int, world: int, port: int, overrides: list[str], out_d
 
     ``mode`` "term": rank 0 alone gets SIGTERM after ``STOP_STEP``, as when one machine's process
     is told to stop (the handler only sets a flag; the loop goes on to its next batch).
-    ``mode`` "nan": rank 1 alone computes a NaN L_r from its 4th batch (epoch 1's first) on.
+    ``mode`` "nan": rank 1 alone computes a NaN L_r from its 4th batch (epoch 2's first) on.
     """
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # fmt: skip
@@ -280,7 +280,7 @@ def test_a_nan_on_one_rank_stops_both_with_the_same_message(corpus, tmp_path):
     mp.spawn(_pretrain_rank, args=(2, free_port(), args(corpus, tmp_path / "run"), str(tmp_path), "nan"), nprocs=2)
     first, second = outcomes(tmp_path)
     assert first == second
-    assert first.startswith("diverged: loss part 'r' is nan at step 3 (epoch 1")  # batch 4 = epoch 1's first
+    assert first.startswith("diverged: loss part 'r' is nan at step 3 (epoch 2")  # batch 4 = epoch 2's first
 
 
 # ---------------------------------------------------------------- the distributed E-step
@@ -378,7 +378,7 @@ def test_finetune_runs_on_two_processes(tmp_path, reference, ft_corpus):
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     epochs = read_metrics(run_dir / "metrics.jsonl", "epoch")
-    assert [e["epoch"] for e in epochs] == [0, 1]  # written once, by rank 0
+    assert [e["epoch"] for e in epochs] == [1, 2]  # written once, by rank 0
     assert all(json.dumps(e["loss"]) != "null" for e in epochs)
     assert (run_dir / "checkpoints" / "last" / "model.safetensors").is_file()
 

@@ -409,7 +409,7 @@ def test_the_fine_tuning_run_folder(reference, pretrained):
     lines = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in lines if r["kind"] == "step"] == list(range(1, 10))
     epochs = [r for r in lines if r["kind"] == "epoch"]
-    assert [e["epoch"] for e in epochs] == [0, 1, 2]
+    assert [e["epoch"] for e in epochs] == [1, 2, 3]
     assert all(0 <= e["val_top1"] <= 1 and e["val_top5"] == 1.0 and e["loss"] > 0 for e in epochs)
     assert result.averaged["averaged_epochs"] == [2, 3] and "val_top1" in result.averaged
     state = ckpt.load_state(last)
@@ -475,7 +475,7 @@ def test_a_non_finite_loss_stops_fine_tuning_naming_its_step(corpus, tmp_path, m
         finetune(cfg)
     last = run_dir / "checkpoints" / "last"
     assert str(err.value) == (
-        f"the fine-tuning loss is nan at step 4 (epoch 1); the run stopped, the last good checkpoint is {last} (step 3)"
+        f"the fine-tuning loss is nan at step 4 (epoch 2); the run stopped, the last good checkpoint is {last} (step 3)"
     )
     assert ckpt.load_state(last)["train"]["step"] == 3
 

@@ -175,7 +175,7 @@ def test_pretraining_logs_health_every_epoch_warns_on_collapse_and_draws_it(corp
         warnings.simplefilter("always")
         pretrain(recipe(corpus, run, "health.collapse_cosine=-1.0"), SilentReporter())
     epochs = read_metrics(run / "metrics.jsonl", "epoch")
-    assert [e["epoch"] for e in epochs] == [0, 1, 2]  # warm-up, then two epochs with prototypes
+    assert [e["epoch"] for e in epochs] == [1, 2, 3]  # warm-up, then two epochs with prototypes
     for e in epochs:
         assert -1 <= e["health_cos_a"] <= 1 and 1 <= e["health_rank_v"] <= 8  # 8-d projections
         assert e["health_collapsed_a"] is e["health_collapsed_v"] is e["health_collapsed_joint"] is True

@@ -24,8 +24,8 @@ def test_the_eta_is_for_the_whole_run_from_this_process_pace():
     assert clock.eta(50, now=20.0) == pytest.approx(2.0 * 50)  # 2 s a step, 50 steps left
 
 
-def test_a_line_names_every_part_one_based():
-    record = {"kind": "step", "step": 7, "epoch": 0, "stage": "joint", "lr": 2.5e-4, "loss_total": 5.25,
+def test_a_line_names_every_part_and_the_epoch_as_written():
+    record = {"kind": "step", "step": 7, "epoch": 1, "stage": "joint", "lr": 2.5e-4, "loss_total": 5.25,
               "loss_infonce": 2.1, "loss_r": 3.15, "loss_pje": None, "samples_per_s": 0.413}  # fmt: skip
     line = log_line(record, total_epochs=34, total_steps=200, eta=3725.0)
     assert line == ("step 7/200  epoch 1/34  stage joint  loss 5.25  nce 2.1  r 3.15  lr 0.00025  0.41 samples/s  "

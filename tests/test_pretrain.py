@@ -28,7 +28,7 @@ from pcavmae_cli.engine.schema import OptimConfig
 from pcavmae_cli.engine.train import checkpoint as ckpt
 from pcavmae_cli.engine.train import objective
 from pcavmae_cli.engine.train.data import EpochBatchSampler, sample_seed
-from pcavmae_cli.engine.train.metrics import LOSS_PARTS, read_metrics
+from pcavmae_cli.engine.train.metrics import LOSS_PARTS, Meter, read_metrics
 from pcavmae_cli.engine.train.optim import build_optimizer
 from pcavmae_cli.engine.train.pretrain import StepInfo, TrainingDiverged, pretrain
 from pcavmae_cli.engine.train.runtime import Runtime
@@ -196,6 +196,24 @@ def test_gradients_reach_the_stage_parts_only(corpus, tmp_path):
         assert any(not torch.equal(before[n], p) for n, p in model.named_parameters() if n in trainable)
 
 
+def test_a_batch_of_one_clip_logs_no_infonce_and_the_means_skip_it(corpus, tmp_path):
+    cfg, model = tiny_model(corpus, tmp_path)
+    batch, protos = fixed_batch(cfg), fixed_prototypes(cfg)
+    rt, loss = Runtime(torch.device("cpu"), None), cfg.stages[0].loss
+    one = {k: v[:1] for k, v in batch.items()}
+    total_one, logged_one = objective.batch_losses(model, one, loss, protos, rt)
+    assert "infonce" not in logged_one and "r" in logged_one  # no negatives: nothing measured
+    _, logged = objective.batch_losses(model, batch, loss, protos, rt)
+    assert "infonce" in logged
+    meter = Meter()
+    meter.add({"infonce": 2.0, "r": 1.0}, 3)
+    meter.add({"r": 4.0}, 1)  # the batch of one clip
+    assert meter.means()["infonce"] == 2.0 and meter.means()["r"] == pytest.approx((3 * 1.0 + 4.0) / 4)
+    again = Meter()
+    again.load_state_dict({"sums": {"r": 7.0}, "samples": 4})  # a checkpoint from before per-part counts
+    assert again.means()["r"] == pytest.approx(7.0 / 4)
+
+
 # ---------------------------------------------------------------- start-up checks
 
 
@@ -247,7 +265,7 @@ def test_a_run_folder_is_not_overwritten_without_resume(corpus, tmp_path):
 
 
 def poison_batch_6(monkeypatch):
-    """L_r of the 6th batch (epoch 1's first: step 4) is NaN."""
+    """L_r of the 6th batch (epoch 2's first: step 4) is NaN."""
     calls = {"n": 0}
     real = objective.reconstruction_loss
 
@@ -259,7 +277,7 @@ def poison_batch_6(monkeypatch):
     monkeypatch.setattr(objective, "reconstruction_loss", poisoned)
 
 
-# log_every 1: read at step 4's step line; 100: at the end of epoch 1 (step 6), two steps later
+# log_every 1: read at step 4's step line; 100: at the end of epoch 2 (step 6), two steps later
 @pytest.mark.parametrize("log_every", [1, 100])
 def test_a_non_finite_loss_stops_naming_step_part_and_checkpoint(corpus, tmp_path, monkeypatch, log_every):
     poison_batch_6(monkeypatch)
@@ -268,7 +286,7 @@ def test_a_non_finite_loss_stops_naming_step_part_and_checkpoint(corpus, tmp_pat
         pretrain(recipe(corpus, run_dir, f"train.log_every={log_every}"))
     last = run_dir / "checkpoints" / "last"
     assert str(err.value) == (
-        f"loss part 'r' is nan at step 4 (epoch 1, stage 'joint'); the run stopped, "
+        f"loss part 'r' is nan at step 4 (epoch 2, stage 'joint'); the run stopped, "
         f"the last good checkpoint is {last} (step 3)"
     )
     assert ckpt.load_state(last)["train"]["step"] == 3
@@ -310,7 +328,7 @@ def test_the_run_folder_holds_config_metrics_checkpoints_prototypes(reference):
     assert joint["loss_r"] == pytest.approx(joint["loss_r_a"] + joint["loss_r_v"])
     assert joint["num_prototypes"] == [2, 3]
     assert sorted(p.name for p in (run_dir / "prototypes").iterdir()) == [
-        "prototypes-epoch0001.safetensors", "prototypes-epoch0002.safetensors"]  # fmt: skip
+        "prototypes-epoch0002.safetensors", "prototypes-epoch0003.safetensors"]  # fmt: skip
     assert len(load_prototypes(run_dir / "prototypes", 1)[0].assignments) == N_CLIPS
     for name in ("last", "best"):
         assert sorted(p.name for p in (run_dir / "checkpoints" / name).iterdir()) == sorted(ckpt.FILES)

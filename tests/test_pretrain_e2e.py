@@ -35,13 +35,13 @@ def test_pretrain_demo_recipe_end_to_end(tmp_path):
     assert {"model.safetensors", "momentum.safetensors", "state.pt", "config.yaml"} <= {p.name for p in last.iterdir()}
     assert torch.load(last / "state.pt", weights_only=True)["train"]["epoch"] == 7
     # Prototypes exist for every epoch after the 2 warm-up epochs, and only for those.
-    expected = [f"prototypes-epoch{e:04d}.safetensors" for e in range(2, 7)]
+    expected = [f"prototypes-epoch{e:04d}.safetensors" for e in range(3, 8)]  # numbers, from 1
     assert sorted(p.name for p in (run / "prototypes").iterdir()) == expected
 
     lines = read_metrics(run / "metrics.jsonl")
     assert all({f"loss_{p}" for p in LOSS_PARTS} <= set(line) for line in lines)
     epochs = [line for line in lines if line["kind"] == "epoch"]
-    assert [e["epoch"] for e in epochs] == list(range(7))
+    assert [e["epoch"] for e in epochs] == list(range(1, 8))
     assert [e["stage"] for e in epochs] == ["joint"] * 5 + ["encoders"] * 2
     assert [e["prototypes"] for e in epochs] == [False, False] + [True] * 5
     first, last_joint, final = epochs[0], epochs[4], epochs[-1]

@@ -109,14 +109,14 @@ def test_pretraining_validates_and_picks_best_by_the_validation_metric(validated
     epochs = read_metrics(root / "run" / "metrics.jsonl", "epoch")
     assert [e["metric"] for e in epochs] == ["knn_joint"] * 4
     validated = [e["epoch"] for e in epochs if "val_knn_joint" in e]
-    assert validated == [1, 3]  # every 2nd epoch (0-based 1, 3) and the last
+    assert validated == [2, 4]  # every 2nd epoch and the last (epochs are numbered from 1)
     for e in epochs:
         if e["epoch"] in validated:
             assert {"val_knn_audio", "val_knn_video", "val_a2v_r1", "val_v2a_r1", "eval_seconds"} <= set(e)
             assert len(e["val_purity"]) == 2 and len(e["val_nmi"]) == 2  # prototypes were on: one per granularity
     metric, value, index = best_validated(epochs)
     state = torch.load(root / "run" / "checkpoints" / "best" / "state.pt", weights_only=True)["train"]
-    assert state["best_by"] == "val_knn_joint" and state["best_epoch"] == epochs[index]["epoch"]
+    assert state["best_by"] == "val_knn_joint" and state["best_epoch"] + 1 == epochs[index]["epoch"]  # state: 0-based
     assert state["best_metric"] == pytest.approx(value)
     # `pcav evaluate --task knn` on that checkpoint, same clips and frames: the same figure
     again = evaluate("knn", result.best, held_out, frames="middle")

@@ -357,8 +357,8 @@ def test_save_and_load_round_trip(tmp_path, monkeypatch, with_safetensors):
         assert step_module._safetensors is not None, "safetensors is a declared dependency of pcav"
     z_a, z_v, _ = paired_embeddings()
     levels = estep(z_a, z_v, kmeans_cfg(), comm=Comm())
-    path = save_prototypes(levels, tmp_path, epoch=3)
-    assert path.name == "prototypes-epoch0003." + ("safetensors" if with_safetensors else "pt")
+    path = save_prototypes(levels, tmp_path, epoch=3)  # index 3: the 4th epoch, named by its number
+    assert path.name == "prototypes-epoch0004." + ("safetensors" if with_safetensors else "pt")
     loaded = load_prototypes(tmp_path, 3)
     assert len(loaded) == 2
     for a, b in zip(levels, loaded):

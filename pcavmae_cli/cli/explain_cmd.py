@@ -93,7 +93,7 @@ def explain(
     folder = Path(out) if out is not None else default_folder(explainer.run.plots, ex.clip_id)  # before any output
     labels = ", ".join(ex.labels) or "unlabelled"
     console.print(f"[bold]{escape(ex.clip_id)}[/] ({escape(labels)}) from {escape(ex.source)}; "
-                  f"prototypes of epoch {ex.epoch + 1} of {escape(ex.run_dir)}", highlight=False)  # fmt: skip
+                  f"prototypes of epoch {ex.epoch} of {escape(ex.run_dir)}", highlight=False)  # fmt: skip
     for level, row in enumerate(ex.neighbours):
         console.print(_neighbour_table(level, row, ex.assigned[level]))
     if ex.prediction is not None:

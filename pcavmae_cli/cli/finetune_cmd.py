@@ -23,7 +23,7 @@ def summary_table(result) -> Table:
         table.add_column(name, justify="right")
     for row in result.epochs:
         table.add_row(
-            str(row["epoch"] + 1), "-" if row["loss"] is None else f"{row['loss']:.4f}", f"{row['lr']:.2e}",
+            str(row["epoch"]), "-" if row["loss"] is None else f"{row['loss']:.4f}", f"{row['lr']:.2e}",
             *(format_metric(m, row.get(f"val_{m}")) for m in shown),
         )  # fmt: skip
     if result.averaged is not None:

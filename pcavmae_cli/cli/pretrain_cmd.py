@@ -45,7 +45,7 @@ def summary_table(result) -> Table:
     for name in columns:
         table.add_column(name, justify="left" if name == "stage" else "right")
     for row in rows:
-        epoch = f"{row['epoch'] + 1}{' (best)' if row['epoch'] == best_epoch else ''}"
+        epoch = f"{row['epoch']}{' (best)' if row['epoch'] == best_epoch else ''}"
         val = [_fmt(row.get(f"val_{metric}"))] if metric else []
         table.add_row(epoch, row["stage"], *(_fmt(row.get(f"loss_{p}")) for p in parts), *val,
                       f"{row['samples_per_s']:.1f}")  # fmt: skip

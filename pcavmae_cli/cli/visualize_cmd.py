@@ -160,5 +160,5 @@ def prototypes(
                                candidates=candidates, device=device)  # fmt: skip
     for s in report.levels:
         console.print(f"granularity {s.level}: {s.k} prototypes, purity {fmt(s.purity)}, NMI {fmt(s.nmi)} "
-                      f"(epoch {s.epoch + 1})", highlight=False)  # fmt: skip
+                      f"(epoch {s.epoch})", highlight=False)  # fmt: skip
     _wrote(*report.pngs, report.html)

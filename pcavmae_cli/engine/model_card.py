@@ -18,7 +18,7 @@ from pcavmae_cli.engine.errors import UserError
 from pcavmae_cli.engine.files import atomic_write_text
 from pcavmae_cli.engine.run_folder import read_run_recipe
 from pcavmae_cli.engine.schema import Recipe
-from pcavmae_cli.engine.train.metrics import read_metrics, training_hours
+from pcavmae_cli.engine.train.metrics import best_validated, read_metrics, training_hours
 
 CARD = "README.md"
 SHOWN_LABELS = 12
@@ -34,6 +34,8 @@ def _clips(manifest: str | None) -> str:
 
 
 def _fmt(value: Any) -> str:
+    if isinstance(value, list):  # one value per granularity
+        return "[" + ", ".join(_fmt(v) for v in value) + "]"
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
@@ -84,14 +86,14 @@ def card_text(run_dir: Path, cfg: Recipe) -> str:
     if epochs:
         last = epochs[-1]
         hours = training_hours(epochs)
-        lines.append(f"- {len(epochs)} epochs logged (last: epoch {last['epoch'] + 1}, step {last['step']}, "
+        lines.append(f"- {len(epochs)} epochs logged (last: epoch {last['epoch']}, step {last['step']}, "
                      f"stage `{last.get('stage')}`), {hours:.2f} h of training time")  # fmt: skip
         parts = {k: v for k, v in last.items() if (k.startswith("loss") or k.startswith("val_")) and v is not None}
         lines.append("- last epoch: " + ", ".join(f"{k} {_fmt(v)}" for k, v in parts.items()))
-        metric = last.get("metric")
-        if metric and any(f"val_{metric}" in r for r in epochs):
-            best = max((r for r in epochs if r.get(f"val_{metric}") is not None), key=lambda r: r[f"val_{metric}"])
-            lines.append(f"- best validation {metric}: {_fmt(best[f'val_{metric}'])} (epoch {best['epoch'] + 1}, "
+        validated = best_validated(epochs)
+        if validated is not None:
+            metric, value, index = validated
+            lines.append(f"- best validation {metric}: {_fmt(value)} (epoch {epochs[index]['epoch']}, "
                          "`checkpoints/best`)")  # fmt: skip
     else:
         lines.append("- no epoch finished yet")

@@ -53,12 +53,12 @@ def describe(run: Path) -> RunRow:
         status = "finished"
     else:
         last = epochs[-1]
-        status = f"stopped at step {last['step']} (epoch {last['epoch'] + 1}/{planned or '?'})"
+        status = f"stopped at step {last['step']} (epoch {last['epoch']}/{planned or '?'})"
     best = "-"
     validated = best_validated(epochs)
     if validated is not None:
         metric, value, index = validated
-        best = f"val {metric} {value:.4g} (epoch {epochs[index]['epoch'] + 1})"
+        best = f"val {metric} {value:.4g} (epoch {epochs[index]['epoch']})"
     elif epochs and isinstance(epochs[-1].get("loss_total", epochs[-1].get("loss")), (int, float)):
         best = f"loss {epochs[-1].get('loss_total', epochs[-1].get('loss')):.4g} (last)"
     return RunRow(run, kind, str(cfg.get("description") or ""), status, best, training_hours(epochs))

@@ -132,10 +132,12 @@ def estep(
     return out
 
 
-def prototype_file(folder: Path, epoch: int) -> Path:
-    """``folder/prototypes-epoch{epoch:04d}.safetensors`` (``.pt`` without safetensors)."""
-    suffix = "safetensors" if _safetensors is not None else "pt"
-    return Path(folder) / f"prototypes-epoch{epoch:04d}.{suffix}"
+def prototype_file(folder: Path, epoch: int, suffix: str | None = None) -> Path:
+    """``folder/prototypes-epochNNNN.safetensors`` (``.pt`` without safetensors) for epoch index
+    ``epoch`` (0-based, as the trainer counts): NNNN is the epoch's number, ``epoch + 1``, as in
+    metrics.jsonl and on screen."""
+    suffix = suffix or ("safetensors" if _safetensors is not None else "pt")
+    return Path(folder) / f"prototypes-epoch{epoch + 1:04d}.{suffix}"
 
 
 def save_prototypes(protos: list[Prototypes], folder: Path, epoch: int) -> Path:
@@ -151,7 +153,7 @@ def save_prototypes(protos: list[Prototypes], folder: Path, epoch: int) -> Path:
     }
     path = prototype_file(folder, epoch)
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"epoch": str(epoch), "levels": str(len(protos))}
+    meta = {"epoch": str(epoch + 1), "levels": str(len(protos))}  # 1-based, as the file name
     if _safetensors is not None:  # atomic, with the umask's mode (safetensors alone makes 0600)
         from pcavmae_cli.engine.tensor_io import save_safetensors
 
@@ -164,11 +166,11 @@ def save_prototypes(protos: list[Prototypes], folder: Path, epoch: int) -> Path:
 def load_prototypes(
     folder: Path, epoch: int, device: torch.device | str = "cpu"
 ) -> list[Prototypes]:
-    """The prototypes ``save_prototypes`` wrote for ``epoch`` (either file format)."""
-    candidates = [Path(folder) / f"prototypes-epoch{epoch:04d}.{s}" for s in ("safetensors", "pt")]
+    """The prototypes ``save_prototypes`` wrote for epoch index ``epoch`` (either file format)."""
+    candidates = [prototype_file(folder, epoch, s) for s in ("safetensors", "pt")]
     path = next((p for p in candidates if p.is_file()), None)
     if path is None:
-        raise UserError(f"no prototypes for epoch {epoch} in {folder}")
+        raise UserError(f"no prototypes for epoch {epoch + 1} in {folder}")
     if path.suffix == ".safetensors":
         if _safetensors is None:
             raise UserError(f"{path}: reading it needs the 'safetensors' package")

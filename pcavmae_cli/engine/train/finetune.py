@@ -582,7 +582,7 @@ class FineTuner:
 
     def _log(self, kind: str, epoch: int, lr: float, loss: float | None, rate: float, *,
              val: dict[str, float] | None = None, **extra: Any) -> None:  # fmt: skip
-        record = {"kind": kind, "step": self.state.step, "epoch": epoch, "stage": STAGE, "lr": lr, "loss": loss,
+        record = {"kind": kind, "step": self.state.step, "epoch": epoch + 1, "stage": STAGE, "lr": lr, "loss": loss,
                   "samples_per_s": round(rate, 2), "time": round(time.time(), 3), **extra}  # fmt: skip
         if val is not None:
             record.update({f"val_{k}": v for k, v in val.items()})
@@ -596,6 +596,6 @@ class FineTuner:
         else:
             where = f"the last good checkpoint is {self.last_saved[0]} (step {self.last_saved[1]})"
         return TrainingDiverged(
-            f"{what} at step {step} (epoch {self.state.epoch}); "
+            f"{what} at step {step} (epoch {self.state.epoch + 1}); "
             f"the run stopped, {where}"
         )

@@ -62,8 +62,8 @@ class RunClock:
 
 
 def log_line(record: dict[str, Any], total_epochs: int, total_steps: int, eta: float | None) -> str:
-    """One metrics record as a line a person reads in a log file (epochs 1-based, as on screen)."""
-    step, epoch = f"step {record['step']}/{total_steps}", f"epoch {record['epoch'] + 1}/{total_epochs}"
+    """One metrics record as a line a person reads in a log file (its epoch, 1-based, as written)."""
+    step, epoch = f"step {record['step']}/{total_steps}", f"epoch {record['epoch']}/{total_epochs}"
     # a step line: the means since the last one; an epoch line: the epoch's means
     parts = [step, epoch] if record["kind"] == "step" else [f"{epoch} done", step]
     parts.append(f"stage {record['stage']}")

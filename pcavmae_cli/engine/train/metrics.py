@@ -40,6 +40,9 @@ LOSS_PARTS = ("total", "infonce", "r", "r_a", "r_v", "pje", "pcpe")
 class Meter:
     """Sample-weighted running means of the loss parts; a part never added stays ``None``.
 
+    Each part is averaged over the samples of the batches that logged it (a batch of one clip
+    logs no InfoNCE: it has no negatives), ``samples`` counts every batch's.
+
     Args:
         parts: the names ``means`` reports (pre-training's ``LOSS_PARTS`` by default).
     """
@@ -47,21 +50,25 @@ class Meter:
     def __init__(self, parts: tuple[str, ...] = LOSS_PARTS) -> None:
         self.parts = parts
         self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}  # samples behind each part's sum
         self.samples = 0
 
     def add(self, parts: dict[str, float], n: int) -> None:
         for name, value in parts.items():
             self.sums[name] = self.sums.get(name, 0.0) + value * n
+            self.counts[name] = self.counts.get(name, 0) + n
         self.samples += n
 
     def means(self) -> dict[str, float | None]:
-        return {p: (self.sums[p] / self.samples if p in self.sums and self.samples else None) for p in self.parts}
+        return {p: (self.sums[p] / self.counts[p] if self.counts.get(p) else None) for p in self.parts}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"sums": dict(self.sums), "samples": self.samples}
+        return {"sums": dict(self.sums), "counts": dict(self.counts), "samples": self.samples}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sums, self.samples = dict(state["sums"]), int(state["samples"])
+        # checkpoints from before per-part counts: every part was logged by every batch
+        self.counts = dict(state.get("counts") or {name: self.samples for name in self.sums})
 
 
 def loss_fields(means: dict[str, float | None]) -> dict[str, float | None]:
@@ -103,6 +110,9 @@ def read_metrics(path: str | Path, kind: str | None = None, *, strict: bool = Tr
     A torn last line (a kill mid-write) is skipped: what was written before it stands. Any other
     line that is not JSON is an error naming it, or, with ``strict=False`` (readers that only
     report on a run: its model card, ``pcav runs``), skipped too.
+
+    Epochs are numbered from 1 (the n-th epoch), as on screen. Older files counted from 0: a
+    file with an epoch 0 is read as one of those and its epochs are shifted by one.
     """
     path = Path(path)
     if not path.is_file():
@@ -116,6 +126,8 @@ def read_metrics(path: str | Path, kind: str | None = None, *, strict: bool = Tr
             if number == len(lines) or not strict:
                 continue
             raise UserError(f"{path}: line {number} is not JSON") from None
+    if any(r.get("epoch") == 0 for r in rows if isinstance(r, dict)):  # an older 0-based file
+        rows = [{**r, "epoch": r["epoch"] + 1} if isinstance(r.get("epoch"), int) else r for r in rows]
     return [r for r in rows if kind is None or r.get("kind") == kind]
 
 

@@ -4,7 +4,9 @@ A part is computed only when it counts: InfoNCE when ``w_infonce != 0``; L_r (eq
 + video term) when ``w_r != 0``; L_PJE (eq. 1) and L_PCPE (eq. 3) when their weight is non-zero
 *and* prototypes exist for this epoch (after ``prototypes.warmup_epochs``). The decoder runs only
 when L_r or L_PCPE is computed, so the encoder-only stage never touches it. Parts that are not
-computed are absent from the result (and ``null`` in ``metrics.jsonl``).
+computed are absent from the result (and ``null`` in ``metrics.jsonl``). A (global) batch of one
+clip has no negatives: its InfoNCE (log 1 = 0, no gradient) is not logged, so the logged means
+are those of the batches where it measures something (``metrics.Meter``).
 """
 
 from __future__ import annotations
@@ -80,6 +82,8 @@ def batch_losses(
         parts["pcpe"] = pcpe_loss(whole(out.zd_a), whole(out.zd_v), protos, index, loss.num_negatives)
     weights = loss_weights(loss)
     total, logged = total_loss(parts, weights)
+    if "infonce" in parts and z_a.shape[0] < 2:  # no negatives: log 1 = 0 says nothing, so it is not logged
+        logged.pop("infonce", None)
     if shard is not None and "r" in parts and weights["r"] != 0:  # L_r is this rank's mean: reweight it
         total = total + (shard.local_weight - 1) * weights["r"] * parts["r"].float()
     logged.update({k: v.detach().float() for k, v in extra.items()})

@@ -181,6 +181,9 @@ class Trainer:
             rank=self.rt.rank, world_size=self.rt.world_size,
         )  # fmt: skip
         check_batches_fit_world(self.sampler, self.rt.world_size)
+        if self.sampler.smallest_batch() == 1 and any(st.loss.w_infonce != 0 for st in cfg.stages):
+            reporter.warning(f"a batch of 1 clip (data.loader.batch_size {loader_cfg.batch_size}, {len(self.dataset)} "
+                             "clips) has no negatives for the InfoNCE: it is left out of the logged InfoNCE means")  # fmt: skip
         self.loader = train_loader(self.dataset, self.sampler, loader_cfg, self.rt)
         self.embed_loader = self.health_loader = None
         n, world = len(self.dataset), self.rt.world_size
@@ -607,7 +610,7 @@ class Trainer:
         prototypes: bool, **extra: Any,
     ) -> None:  # fmt: skip
         record = {
-            "kind": kind, "step": self.state.step, "epoch": epoch, "stage": stage.name, "lr": lr,
+            "kind": kind, "step": self.state.step, "epoch": epoch + 1, "stage": stage.name, "lr": lr,
             **loss_fields(means), "samples_per_s": round(rate, 2), "prototypes": prototypes,
             "time": round(time.time(), 3), **extra,
         }  # fmt: skip
@@ -622,6 +625,6 @@ class Trainer:
         else:
             where = f"the last good checkpoint is {self.last_saved[0]} (step {self.last_saved[1]})"
         return TrainingDiverged(
-            f"{what} at step {step} (epoch {self.state.epoch}, "
+            f"{what} at step {step} (epoch {self.state.epoch + 1}, "
             f"stage '{stage.name}'); the run stopped, {where}"
         )

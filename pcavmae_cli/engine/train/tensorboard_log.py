@@ -33,7 +33,7 @@ def scalars(record: dict[str, Any]) -> dict[str, float]:
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                     out[f"{kind}/{key}/g{j}"] = float(v)
     if "epoch" in record:
-        out[f"{kind}/epoch"] = float(record["epoch"]) + 1  # 1-based, as on screen
+        out[f"{kind}/epoch"] = float(record["epoch"])  # 1-based, as everywhere
     return out
 
 

@@ -105,7 +105,7 @@ class Explanation:
     labels: list[str]  # display names
     run_dir: str  # the pre-training run whose prototypes explain
     checkpoint: str
-    epoch: int  # 0-based epoch of the prototypes
+    epoch: int  # the prototypes' epoch, 1-based as in metrics.jsonl and on screen
     assigned: list[int | None]  # the clip's own prototype per granularity, if it is a training clip
     neighbours: list[list[Neighbour]]  # per granularity, nearest first
     prediction: Prediction | None = None
@@ -333,7 +333,7 @@ class Explainer:
                                     decompositions, modality=share, faithfulness=faithfulness, head=kind)  # fmt: skip
         return Explanation(
             clip_id=record.id, source=source, labels=[display(lab, self.names) for lab in record.labels],
-            run_dir=str(self.run.run_dir), checkpoint=str(self.checkpoint), epoch=self.epoch, assigned=assigned,
+            run_dir=str(self.run.run_dir), checkpoint=str(self.checkpoint), epoch=self.epoch + 1, assigned=assigned,
             neighbours=neighbours, prediction=prediction, modality=modality, media=media, frame=frame,
             spectrogram=spectrogram, wav=wav,
         )  # fmt: skip

@@ -171,7 +171,7 @@ def explanation_figure(ex: Explanation, data: DataConfig, clips: dict[int, ClipM
     fig.suptitle(
         f"Why the model sees {_short(ex.clip_id, 60)} as it does\n"
         f"nearest prototypes of {_short(Path(ex.run_dir).name, 40)} "
-        f"(epoch {ex.epoch + 1}); cos: similarity of the clip's joint embedding to the prototype, p: eq. 1's posterior; "
+        f"(epoch {ex.epoch}); cos: similarity of the clip's joint embedding to the prototype, p: eq. 1's posterior; "
         f"exemplars: frame and log-Mel\n{_short(decision_sentence(ex), 160)}",
         fontsize=12,
     )
@@ -183,7 +183,7 @@ def explanation_html(ex: Explanation, png: Path, out: Path, clips: dict[int, Cli
     folder, vrange = out.parent, colour_range(data.audio.fbank)
     parts = [
         f'<p class="note">Clip <b>{draw.html_escape(ex.clip_id)}</b> from <code>{draw.html_escape(ex.source)}</code>; '
-        f"labels: {draw.html_escape(', '.join(ex.labels) or 'none')}. Prototypes of epoch {ex.epoch + 1} of "
+        f"labels: {draw.html_escape(', '.join(ex.labels) or 'none')}. Prototypes of epoch {ex.epoch} of "
         f"<code>{draw.html_escape(ex.run_dir)}</code>; checkpoint <code>{draw.html_escape(ex.checkpoint)}</code>.</p>",
         f"<p><b>{draw.html_escape(decision_sentence(ex))}.</b></p>",
         f'<div class="clips">{clip_card(explained_clip(ex), 0, folder, data, vrange)}</div>',

@@ -36,7 +36,7 @@ TABLE_ROWS = 50  # prototypes listed per granularity in the HTML page
 @dataclass
 class LevelStats:
     level: int
-    epoch: int
+    epoch: int  # 1-based, as in metrics.jsonl and on screen
     k: int
     purity: float | None
     nmi: float | None
@@ -52,14 +52,16 @@ class PrototypeReport:
 
 
 def level_stats(protos: Prototypes, labels: Sequence[Sequence[str]], level: int, epoch: int) -> LevelStats:
+    """Purity, NMI, size and largest share of one granularity's prototypes of epoch index ``epoch``
+    (0-based, as the trainer counts; the stats carry it 1-based)."""
     assignments = protos.assignments.cpu().numpy()
     if len(assignments) != len(labels):
         raise UserError(
-            f"prototypes of epoch {epoch} assign {len(assignments)} clips but the run's train manifest has "
+            f"prototypes of epoch {epoch + 1} assign {len(assignments)} clips but the run's train manifest has "
             f"{len(labels)}: the manifest changed after training"
         )
     counts = protos.counts.cpu()
-    return LevelStats(level, epoch, int(counts.numel()), purity(assignments, labels), nmi(assignments, labels),
+    return LevelStats(level, epoch + 1, int(counts.numel()), purity(assignments, labels), nmi(assignments, labels),
                       float(counts.max() / counts.sum()))  # fmt: skip
 
 
@@ -129,7 +131,7 @@ def gallery_figure(
             ax.text(0, 0.5, "no member clips to show", fontsize=9)
     scores = f"purity {draw.fmt(stats.purity)}, NMI {draw.fmt(stats.nmi)}" if stats.purity is not None else "no labels"
     fig.suptitle(
-        f"Granularity {level}: the {len(shown)} largest of {stats.k} prototypes (epoch {epoch + 1}; {scores})\n"
+        f"Granularity {level}: the {len(shown)} largest of {stats.k} prototypes (epoch {stats.epoch}; {scores})\n"
         "members shown: middle frame and spectrogram of the clips nearest each prototype",
         fontsize=12,
     )
@@ -150,7 +152,7 @@ def evolution_figure(history: Sequence[LevelStats], out: Path, title: str) -> Pa
             rows = [s for s in history if s.level == level]
             ks = sorted({s.k for s in rows})
             k_text = f"K={ks[0]}" if len(ks) == 1 else f"K={ks[0]}..{ks[-1]}"
-            ax.plot([s.epoch + 1 for s in rows], [getattr(s, key) for s in rows], marker="o", ms=4,
+            ax.plot([s.epoch for s in rows], [getattr(s, key) for s in rows], marker="o", ms=4,
                     label=f"granularity {level} ({k_text})")  # fmt: skip
         ax.set_title(panel_title, fontsize=10)
         ax.set_xlabel("epoch")
@@ -230,7 +232,7 @@ def prototypes_report(
         [[s.level, s.k, draw.fmt(s.purity), draw.fmt(s.nmi), f"{s.largest_share:.0%}"] for s in latest],
         numeric=(1, 2, 3, 4),
     )
-    hist_rows = [[s.epoch + 1, s.level, s.k, draw.fmt(s.purity), draw.fmt(s.nmi), f"{s.largest_share:.0%}"]
+    hist_rows = [[s.epoch, s.level, s.k, draw.fmt(s.purity), draw.fmt(s.nmi), f"{s.largest_share:.0%}"]
                  for s in history]  # fmt: skip
     body = (
         f'<p class="note">Run <code>{draw.html_escape(run.run_dir)}</code>, prototypes of epoch {epoch + 1} '

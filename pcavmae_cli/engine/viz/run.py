@@ -59,11 +59,12 @@ class RunView:
         return self.run_dir / "plots"
 
     def prototype_epochs(self) -> list[int]:
-        """Epochs with a prototype file, ascending."""
+        """Epoch indices (0-based, as the trainer counts; the files are named by number) with a
+        prototype file, ascending."""
         folder = self.run_dir / "prototypes"
         if not folder.is_dir():
             return []
-        return sorted({int(m.group(1)) for p in folder.iterdir() if (m := PROTO_FILE.match(p.name))})
+        return sorted({int(m.group(1)) - 1 for p in folder.iterdir() if (m := PROTO_FILE.match(p.name))})
 
     def checkpoint_epoch(self) -> int | None:
         """The last epoch whose weights the checkpoint holds (``None`` without a checkpoint)."""
