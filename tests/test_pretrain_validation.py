@@ -99,6 +99,7 @@ def validated_run(tmp_path_factory):
         f"data.label_csv={root / 'labels.csv'}", f"train.run_dir={root / 'run'}",
         "prototypes.num_clusters=[2, 3]", "prototypes.warmup_epochs=1", "optim.effective_batch=4",
         "stages.0.epochs=3", "stages.1.epochs=1", "train.log_every=2", "validation.every_epochs=2",
+        "validation.figures_every_epochs=4",
     ]  # fmt: skip
     cfg = config.load_recipe("demo", overrides)
     return root, held_out, cfg, pretrain(cfg)
@@ -127,6 +128,11 @@ def test_pretraining_validates_and_picks_best_by_the_validation_metric(validated
     events = EventAccumulator(str(root / "run" / "tensorboard"))
     events.Reload()
     assert {"epoch/val_knn_joint", "epoch/val_a2v_r1", "epoch/val_purity/g0"} <= set(events.Tags()["scalars"])
+    # the figures of the 4th epoch, as files and as TensorBoard images at that epoch's last step
+    assert sorted(p.name for p in (root / "run" / "plots").iterdir()) == ["epoch0004"]
+    assert sorted(p.name for p in (root / "run" / "plots" / "epoch0004").iterdir()) == ["reconstruct.png", "tsne.png"]
+    assert set(events.Tags()["images"]) == {"figures/tsne", "figures/reconstruct"}
+    assert [e.step for e in events.Images("figures/tsne")] == [epochs[3]["step"]]
 
 
 def test_a_missing_eval_manifest_is_one_line_naming_the_key(validated_run, tmp_path):

@@ -212,3 +212,15 @@ def test_a_figure_is_written_in_the_format_its_name_asks_for(tmp_path):
     bad = pcav("visualize", "curves", str(metrics), "-o", str(tmp_path / "x.jpg"))
     assert bad.returncode == 1 and ".png, .pdf or .svg" in bad.stderr and bad.stderr.count("\n") == 1
     assert not (tmp_path / "x.jpg").exists()
+
+
+def test_a_class_keeps_its_colour_whichever_classes_a_figure_shows():
+    from pcavmae_cli.engine.viz import draw
+
+    order = ["dog", "cat", "bird"]  # the run's label CSV
+    two, one = draw.class_palette(order, ["bird", "dog"]), draw.class_palette(order, ["bird"])
+    assert two["bird"] == one["bird"] and two["dog"] != two["bird"]
+    assert draw.class_palette(order, ["zebra"])["zebra"] not in draw.class_palette(order, order).values()
+    audioset = [f"class {i}" for i in range(527)]
+    some = draw.class_palette(audioset, audioset[:30])
+    assert len(set(some.values())) == 30 and some["class 3"] == draw.class_palette(audioset, ["class 3"])["class 3"]

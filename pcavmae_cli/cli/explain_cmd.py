@@ -114,5 +114,5 @@ def explain(
         console.print("[dim]a pre-training checkpoint: no prediction (give a fine-tuned one for the logit's make-up)[/]")
     console.print(_modality_table(modality_lines(ex)))
     console.print(escape(decision_sentence(ex)), highlight=False)
-    for path in render(ex, explainer.train_middle, folder):
+    for path in render(ex, explainer.train_middle, folder, list(explainer.names.values())):
         console.print(f"wrote [bold]{path}[/]", highlight=False)

@@ -332,6 +332,9 @@ class ValidationConfig:
     # kNN neighbours come from this many training clips, evenly spaced (all when fewer); 0: from
     # the other eval clips (leave-one-out)
     gallery_clips: int = 4096
+    # t-SNE and reconstruction figures of the validated model every n-th epoch, into
+    # RUN/plots/epochNNNN/ and TensorBoard's images (train/validation_figures.py); 0: never
+    figures_every_epochs: int = 10
 
     def __post_init__(self) -> None:
         from pcavmae_cli.engine.errors import UserError
@@ -340,6 +343,8 @@ class ValidationConfig:
             raise UserError("validation: 'every_epochs' must be >= 0")
         if self.gallery_clips < 0:
             raise UserError("validation: 'gallery_clips' must be >= 0")
+        if self.figures_every_epochs < 0:
+            raise UserError("validation: 'figures_every_epochs' must be >= 0")
         if self.metric not in VALIDATION_METRICS:
             raise UserError(f"validation: 'metric' must be one of {', '.join(VALIDATION_METRICS)}, not {self.metric!r}")
 

@@ -82,6 +82,7 @@ from pcavmae_cli.engine.train.distributed import (
 )
 from pcavmae_cli.engine.train.estep import health_shard, measure_health, run_estep
 from pcavmae_cli.engine.train.pretrain_validation import PretrainValidation
+from pcavmae_cli.engine.train.validation_figures import draw_epoch_figures, epoch_folder
 from pcavmae_cli.engine.train.fast import StepCompiler, set_activation_checkpointing
 from pcavmae_cli.engine.train.log_lines import RunClock, significant, tell
 from pcavmae_cli.engine.train.tensorboard_log import TensorBoardLog
@@ -561,6 +562,11 @@ class Trainer:
 
         with self.reporter.progress(f"validate {epoch + 1}/{self.plan.total_epochs}", v.batches()) as advance:
             figures = v.measure(self.model.backbone, protos, step)
+        if v.figures_due(epoch) and self.rt.is_main:
+            folder = epoch_folder(self.run_dir, epoch)
+            drawn = draw_epoch_figures(self.model, self.cfg.data, v.features, protos, v.names, folder, epoch)
+            for name, png in drawn.items():
+                self.tensorboard.image(f"figures/{name}", png, self.state.step)
         return {**figures, "seconds": round(time.perf_counter() - started, 3)}
 
     def _end_epoch(

@@ -145,6 +145,8 @@ class PretrainValidation:
             "k": ev.knn_k, "weighting": ev.knn_weighting, "temperature": ev.knn_temperature}  # fmt: skip
         self.rt, self.label_mode = rt, data.label_mode
         labels = read_label_csv(data.label_csv) if data.label_csv is not None else None
+        self.names = dict(zip(labels.mids, labels.names)) if labels is not None else {}
+        self.features: dict[str, Tensor] | None = None
         self.dataset = AudioVisualDataset(data.eval_manifest, data, frames=self.cfg.frames, labels=labels,
                                           compact=True)  # fmt: skip
         self.targets = self.dataset.targets() if labels is not None else None
@@ -179,6 +181,11 @@ class PretrainValidation:
         """After every ``every_epochs``-th epoch (0-based ``epoch``: epochs n, 2n, ...) and the last."""
         return final or (epoch + 1) % self.cfg.every_epochs == 0
 
+    def figures_due(self, epoch: int) -> bool:
+        """Figures after every ``figures_every_epochs``-th epoch that is validated."""
+        n = self.cfg.figures_every_epochs
+        return n > 0 and (epoch + 1) % n == 0
+
     def measure(
         self, backbone: torch.nn.Module, prototypes: list[Prototypes] | None,
         advance: Callable[..., None] = lambda n=1, note="": None,
@@ -192,6 +199,7 @@ class PretrainValidation:
                 gallery = (self._features(backbone, self.gallery_loader, len(self.gallery), advance), self.gallery_targets)
         finally:
             backbone.train(was_training)
+        self.features = feats  # the eval clips' features, for this epoch's figures (validation_figures.py)
         return validation_metrics(feats, self.targets, self.label_mode, prototypes, self.knn_args, gallery)
 
     def _features(self, backbone: torch.nn.Module, loader, n: int, advance: Callable[..., None]) -> dict[str, Tensor]:

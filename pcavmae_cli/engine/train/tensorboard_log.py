@@ -63,6 +63,17 @@ class TensorBoardLog:
         if record.get("kind") == "epoch":
             self.writer.flush()  # an epoch line is a natural point for a watcher to see it
 
+    def image(self, tag: str, png: Path, step: int) -> None:
+        """A figure (a PNG file) as image ``tag`` at ``step``."""
+        if self.writer is None:
+            return
+        import numpy as np
+        from PIL import Image
+
+        with Image.open(png) as im:
+            self.writer.add_image(tag, np.asarray(im.convert("RGB")), step, dataformats="HWC")
+        self.writer.flush()
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()

@@ -7,7 +7,7 @@ on a server, in CI and on a laptop, and no window ever opens.
 from __future__ import annotations
 
 import html
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -41,6 +41,25 @@ def class_colours(n: int) -> list[tuple[float, float, float]]:
         return [cmap(i)[:3] for i in range(n)]
     cmap = plt.get_cmap("hsv")
     return [cmap(i / n)[:3] for i in range(n)]
+
+
+def class_palette(order: Sequence[str], shown: Iterable[str]) -> dict[str, tuple[float, float, float]]:
+    """A colour for each class of ``shown``, fixed by its place in ``order`` (the run's label CSV):
+    a class keeps its colour in every figure of a run (t-SNE, galleries, explanations), whichever
+    classes each figure shows. Classes not in ``order`` follow it, sorted.
+
+    Up to 20 classes in all: tab10 / tab20. More (AudioSet's 527): hues stepped by the golden
+    ratio, so that classes near each other in the CSV still differ."""
+    shown = list(dict.fromkeys(shown))
+    place = {name: i for i, name in enumerate(dict.fromkeys(order))}
+    for name in sorted(n for n in shown if n not in place):
+        place[name] = len(place)
+    total = len(place)
+    if total <= 20:
+        colours = class_colours(total)
+        return {name: colours[place[name]] for name in shown}
+    hsv = plt.get_cmap("hsv")
+    return {name: hsv((place[name] * 0.6180339887) % 1.0)[:3] for name in shown}
 
 
 def new_figure(width: float, height: float) -> Figure:

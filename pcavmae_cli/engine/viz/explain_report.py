@@ -15,6 +15,7 @@ that plays its WAV and its source video (``explain_media.py``: the files it writ
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from pcavmae_cli.engine.data.dataset import AudioVisualDataset
@@ -85,8 +86,11 @@ def explained_clip(ex: Explanation) -> ClipMedia:
     return ClipMedia(ex.clip_id, f"the explained clip: {label}", ex.frame, ex.spectrogram, ex.wav, ex.media)
 
 
-def explanation_figure(ex: Explanation, data: DataConfig, clips: dict[int, ClipMedia], out: Path) -> Path:
-    """Draw ``ex``; ``clips``: its exemplars by training-manifest row (``exemplar_clips``)."""
+def explanation_figure(
+    ex: Explanation, data: DataConfig, clips: dict[int, ClipMedia], out: Path, order: Sequence[str] = ()
+) -> Path:
+    """Draw ``ex``; ``clips``: its exemplars by training-manifest row (``exemplar_clips``);
+    ``order``: the run's class display names in label-CSV order, which fix each class's colour."""
     levels = len(ex.neighbours)
     top = max(len(n) for n in ex.neighbours)
     n_ex = max((len(nb.exemplars) for row in ex.neighbours for nb in row), default=0)
@@ -118,7 +122,7 @@ def explanation_figure(ex: Explanation, data: DataConfig, clips: dict[int, ClipM
         for c, nb in enumerate(row):
             for name, _ in nb.makeup:
                 colours.setdefault(name, None)
-    colours = dict(zip(sorted(colours), draw.class_colours(len(colours))))
+    colours = draw.class_palette(order, sorted(colours))  # the run's colours (draw.class_palette)
 
     for level, row in enumerate(ex.neighbours):
         for c, nb in enumerate(row):
@@ -238,14 +242,15 @@ def default_folder(plots: str | Path, clip_id: str) -> Path:
     return child(Path(plots) / "explain", clip_id, hint="; pass --out FOLDER")
 
 
-def render(ex: Explanation, dataset: AudioVisualDataset, out_dir: str | Path) -> list[Path]:
+def render(ex: Explanation, dataset: AudioVisualDataset, out_dir: str | Path, order: Sequence[str] = ()) -> list[Path]:
     """Write explain.png, explain.html (with its ``media/``) and explain.json into ``out_dir``; their paths.
 
-    ``dataset``: the training manifest (middle frame), where the exemplars are read from.
+    ``dataset``: the training manifest (middle frame), where the exemplars are read from;
+    ``order``: the run's class display names (label-CSV order: the classes' colours).
     """
     out_dir = Path(out_dir)
     clips = exemplar_clips(ex, dataset)
-    png = explanation_figure(ex, dataset.cfg, clips, out_dir / "explain.png")
+    png = explanation_figure(ex, dataset.cfg, clips, out_dir / "explain.png", order)
     html = explanation_html(ex, png, out_dir / "explain.html", clips, dataset.cfg)
     path = out_dir / "explain.json"
     atomic_write_text(path, json.dumps(ex.to_json(), indent=2) + "\n")

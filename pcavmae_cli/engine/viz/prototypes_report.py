@@ -66,9 +66,9 @@ def level_stats(protos: Prototypes, labels: Sequence[Sequence[str]], level: int,
 
 
 def label_colours(labels: Sequence[Sequence[str]], names: dict[str, str]) -> dict[str, tuple]:
-    """Display name -> colour, the same in every figure of a report."""
+    """Display name -> colour, the same in every figure of the run (``draw.class_palette``)."""
     shown = sorted({display(lab, names) for ls in labels for lab in ls})
-    return dict(zip(shown, draw.class_colours(len(shown))))
+    return draw.class_palette([display(mid, names) for mid in names], shown)
 
 
 def _clips(n: int) -> str:

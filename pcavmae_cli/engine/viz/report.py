@@ -54,5 +54,6 @@ def demo_figures(
         clip = read_manifest(source)[0].id
     explainer = Explainer(finetune_dir or run.run_dir, prototypes_run=run.run_dir, data=manifest, device=device)
     explanation = explainer.explain(clip)
-    png, html, data = render(explanation, explainer.train_middle, default_folder(run.plots, explanation.clip_id))
+    png, html, data = render(explanation, explainer.train_middle, default_folder(run.plots, explanation.clip_id),
+                             list(explainer.names.values()))
     return [*files, png, report.html, html, data]

@@ -69,7 +69,7 @@ def tsne_figure(
     counts = Counter(lab for lab in first if lab is not None)
     shown = [lab for lab, _ in sorted(counts.items(), key=lambda t: (-t[1], display(t[0], names)))][:max_classes]
     shown.sort(key=lambda lab: display(lab, names))
-    colours = dict(zip(shown, draw.class_colours(len(shown))))
+    colours = draw.class_palette(list(names), shown)  # label-CSV order: one colour per class in a run
     point_colours = [colours.get(lab, draw.OTHER_COLOUR) for lab in first]
     n = len(labels)
 
