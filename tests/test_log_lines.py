@@ -96,7 +96,7 @@ def test_tensorboard_is_one_switch_and_its_absence_one_warning(tmp_path, monkeyp
 
     assert scalars({"kind": "epoch", "step": 4, "epoch": 1, "stage": "joint", "loss_r": None, "loss_total": 2.0,
                     "num_prototypes": [2, 4], "prototypes": True}) == \
-        {"epoch/loss_total": 2.0, "epoch/num_prototypes/g0": 2.0, "epoch/num_prototypes/g1": 4.0, "epoch/epoch": 2.0}
+        {"epoch/loss_total": 2.0, "epoch/num_prototypes/g0": 2.0, "epoch/num_prototypes/g1": 4.0, "epoch/epoch": 1.0}
     off = TensorBoardLog(tmp_path / "off", enabled=False)
     off.write({"kind": "epoch", "step": 1, "loss_total": 1.0})
     assert not (tmp_path / "off").exists()
@@ -105,3 +105,30 @@ def test_tensorboard_is_one_switch_and_its_absence_one_warning(tmp_path, monkeyp
     missing = TensorBoardLog(tmp_path / "missing", enabled=True, warn=said.append)
     missing.write({"kind": "epoch", "step": 1, "loss_total": 1.0})
     assert len(said) == 1 and "pcavmae-cli[tensorboard]" in said[0] and not (tmp_path / "missing").exists()
+
+
+def test_weights_and_biases_offline_gets_every_loss_part_and_a_resume_keeps_its_run(tmp_path, monkeypatch):
+    """``train.wandb=true`` with ``WANDB_MODE=offline``: the run's .wandb file holds each line's
+    scalars (their names are stored as written), and a resumed pcav run continues the same W&B
+    run id. (The offline file is wandb's binary log; its names are what can be checked here.)"""
+    pytest.importorskip("wandb", reason="the wandb extra is part of the test install")
+    from pcavmae_cli.engine import config
+    from pcavmae_cli.engine.train.pretrain import pretrain
+    from pcavmae_cli.engine.train.stop import Interrupted
+    from tests.test_pretrain import TINY, stop_at
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    train = write_corpus(tmp_path, classes=2, per_class=3)
+    run = tmp_path / "run"
+    base = [*TINY, f"data.train_manifest={train}", f"train.run_dir={run}", "train.wandb=true"]
+    with pytest.raises(Interrupted):
+        pretrain(config.load_recipe("demo", base), on_step=stop_at(4))  # in the 2nd epoch
+    pretrain(config.load_recipe("demo", [*base, "train.resume=true"]))
+    run_id = (run / "wandb" / "run_id").read_text().strip()
+    logs = sorted((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(logs) == 2 and all(p.name == f"run-{run_id}.wandb" for p in logs)  # one W&B run, resumed
+    written = b"".join(p.read_bytes() for p in logs)
+    for part in ("total", "infonce", "r", "pje", "pcpe"):
+        assert f"epoch/loss_{part}".encode() in written and f"step/loss_{part}".encode() in written, part
+    assert b"step/lr" in written and b"epoch/health_cos_a" in written

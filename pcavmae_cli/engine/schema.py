@@ -223,6 +223,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the pre-training step; eager with a warning where it fails
     activation_checkpointing: bool = False  # recompute block activations in backward (large batches)
     tensorboard: bool = True  # event files in run_dir/tensorboard/ mirroring metrics.jsonl (tensorboard_log.py)
+    wandb: bool = False  # also log to Weights & Biases (wandb_log.py; the 'wandb' extra; WANDB_MODE=offline works offline)
 
 
 @dataclass

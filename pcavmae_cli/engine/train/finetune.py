@@ -67,7 +67,7 @@ from pcavmae_cli.engine.train.data import EpochBatchSampler, balanced_weights, c
 from pcavmae_cli.engine.train.distributed import BatchShard, check_batches_fit_world, comm_device, split, world_from_env
 from pcavmae_cli.engine.train.fast import StepCompiler, set_activation_checkpointing
 from pcavmae_cli.engine.train.log_lines import RunClock, significant, tell
-from pcavmae_cli.engine.train.tensorboard_log import TensorBoardLog
+from pcavmae_cli.engine.train.experiment_logs import ExperimentLogs
 from pcavmae_cli.engine.train.metrics import Meter, MetricsLog, read_metrics
 from pcavmae_cli.engine.train.optim import build_finetune_optimizer, set_lr
 from pcavmae_cli.engine.train.pending import PendingLosses, finite_weights
@@ -291,8 +291,8 @@ class FineTuner:
         self.metrics = MetricsLog(
             self.run_dir / "metrics.jsonl", enabled=self.rt.is_main, keep_until_step=self.resumed_from_step
         )
-        self.tensorboard = TensorBoardLog(
-            self.run_dir, cfg.train.tensorboard and self.rt.is_main, warn=self.reporter.warning,
+        self.logs = ExperimentLogs(  # TensorBoard and W&B, where the recipe asks for them
+            self.run_dir, cfg.train, self.rt.is_main, warn=self.reporter.warning, config=dataclasses.asdict(cfg),
             purge_step=None if self.resumed_from_step is None else self.resumed_from_step + 1,
         )  # fmt: skip
         self.boundary = self._snapshot()
@@ -370,7 +370,7 @@ class FineTuner:
         def close_loaders() -> None:
             close_loader(self.loader)
             close_loader(self.eval_loader)
-            self.tensorboard.close()
+            self.logs.close()
 
         run_stoppable(self._epoch, lambda: self.state.epoch >= self.plan.total_epochs,
                       lambda: self._save("last"), lambda: self.boundary, close_loaders)  # fmt: skip
@@ -587,7 +587,7 @@ class FineTuner:
         if val is not None:
             record.update({f"val_{k}": v for k, v in val.items()})
         self.metrics.write(record)
-        self.tensorboard.write(record)
+        self.logs.write(record)
         tell(self.reporter, record, self.plan.total_epochs, self.schedule.total_steps, self.clock, self.rt.is_main)
 
     def _diverged(self, step: int, what: str) -> TrainingDiverged:

@@ -85,7 +85,7 @@ from pcavmae_cli.engine.train.pretrain_validation import PretrainValidation
 from pcavmae_cli.engine.train.validation_figures import draw_epoch_figures, epoch_folder
 from pcavmae_cli.engine.train.fast import StepCompiler, set_activation_checkpointing
 from pcavmae_cli.engine.train.log_lines import RunClock, significant, tell
-from pcavmae_cli.engine.train.tensorboard_log import TensorBoardLog
+from pcavmae_cli.engine.train.experiment_logs import ExperimentLogs
 from pcavmae_cli.engine.train.metrics import Meter, MetricsLog, format_losses, loss_fields, read_metrics
 from pcavmae_cli.engine.train.objective import BatchObjective, batch_losses
 from pcavmae_cli.engine.train.optim import build_optimizer, set_lr
@@ -226,8 +226,8 @@ class Trainer:
         self.metrics = MetricsLog(
             self.run_dir / "metrics.jsonl", enabled=self.rt.is_main, keep_until_step=self.resumed_from_step
         )
-        self.tensorboard = TensorBoardLog(
-            self.run_dir, cfg.train.tensorboard and self.rt.is_main, warn=self.reporter.warning,
+        self.logs = ExperimentLogs(  # TensorBoard and W&B, where the recipe asks for them
+            self.run_dir, cfg.train, self.rt.is_main, warn=self.reporter.warning, config=dataclasses.asdict(cfg),
             purge_step=None if self.resumed_from_step is None else self.resumed_from_step + 1,
         )  # fmt: skip
         self.boundary = self._snapshot()
@@ -317,7 +317,7 @@ class Trainer:
             close_loader(self.health_loader)
             if self.validation is not None:
                 self.validation.close()
-            self.tensorboard.close()
+            self.logs.close()
 
         run_stoppable(self._epoch, lambda: self.state.epoch >= self.plan.total_epochs,
                       lambda: self._save("last"), lambda: self.boundary, close_loaders)  # fmt: skip
@@ -566,7 +566,7 @@ class Trainer:
             folder = epoch_folder(self.run_dir, epoch)
             drawn = draw_epoch_figures(self.model, self.cfg.data, v.features, protos, v.names, folder, epoch)
             for name, png in drawn.items():
-                self.tensorboard.image(f"figures/{name}", png, self.state.step)
+                self.logs.image(f"figures/{name}", png, self.state.step)
         return {**figures, "seconds": round(time.perf_counter() - started, 3)}
 
     def _end_epoch(
@@ -621,7 +621,7 @@ class Trainer:
             "time": round(time.time(), 3), **extra,
         }  # fmt: skip
         self.metrics.write(record)
-        self.tensorboard.write(record)
+        self.logs.write(record)
         tell(self.reporter, record, self.plan.total_epochs, self.schedule.total_steps, self.clock, self.rt.is_main)
 
     def _diverged(self, stage: StageConfig, step: int, what: str) -> TrainingDiverged:
