@@ -243,9 +243,9 @@ def test_a_truncated_prototype_file_is_one_line_naming_it(tiny_run, tmp_path):
     shutil.copytree(tiny_run / "prototypes", folder)
     path = sorted(folder.glob("*.safetensors"))[-1]
     path.write_bytes(path.read_bytes()[:40])
-    epoch = int(path.stem.rsplit("epoch", 1)[1])
+    number = int(path.stem.rsplit("epoch", 1)[1])  # files are named by the epoch's number, from 1
     with pytest.raises(UserError, match=f"{path}: not a complete safetensors file"):
-        load_prototypes(folder, epoch)
+        load_prototypes(folder, number - 1)
 
 
 # ---------------------------------------------------------------- recipes

@@ -192,7 +192,7 @@ def test_pretraining_logs_health_every_epoch_warns_on_collapse_and_draws_it(corp
     assert all("audio" in m and "video" in m and "joint" in m for m in warned)
 
     output = cli("visualize", "health", str(run))
-    assert "audio collapsed at epochs 0, 1, 2" in output
+    assert "audio collapsed at epochs 1, 2, 3" in output
     assert png_size(run / "plots" / "health.png")[0] > 0
     panels, _ = plotted_keys(read_metrics(run / "metrics.jsonl"))
     assert ["health_cos_a", "health_cos_v", "health_cos_joint"] in panels  # pcav visualize curves, too

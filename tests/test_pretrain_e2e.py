@@ -17,10 +17,14 @@ def test_pretrain_demo_recipe_end_to_end(tmp_path):
     data = tmp_path / "data"
     prep = pcav("preprocess", str(corpus.segment_csvs["train"]), str(data), "--videos", str(corpus.videos), "-j", "2")
     assert prep.returncode == 0, prep.stderr
+    held_out = tmp_path / "eval"
+    prep = pcav("preprocess", str(corpus.segment_csvs["eval"]), str(held_out), "--videos", str(corpus.videos), "-j", "2")
+    assert prep.returncode == 0, prep.stderr
 
     run = tmp_path / "runs" / "demo"
     overrides = [
-        f"data.train_manifest={data / 'manifest.jsonl'}", f"train.run_dir={run}",
+        f"data.train_manifest={data / 'manifest.jsonl'}", f"data.eval_manifest={held_out / 'manifest.jsonl'}",
+        f"data.label_csv={corpus.label_csv}", f"train.run_dir={run}",
         "data.loader.batch_size=4", "optim.effective_batch=4", "prototypes.num_clusters=[2, 4]",
         "prototypes.warmup_epochs=2", "stages.0.epochs=5", "stages.1.epochs=2",
     ]  # fmt: skip
@@ -28,8 +32,8 @@ def test_pretrain_demo_recipe_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "pcav pretrain" in result.stdout and f"run folder: {run}" in result.stdout
 
-    assert sorted(p.name for p in run.iterdir()) == ["README.md", "checkpoints", "config.yaml", "metrics.jsonl", "prototypes",
-                                                    "tensorboard"]
+    assert sorted(p.name for p in run.iterdir()) == ["README.md", "checkpoints", "config.yaml", "labels.csv",
+                                                    "metrics.jsonl", "prototypes", "tensorboard"]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best", "last"]
     last = run / "checkpoints" / "last"
     assert {"model.safetensors", "momentum.safetensors", "state.pt", "config.yaml"} <= {p.name for p in last.iterdir()}
@@ -44,6 +48,11 @@ def test_pretrain_demo_recipe_end_to_end(tmp_path):
     assert [e["epoch"] for e in epochs] == list(range(1, 8))
     assert [e["stage"] for e in epochs] == ["joint"] * 5 + ["encoders"] * 2
     assert [e["prototypes"] for e in epochs] == [False, False] + [True] * 5
+    # validated every epoch on the held-out clips; best holds the (last) epoch at the best kNN
+    assert all(e["metric"] == "knn_joint" and e["val_knn_joint"] is not None for e in epochs)
+    best_value = max(e["val_knn_joint"] for e in epochs)
+    best_epoch = [e["epoch"] for e in epochs if e["val_knn_joint"] == best_value][-1]
+    assert torch.load(run / "checkpoints/best/state.pt", weights_only=True)["train"]["best_epoch"] + 1 == best_epoch
     first, last_joint, final = epochs[0], epochs[4], epochs[-1]
     assert final["loss_total"] < first["loss_total"]
     # Within the first stage, the parts that train from the start fall too.

@@ -81,11 +81,11 @@ def test_purity_and_nmi_follow_the_nearest_joint_prototype():
     assert no_labels["knn_joint"] is None and no_labels["purity"] is None and no_labels["a2v_r1"] is not None
 
 
-def test_best_validated_takes_the_first_epoch_at_the_highest_value():
+def test_best_validated_takes_the_last_epoch_at_the_highest_value():
     epochs = [{"epoch": 0, "metric": "knn_joint"}, {"epoch": 1, "metric": "knn_joint", "val_knn_joint": 0.5},
               {"epoch": 2, "metric": "knn_joint", "val_knn_joint": 0.75}, {"epoch": 3, "metric": "knn_joint",
               "val_knn_joint": 0.75}, {"epoch": 4, "metric": "knn_joint", "val_knn_joint": None}]  # fmt: skip
-    assert best_validated(epochs) == ("knn_joint", 0.75, 2)
+    assert best_validated(epochs) == ("knn_joint", 0.75, 3)  # a tie: the later epoch, trained longer
     assert best_validated([{"epoch": 0, "loss_total": 1.0}]) is None
 
 

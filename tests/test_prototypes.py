@@ -364,7 +364,7 @@ def test_save_and_load_round_trip(tmp_path, monkeypatch, with_safetensors):
     for a, b in zip(levels, loaded):
         for field in ("centroids", "p_a", "p_v", "gamma", "assignments", "counts"):
             assert torch.equal(getattr(a, field), getattr(b, field))
-    with pytest.raises(UserError, match="no prototypes for epoch 4"):
+    with pytest.raises(UserError, match="no prototypes for epoch 5"):  # index 4: the 5th epoch
         load_prototypes(tmp_path, 4)
 
 

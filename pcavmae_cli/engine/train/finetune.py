@@ -543,7 +543,9 @@ class FineTuner:
             val = self.validate(self.model, f"validate {epoch + 1}/{self.plan.total_epochs}")
         eval_seconds = time.perf_counter() - started
         metric = None if val is None else val[self.metric]
-        improved = metric is not None and not math.isnan(metric) and (st.best_metric is None or metric > st.best_metric)
+        # ties go to the later epoch (as in pre-training): as good on validation, trained longer
+        finite = metric is not None and not math.isnan(metric)
+        improved = finite and (st.best_metric is None or metric >= st.best_metric)
         if improved:
             st.best_metric, st.best_epoch = metric, epoch
         if ft.average_from_epoch is not None and epoch + 1 >= ft.average_from_epoch:

@@ -139,11 +139,12 @@ def training_hours(epochs: list[dict[str, Any]]) -> float:
 def best_validated(epochs: list[dict[str, Any]]) -> tuple[str, float, int] | None:
     """The validation metric the epoch lines name (``metric``: fine-tuning's ``top1`` / ``mAP``,
     pre-training's ``knn_joint`` ...), its best (highest) ``val_`` value and the index of the
-    first epoch line that reached it; ``None`` where no epoch was validated by a metric."""
+    epoch line ``checkpoints/best`` holds (ties go to the later epoch, as the trainers keep it);
+    ``None`` where no epoch was validated by a metric."""
     metric = next((e.get("metric") for e in reversed(epochs) if e.get("metric")), None)
     scored = [(e.get(f"val_{metric}"), i) for i, e in enumerate(epochs)]
     scored = [(v, i) for v, i in scored if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
     if not scored:
         return None
     value = max(v for v, _ in scored)
-    return metric, float(value), next(i for v, i in scored if v == value)
+    return metric, float(value), [i for v, i in scored if v == value][-1]

@@ -591,7 +591,9 @@ class Trainer:
         if self.validation is not None and self.validation.metric != "loss":
             by = f"val_{self.validation.metric}"
             value = None if val is None else val[self.validation.metric]
-            improved = value is not None and (st.best_by != by or st.best_metric is None or value > st.best_metric)
+            # ties go to the later epoch: as good by the metric, and trained longer (a small eval
+            # set's kNN often reaches 1.0 early and stays there)
+            improved = value is not None and (st.best_by != by or st.best_metric is None or value >= st.best_metric)
             if improved:
                 st.best_metric, st.best_epoch, st.best_regime, st.best_by = value, epoch, None, by
         else:
