@@ -49,3 +49,25 @@ def test_the_recipe_then_omp_num_threads_then_the_usable_cpus_decide(tmp_path):
 def test_an_unusable_omp_num_threads_is_ignored(tmp_path, bad):
     where = _tree(tmp_path, "0::/\n", {"cpu.max": "100000 100000\n"})
     assert thread_plan(None, {"OMP_NUM_THREADS": bad}, **where).threads == 1
+
+
+def test_resolve_runtime_applies_the_plan_and_refuses_zero_threads():
+    import dataclasses
+
+    import torch
+
+    from pcavmae_cli.engine import config
+    from pcavmae_cli.engine.errors import UserError
+    from pcavmae_cli.engine.train.runtime import describe_runtime, resolve_runtime
+
+    train = config.load_recipe("demo").train
+    before = torch.get_num_threads()
+    try:
+        resolve_runtime(dataclasses.replace(train, device="cpu", threads=1))
+        assert torch.get_num_threads() == 1
+        assert describe_runtime(dataclasses.replace(train, device="cpu", threads=1)) == \
+            "cpu, fp32, 1 compute thread (train.threads)"
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(UserError, match="key 'train.threads' must be >= 1"):
+        resolve_runtime(dataclasses.replace(train, device="cpu", threads=0))

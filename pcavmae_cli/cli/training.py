@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from pcavmae_cli.cli.console import RichReporter, err_console
+from pcavmae_cli.cli.console import RichReporter, console, err_console
 from pcavmae_cli.engine.progress import SilentReporter
 
 
@@ -20,7 +20,11 @@ def run_as_rank(run: Callable[..., Any], cfg: Any) -> Any | None:
     from pcavmae_cli.engine.train.distributed import shutdown, world_from_env  # imports torch: not for --help
     from pcavmae_cli.engine.train.stop import Interrupted
 
+    from pcavmae_cli.engine.train.runtime import describe_runtime
+
     main = world_from_env().rank == 0
+    if main and getattr(cfg, "train", None) is not None:
+        console.print(f"runtime: {describe_runtime(cfg.train)}", highlight=False)
     try:
         result = run(cfg, RichReporter(bar_width=None) if main else SilentReporter())
     except Interrupted as stop:

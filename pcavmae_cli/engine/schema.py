@@ -223,6 +223,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the pre-training step; eager with a warning where it fails
     activation_checkpointing: bool = False  # recompute block activations in backward (large batches)
     tensorboard: bool = True  # event files in run_dir/tensorboard/ mirroring metrics.jsonl (tensorboard_log.py)
+    threads: int | None = None  # CPU compute threads; null: OMP_NUM_THREADS, else the CPUs the process may use (threads.py)
     wandb: bool = False  # also log to Weights & Biases (wandb_log.py; the 'wandb' extra; WANDB_MODE=offline works offline)
 
 

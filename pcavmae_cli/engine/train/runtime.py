@@ -29,6 +29,7 @@ from pcavmae_cli.engine.errors import UserError
 from pcavmae_cli.engine.schema import TrainConfig
 from pcavmae_cli.engine.train.allocator import keep_freed_memory
 from pcavmae_cli.engine.train.distributed import init_from_env
+from pcavmae_cli.engine.train.threads import thread_plan
 
 
 @dataclass
@@ -78,7 +79,11 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
 
 
 def resolve_runtime(cfg: TrainConfig) -> Runtime:
-    """Device, precision and, under torchrun, rank and world size (joining the process group)."""
+    """Device, precision and, under torchrun, rank and world size (joining the process group);
+    sets torch's compute threads to the CPUs this process may use (``threads.thread_plan``)."""
+    if cfg.threads is not None and cfg.threads < 1:
+        raise UserError(f"key 'train.threads' must be >= 1 or null, got {cfg.threads}")
+    torch.set_num_threads(thread_plan(cfg.threads).threads)
     wants_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     world = init_from_env(use_cuda=wants_cuda)  # sets cuda:LOCAL_RANK as the current device
     device = resolve_device(cfg.device)
@@ -87,6 +92,15 @@ def resolve_runtime(cfg: TrainConfig) -> Runtime:
     return Runtime(
         device=device, dtype=resolve_precision(cfg.precision, device), rank=world.rank, world_size=world.world_size
     )
+
+
+def describe_runtime(cfg: TrainConfig) -> str:
+    """The run header's line: ``cpu, fp32, 2 compute threads (2 CPUs)`` (what ``resolve_runtime``
+    will choose, without joining a process group)."""
+    device = resolve_device(cfg.device)
+    plan = thread_plan(cfg.threads)
+    precision = "bf16" if resolve_precision(cfg.precision, device) == torch.bfloat16 else "fp32"
+    return f"{device}, {precision}, {plan.threads} compute thread{'s' * (plan.threads != 1)} ({plan.reason})"
 
 
 def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
