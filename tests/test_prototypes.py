@@ -375,3 +375,46 @@ def test_prototype_config_validation():
         kmeans_cfg(method="density_peaks")
     with pytest.raises(UserError, match="gamma_percentiles"):
         kmeans_cfg(gamma_percentiles=[90.0, 10.0])
+
+
+# ---------------------------------------------------------------- bf16 assignment
+
+
+def test_the_bf16_assignment_is_the_fp32_assignment():
+    from pcavmae_cli.engine.prototypes.kmeans import Bf16Features, assign
+
+    gen = torch.Generator().manual_seed(3)
+    x = F.normalize(torch.randn(3000, 64, generator=gen), dim=1)
+    for k in (1, 7, 257):  # 257: the 16 column slices get padding
+        c = F.normalize(torch.randn(k, 64, generator=gen), dim=1)
+        exact, sim = assign(x, c)
+        fast, fast_sim = assign(x, c, chunk_rows=1000, low=Bf16Features.of(x))
+        assert torch.equal(fast, exact), k
+        assert torch.allclose(fast_sim, sim, atol=1e-6)
+
+
+def test_a_near_tie_bf16_cannot_see_is_decided_in_fp32():
+    from pcavmae_cli.engine.prototypes.kmeans import Bf16Features, assign
+
+    # x = e0; c0 = normalise(e0 + 0.0110 e1), c1 = normalise(e0 + 0.0105 e1): cos 0.999940 and
+    # 0.999945, both 1.0 in bf16. fp32 says c1; bf16's first maximum would say c0.
+    x = torch.zeros(1, 8)
+    x[0, 0] = 1.0
+    c = torch.zeros(2, 8)
+    c[:, 0], c[0, 1], c[1, 1] = 1.0, 0.0110, 0.0105
+    c = F.normalize(c, dim=1)
+    low = Bf16Features.of(x)
+    bf16_sims = (low.x @ c.to(torch.bfloat16).T).float()
+    assert bf16_sims[0, 0] == bf16_sims[0, 1]  # bf16 alone cannot tell them apart
+    assert assign(x, c)[0].item() == 1 and assign(x, c, low=low)[0].item() == 1
+
+
+def test_bf16_kmeans_gives_the_fp32_clusters():
+    gen = torch.Generator().manual_seed(5)
+    centres = F.normalize(torch.randn(12, 32, generator=gen), dim=1)
+    x = F.normalize(centres.repeat_interleave(50, 0) + 0.3 * torch.randn(600, 32, generator=gen), dim=1)
+    fp32 = spherical_kmeans(x, 12, iters=8, seed=0, comm=Comm(), precision="fp32")
+    bf16 = spherical_kmeans(x, 12, iters=8, seed=0, comm=Comm(), precision="bf16")
+    assert torch.equal(fp32[1], bf16[1]) and torch.equal(fp32[0], bf16[0])
+    with pytest.raises(ValueError, match="precision"):
+        spherical_kmeans(x, 12, iters=1, seed=0, comm=Comm(), precision="fp16")

@@ -145,6 +145,9 @@ class PrototypeConfig:
     granularities: list[float] | None = None  # density_peaks: sigma = mean pair distance / g
     max_points_exact: int | None = None  # density_peaks: exact O(N^2) up to this many samples
     overcluster_k: int | None = None  # density_peaks above that: micro-clusters of k-means
+    # k-means' similarity matrix: fp32, bf16 (re-checked in fp32 where bf16 cannot decide: the
+    # same assignment), auto (bf16 on GPUs and on CPUs with native bf16)
+    assign_precision: Literal["auto", "fp32", "bf16"] = "auto"
 
     def __post_init__(self) -> None:
         from pcavmae_cli.engine.errors import UserError

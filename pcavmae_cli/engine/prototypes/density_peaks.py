@@ -132,6 +132,7 @@ def density_peaks(
     seed: int,
     comm: Comm | None = None,
     chunk_rows: int = CHUNK_ROWS,
+    precision: str = "fp32",
 ) -> tuple[Tensor, Tensor]:
     """Density peaks of this rank's shard ``x`` (N, D) and the Voronoi cloud of each sample.
 
@@ -149,7 +150,8 @@ def density_peaks(
         points, weights = x, torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
     else:
         centroids, micro = spherical_kmeans(
-            x, min(overcluster_k, n_total), iters=iters, seed=seed, comm=comm, chunk_rows=chunk_rows
+            x, min(overcluster_k, n_total), iters=iters, seed=seed, comm=comm, chunk_rows=chunk_rows,
+            precision=precision,
         )
         _, counts = accumulate(x, micro, centroids.shape[0])
         comm.all_reduce(counts)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,17 +26,49 @@ from pcavmae_cli.engine.errors import UserError
 from pcavmae_cli.engine.prototypes.comm import Comm, default_comm, global_count
 
 CHUNK_ROWS = 4096  # rows of x per similarity block: 4096 x 5000 floats = 80 MB
+BF16_UNIT = 2.0**-9  # bf16 rounds to nearest with 8 significant bits: |bf16(v) - v| <= 2^-9 |v|
+GROUPS = 16  # column slices of the bf16 assignment's strided maximum (assign_bf16)
 
 
-def assign(x: Tensor, centroids: Tensor, chunk_rows: int = CHUNK_ROWS) -> tuple[Tensor, Tensor]:
+@dataclass(frozen=True)
+class Bf16Features:
+    """The features in bf16 for the assignment's matrix product, and each row's rounding error
+    ``||bf16(x) - x||``: made once per k-means, since the rows do not change between iterations."""
+
+    x: Tensor  # (N, D) bf16
+    error: Tensor  # (N,) fp32
+
+    @staticmethod
+    def of(x: Tensor) -> Bf16Features:
+        low = x.to(torch.bfloat16)
+        return Bf16Features(low, (low.float() - x).norm(dim=1))
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    """Whether a bf16 matrix product beats fp32 here: a GPU with bf16, or a CPU with native bf16
+    instructions (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slower."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    cpu = getattr(torch._C, "_cpu", None)
+    return bool(cpu and (cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported()))
+
+
+def assign(
+    x: Tensor, centroids: Tensor, chunk_rows: int = CHUNK_ROWS, low: Bf16Features | None = None
+) -> tuple[Tensor, Tensor]:
     """Nearest centroid of each row by cosine similarity.
 
     Args:
         x: (N, D) unit-norm features.
         centroids: (K, D) unit-norm centroids.
+        low: ``x`` in bf16 (``Bf16Features.of(x)``): the similarities are a bf16 matrix product
+            and the rows it cannot decide are re-checked in fp32 (``assign_bf16``); the result
+            is the fp32 assignment.
     Returns:
         assignment (N,) int64 and the similarity to the assigned centroid (N,).
     """
+    if low is not None:
+        return assign_bf16(x, low, centroids, chunk_rows)
     n = x.shape[0]
     assignment = torch.empty(n, dtype=torch.long, device=x.device)
     similarity = torch.empty(n, dtype=x.dtype, device=x.device)
@@ -49,6 +82,61 @@ def assign(x: Tensor, centroids: Tensor, chunk_rows: int = CHUNK_ROWS) -> tuple[
         sim = block[: rows.shape[0]]
         torch.mm(rows, centroids_t, out=sim)  # (c, K)
         torch.max(sim, dim=1, out=(similarity[start : start + chunk_rows], assignment[start : start + chunk_rows]))
+    return assignment, similarity
+
+
+def assign_bf16(x: Tensor, low: Bf16Features, centroids: Tensor, chunk_rows: int = CHUNK_ROWS) -> tuple[Tensor, Tensor]:
+    """``assign`` with the similarity matrix in bf16 and the decision in fp32: the fp32 assignment.
+
+    A bf16 similarity b_j of row x and centroid c_j differs from the fp32 one s_j by at most
+
+        e = ||bf16(x) - x|| max_j ||bf16(c_j)|| + max_j ||bf16(c_j) - c_j||   (the inputs' rounding)
+            + 2^-9 |b_j| (1 + 2^-8)                                         (the output's rounding)
+            + D 2^-24 (1.1)                                                 (fp32 accumulation)
+
+    so only centroids whose bf16 value is within ``margin`` (two such errors, taken at
+    |b| <= |top| + 0.02) of the row's bf16 maximum can be its fp32 best. Those candidates -- one
+    for most rows, a few where the best two are close -- get their fp32 similarity, and the best
+    of them wins (ties: the lower index). Finding them reads the (rows, K) block once more, as a
+    strided maximum over 16 column slices (``GROUPS``): a row's maximum of each slice position,
+    then the members of the positions within the margin. Reading the block for an index
+    (``max`` with indices, ``topk``) cost more than the bf16 product saved.
+    """
+    n, k = x.shape[0], centroids.shape[0]
+    width = -(-k // GROUPS)  # column positions per slice; the block is (rows, GROUPS * width)
+    c_low = torch.zeros(GROUPS * width, x.shape[1], dtype=torch.bfloat16, device=x.device)
+    c_low[:k] = centroids
+    c_norm = c_low[:k].float().norm(dim=1).max()
+    c_error = (c_low[:k].float() - centroids).norm(dim=1).max()
+    accumulation = x.shape[1] * 2.0**-24 * 1.1
+    assignment = torch.empty(n, dtype=torch.long, device=x.device)
+    similarity = torch.empty(n, dtype=x.dtype, device=x.device)
+    block = low.x.new_empty(min(chunk_rows, n), GROUPS * width)
+    c_low_t = c_low.T
+    for start in range(0, n, chunk_rows):
+        stop = min(start + chunk_rows, n)
+        m = stop - start
+        sim = block[:m]
+        torch.mm(low.x[start:stop], c_low_t, out=sim)  # (m, GROUPS * width) bf16
+        sim[:, k:] = -math.inf  # padding columns are never candidates
+        slices = sim.view(m, GROUPS, width)
+        per_position = slices.amax(dim=1)  # (m, width): strided, vectorised
+        top = per_position.amax(dim=1).float()
+        inputs = low.error[start:stop] * c_norm + c_error + accumulation
+        margin = (2 * inputs + 2 * BF16_UNIT * (1 + 2.0**-8) * (top.abs() + 0.02)) / (1 - 2.0**-8)
+        floor = top - margin
+        floor = (floor - 2.0**-8 * (floor.abs() + 1e-3)).to(torch.bfloat16)  # rounded down, never up
+        row, position = (per_position >= floor[:, None]).nonzero(as_tuple=True)
+        members = slices[row, :, position]  # (P, GROUPS): the columns at those positions
+        pick, group = (members >= floor[row][:, None]).nonzero(as_tuple=True)
+        rows, cols = row[pick], group * width + position[pick]
+        exact = (x[start + rows] * centroids[cols]).sum(dim=1)
+        best = torch.full((m,), -math.inf, dtype=x.dtype, device=x.device).scatter_reduce(0, rows, exact, "amax")
+        at_best = exact == best[rows]
+        first = torch.full((m,), k, dtype=torch.long, device=x.device)
+        first = first.scatter_reduce(0, rows[at_best], cols[at_best], "amin")
+        assignment[start:stop] = first
+        similarity[start:stop] = best
     return assignment, similarity
 
 
@@ -146,7 +234,7 @@ def _reseed_empty(
 
 
 def kmeans_step(
-    x: Tensor, centroids: Tensor, comm: Comm, chunk_rows: int = CHUNK_ROWS
+    x: Tensor, centroids: Tensor, comm: Comm, chunk_rows: int = CHUNK_ROWS, low: Bf16Features | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One Lloyd iteration on the sphere.
 
@@ -155,8 +243,8 @@ def kmeans_step(
     the global member counts (K,) of that assignment.
     """
     k = centroids.shape[0]
-    assignment, similarity = assign(x, centroids, chunk_rows)
-    sums, counts = accumulate(x, assignment, k)
+    assignment, similarity = assign(x, centroids, chunk_rows, low)
+    sums, counts = accumulate(x, assignment, k)  # fp32: the centroid update never sees bf16
     comm.all_reduce(sums)
     comm.all_reduce(counts)
     new = F.normalize(sums, dim=1)
@@ -175,6 +263,7 @@ def spherical_kmeans(
     comm: Comm | None = None,
     init: Tensor | None = None,
     chunk_rows: int = CHUNK_ROWS,
+    precision: str = "fp32",
 ) -> tuple[Tensor, Tensor]:
     """Spherical k-means of this rank's shard ``x`` (N, D) into ``k`` clusters.
 
@@ -184,6 +273,9 @@ def spherical_kmeans(
     Args:
         comm: all-reduce across ranks; ``default_comm()`` when None.
         init: (K, D) starting centroids instead of k-means++ (tests use it).
+        precision: the assignment's similarity matrix: ``fp32``; ``bf16`` (``assign_bf16``: the
+            same assignment, re-checked in fp32 where bf16 cannot decide); ``auto``: bf16 where
+            it is fast (``bf16_is_fast``). The centroid update is fp32 in every case.
     Returns:
         centroids (K, D) unit-norm and this shard's assignment (N,) int64.
     """
@@ -196,15 +288,19 @@ def spherical_kmeans(
         centroids = init_centroids(x, k, seed=seed, comm=comm, chunk_rows=chunk_rows)
     else:
         centroids = F.normalize(init.float().to(x.device), dim=1)
+    if precision not in ("fp32", "bf16", "auto"):
+        raise ValueError(f"precision must be fp32, bf16 or auto, got {precision!r}")
+    use_bf16 = precision == "bf16" or (precision == "auto" and bf16_is_fast(x.device))
+    low = Bf16Features.of(x) if use_bf16 else None
     previous: Tensor | None = None
     for _ in range(iters):
-        new, assignment, counts = kmeans_step(x, centroids, comm, chunk_rows)
+        new, assignment, counts = kmeans_step(x, centroids, comm, chunk_rows, low)
         if previous is not None:
             changed = comm.all_reduce((assignment != previous).sum().reshape(1))
             if int(changed) == 0 and bool((counts > 0).all()):
                 break  # converged: the update would only recompute the same means
         centroids, previous = new, assignment
-    assignment, _ = assign(x, centroids, chunk_rows)
+    assignment, _ = assign(x, centroids, chunk_rows, low)
     return centroids, assignment
 
 

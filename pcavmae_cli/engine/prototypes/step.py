@@ -112,7 +112,8 @@ def estep(
         seed = cfg.seed + 10_000 * epoch + level
         if cfg.method == "kmeans":
             k = int(value)
-            _, assignment = spherical_kmeans(x, k, iters=cfg.kmeans_iters, seed=seed, comm=comm)
+            _, assignment = spherical_kmeans(x, k, iters=cfg.kmeans_iters, seed=seed, comm=comm,
+                                             precision=cfg.assign_precision)  # fmt: skip
         else:
             peaks, assignment = density_peaks(
                 x,
@@ -122,6 +123,7 @@ def estep(
                 iters=cfg.kmeans_iters,
                 seed=seed,
                 comm=comm,
+                precision=cfg.assign_precision,
             )
             k = peaks.shape[0]
         low, high = cfg.gamma_percentiles
