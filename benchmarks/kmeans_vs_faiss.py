@@ -1,39 +1,87 @@
-"""pcav's E-step k-means against faiss-cpu on the same data and the same start.
+"""pcav's E-step k-means against faiss-cpu: same data, same start, sides alternated.
 
-200,000 x 128 random unit vectors into 5,000 clusters, 10 Lloyd iterations (the issue's size).
-Both start from the same centroids (k-means++ drawn by pcav, timed apart; faiss itself would
-draw random rows) and both are rated by the same objective: the mean cosine similarity of each
-vector to its nearest final centroid. faiss is only needed for this script
-(``pip install faiss-cpu``), never by pcav. Not a test: run it on a quiet machine.
+200,000 x 128 random unit vectors into 5,000 clusters, 10 Lloyd iterations (issue size), by three
+sides: pcav with an fp32 assignment, pcav with the bf16 assignment (``prototypes.assign_precision``;
+re-checked in fp32, the same clusters), and faiss ``Kmeans(spherical=True)``. Each side lives in
+its own persistent worker process (torch's and faiss's OpenMP pools in one process compete for
+the cores), built once; the controller then asks them in turn, A, B, C, A, B, C, ... for
+``--repeats`` rounds, so every side sees the same machine state, and prints each side's min and
+median seconds, its objective (mean cosine of each vector to its nearest final centroid, by one
+fp32 function), the assignment FLOP rate (2 N K D per iteration, plus the final assignment)
+against the in-run matmul peaks measured in the pcav worker before and after, thread counts,
+the load average, and the ratios. faiss is needed only here (``pip install faiss-cpu``).
+Not a test: run it on a quiet machine.
 
-    python benchmarks/kmeans_vs_faiss.py --only pcav
-    python benchmarks/kmeans_vs_faiss.py --only faiss
+    python benchmarks/kmeans_vs_faiss.py --repeats 3
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import statistics
+import subprocess
+import sys
 import time
 
-import torch
-
-from pcavmae_cli.engine.bench.kmeans import bench_kmeans, objective, unit_features
+WORKER = r"""
+import json, sys, time, torch
+from pcavmae_cli.engine.bench.kmeans import objective, unit_features
+from pcavmae_cli.engine.bench.peak import matmul_peak
 from pcavmae_cli.engine.prototypes.comm import Comm
-from pcavmae_cli.engine.prototypes.kmeans import init_centroids
-
-
-def faiss_kmeans(x: torch.Tensor, init: torch.Tensor, iters: int) -> tuple[torch.Tensor, float]:
-    """faiss spherical k-means from ``init``: final centroids and seconds."""
+from pcavmae_cli.engine.prototypes.kmeans import init_centroids, spherical_kmeans
+side, n, d, k, iters = sys.argv[1], *map(int, sys.argv[2:6])
+x = unit_features(n, d, 0, torch.device("cpu"))
+init = init_centroids(x, k, seed=0, comm=Comm())  # the same start for every side
+if side == "faiss":
     import faiss
-
-    n, d = x.shape
-    km = faiss.Kmeans(d, init.shape[0], niter=iters, spherical=True, seed=0, verbose=False,
-                      max_points_per_centroid=n, min_points_per_centroid=1)  # fmt: skip
-    xs = x.numpy()
+    xs, start_c = x.numpy(), init.numpy()
+    def run():
+        km = faiss.Kmeans(d, k, niter=iters, spherical=True, seed=0, verbose=False,
+                          max_points_per_centroid=n, min_points_per_centroid=1)
+        km.train(xs, init_centroids=start_c)
+        return torch.from_numpy(km.centroids.copy())
+    threads = faiss.omp_get_max_threads()
+else:
+    precision = side.split("-")[1]
+    def run():
+        return spherical_kmeans(x, k, iters=iters, seed=0, comm=Comm(), init=init, precision=precision)[0]
+    threads = torch.get_num_threads()
+print(json.dumps({"ready": True, "threads": threads}), flush=True)
+for line in sys.stdin:
+    if line.strip() == "peaks":
+        print(json.dumps({p: matmul_peak(dt, torch.device("cpu"), shape=(4096, d, k))
+                          for p, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}), flush=True)
+        continue
     start = time.perf_counter()
-    km.train(xs, init_centroids=init.numpy())
-    return torch.from_numpy(km.centroids.copy()), time.perf_counter() - start
+    centroids = run()
+    seconds = time.perf_counter() - start
+    print(json.dumps({"seconds": seconds, "objective": objective(x, centroids)}), flush=True)
+"""
+
+
+class Worker:
+    def __init__(self, side: str, args: argparse.Namespace):
+        self.side = side
+        command = [sys.executable, "-c", WORKER, side, str(args.n), str(args.d), str(args.k), str(args.iters)]
+        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.info = self._read()
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the {self.side} worker stopped")
+        return json.loads(line)
+
+    def ask(self, what: str = "run") -> dict:
+        self.proc.stdin.write(what + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
 
 
 def main() -> None:
@@ -42,23 +90,40 @@ def main() -> None:
     parser.add_argument("--d", type=int, default=128)
     parser.add_argument("--k", type=int, default=5_000)
     parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--only", choices=["pcav", "faiss"], help="run one side (its own process: torch's and "
-                        "faiss's OpenMP thread pools in one process compete for the cores)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sides", nargs="+", default=["pcav-fp32", "pcav-bf16", "faiss"])
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; load average {os.getloadavg()}")
-    x = unit_features(args.n, args.d, 0, torch.device("cpu"))
-    start = time.perf_counter()
-    init = init_centroids(x, args.k, seed=0, comm=Comm())
-    print(f"k-means++ init (pcav): {time.perf_counter() - start:.2f} s; objective at init {objective(x, init):.5f}")
-    for _ in range(args.repeats):
-        if args.only != "faiss":
-            r = bench_kmeans(args.n, args.d, args.k, iters=args.iters, seed=0, init=init)
-            print(f"pcav  {args.iters} iterations (+ final assignment): {r.iter_seconds:.2f} s, objective {r.objective:.5f}",
-                  flush=True)  # fmt: skip
-        if args.only != "pcav":
-            centroids, seconds = faiss_kmeans(x, init, args.iters)
-            print(f"faiss {args.iters} iterations: {seconds:.2f} s, objective {objective(x, centroids):.5f}", flush=True)
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')}; {args.n} x {args.d} -> {args.k}, {args.iters} iterations; "
+          f"load average {os.getloadavg()}", flush=True)  # fmt: skip
+    workers = [Worker(side, args) for side in args.sides]  # each builds its data and the start once
+    pcav = next((w for w in workers if w.side.startswith("pcav")), None)
+    peaks = [pcav.ask("peaks")] if pcav else []
+    results: dict[str, list[dict]] = {w.side: [] for w in workers}
+    for r in range(args.repeats):
+        for w in workers:
+            results[w.side].append(w.ask())
+            print(f"  round {r + 1} {w.side}: {results[w.side][-1]['seconds']:.2f} s", flush=True)
+    if pcav:
+        peaks.append(pcav.ask("peaks"))
+    for w in workers:
+        w.close()
+    flop = 2.0 * args.n * args.k * args.d * (args.iters + 1)  # the iterations' assignments and the final one
+    print(f"in-run matmul peak (4096 x {args.d} x {args.k}), before / after: "
+          + ", ".join(f"{p} {peaks[0][p]:.0f} / {peaks[-1][p]:.0f} GFLOP/s" for p in ("fp32", "bf16")) if peaks else "")
+    print(f"| side | threads | min s | median s | objective | assignment GFLOP/s (median) | of the in-run {'{'}fp32, bf16{'}'} peak |")
+    print("|---|---|---|---|---|---|---|")
+    medians = {}
+    for w in workers:
+        secs = [x["seconds"] for x in results[w.side]]
+        medians[w.side] = statistics.median(secs)
+        rate = flop / medians[w.side] / 1e9
+        peak = max(p["bf16" if w.side.endswith("bf16") else "fp32"] for p in peaks) if peaks else float("nan")
+        print(f"| {w.side} | {w.info['threads']} | {min(secs):.2f} | {medians[w.side]:.2f} | "
+              f"{results[w.side][-1]['objective']:.5f} | {rate:.0f} | {100 * rate / peak:.0f} % |")  # fmt: skip
+    if "faiss" in medians:
+        for side, m in medians.items():
+            if side != "faiss":
+                print(f"faiss / {side} (median seconds): {medians['faiss'] / m:.2f}x")
     print(f"load average {os.getloadavg()}")
 
 

@@ -44,7 +44,7 @@ def objective(x: torch.Tensor, centroids: torch.Tensor) -> float:
 
 def bench_kmeans(
     n: int, d: int, k: int, *, iters: int, seed: int = 0, device: torch.device | None = None,
-    init: torch.Tensor | None = None,
+    init: torch.Tensor | None = None, precision: str = "fp32",
 ) -> KMeansResult:  # fmt: skip
     """Time k-means++ and ``iters`` Lloyd iterations of ``n`` x ``d`` unit vectors into ``k`` clusters.
 
@@ -59,7 +59,8 @@ def bench_kmeans(
         sync(device)
         init_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    centroids, _ = spherical_kmeans(x, k, iters=iters, seed=seed, comm=Comm(), init=init.to(device))
+    centroids, _ = spherical_kmeans(x, k, iters=iters, seed=seed, comm=Comm(), init=init.to(device),
+                                    precision=precision)  # fmt: skip
     sync(device)
     iter_seconds = time.perf_counter() - start
     return KMeansResult(n, d, k, iters, init_seconds, iter_seconds, objective(x, centroids))
