@@ -162,7 +162,7 @@ def run_demo(
     first, last = run.epochs[0], run.epochs[-1]
     stage(
         "pretrain", started,
-        f"loss {first['loss_total']:.3f} (epoch 1) -> {last['loss_total']:.3f} (epoch {last['epoch'] + 1}), "
+        f"loss {first['loss_total']:.3f} (epoch 1) -> {last['loss_total']:.3f} (epoch {last['epoch']}), "
         f"{run.steps} steps -> {run.run_dir}",
     )  # fmt: skip
 
@@ -179,7 +179,7 @@ def run_demo(
     stage(
         "finetune", started,
         f"{ft_cfg.finetune.mode}, loss {tuned.epochs[0]['loss']:.3f} -> {last_ft['loss']:.3f}, "
-        f"validation {metric} {_percent(last_ft.get(f'val_{metric}'))} (epoch {last_ft['epoch'] + 1}) -> {tuned.run_dir}",
+        f"validation {metric} {_percent(last_ft.get(f'val_{metric}'))} (epoch {last_ft['epoch']}) -> {tuned.run_dir}",
     )  # fmt: skip
 
     eval_manifest = manifests["eval"]
