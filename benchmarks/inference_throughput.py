@@ -1,0 +1,77 @@
+"""Clip-embedding throughput of the paper's base model: what ``pcav embed`` / ``predict`` compute.
+
+The frozen forward of ``evaluate.predict.backbone_features`` (the audio encoder once per clip,
+the clip's frames batched through the video encoder and the joint layer), on full-size
+synthetic inputs (1024 x 128 fbank, 224 px frames), fp32 and bf16 autocast, with 10 frames per
+clip (the 10-frame average) and with the middle frame only. The four settings are run in turn,
+A, B, C, D, A, ..., for ``--repeats`` rounds in one process; each prints min and median clips/s,
+FLOPs per clip (counted, attention included), and MFU against the matmul peak of its precision
+measured in the same run, before and after. Not a test: run it on a quiet machine.
+
+    python benchmarks/inference_throughput.py --recipe cavmae_base --batch 4 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+from pcavmae_cli.engine import config
+from pcavmae_cli.engine.bench.flops import count
+from pcavmae_cli.engine.bench.peak import device_peak
+from pcavmae_cli.engine.evaluate.predict import backbone_features
+from pcavmae_cli.engine.model import PCAVMAE
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", default="cavmae_base")
+    parser.add_argument("--batch", type=int, default=4, help="clips per forward")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--calls", type=int, default=2, help="forwards per timing")
+    args = parser.parse_args()
+    cpu = torch.device("cpu")
+    cfg = config.load_recipe(args.recipe)
+    m = cfg.model
+    backbone = PCAVMAE(m).backbone.eval()
+    gen = torch.Generator().manual_seed(0)
+    fbank = torch.randn(args.batch, m.audio_frames, m.mel_bins, generator=gen)
+    frames = {k: torch.randn(args.batch, k, 3, m.image_size, m.image_size, generator=gen) for k in (10, 1)}
+    settings = [(p, k) for p in ("fp32", "bf16") for k in (10, 1)]
+
+    def forward(precision: str, k: int) -> None:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            backbone_features(backbone, fbank, frames[k])
+
+    flops = {k: count(lambda k=k: forward("fp32", k)) / args.batch for k in (10, 1)}
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')}; {args.recipe}, batch {args.batch}, {torch.get_num_threads()} threads, "
+          f"{os.cpu_count()} CPUs; load average {os.getloadavg()}", flush=True)  # fmt: skip
+    peaks_before = {p: device_peak(dt, cpu).best for p, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    for s in settings:
+        forward(*s)  # warm-up
+    seconds: dict[tuple[str, int], list[float]] = {s: [] for s in settings}
+    for _ in range(args.repeats):
+        for s in settings:
+            start = time.perf_counter()
+            for _ in range(args.calls):
+                forward(*s)
+            seconds[s].append((time.perf_counter() - start) / (args.calls * args.batch))
+    peaks_after = {p: device_peak(dt, cpu).best for p, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    print("in-run matmul peak, before / after: "
+          + ", ".join(f"{p} {peaks_before[p]:.0f} / {peaks_after[p]:.0f} GFLOP/s" for p in peaks_before))
+    print("| precision | frames per clip | GFLOP per clip | clips/s (best) | clips/s (median) | MFU (median, of the higher peak) |")
+    print("|---|---|---|---|---|---|")
+    for p, k in settings:
+        best, median = 1 / min(seconds[(p, k)]), 1 / statistics.median(seconds[(p, k)])
+        peak = max(peaks_before[p], peaks_after[p])
+        print(f"| {p} | {k} | {flops[k] / 1e9:.0f} | {best:.3f} | {median:.3f} | "
+              f"{100 * flops[k] * median / 1e9 / peak:.0f} % |")  # fmt: skip
+    print(f"load average {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()
