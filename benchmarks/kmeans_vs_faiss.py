@@ -18,12 +18,10 @@ Not a test: run it on a quiet machine.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
-import subprocess
-import sys
 import time
+
+from alternate import Worker, alternate, summary
 
 WORKER = r"""
 import json, sys, time, torch
@@ -61,29 +59,6 @@ for line in sys.stdin:
 """
 
 
-class Worker:
-    def __init__(self, side: str, args: argparse.Namespace):
-        self.side = side
-        command = [sys.executable, "-c", WORKER, side, str(args.n), str(args.d), str(args.k), str(args.iters)]
-        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.info = self._read()
-
-    def _read(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the {self.side} worker stopped")
-        return json.loads(line)
-
-    def ask(self, what: str = "run") -> dict:
-        self.proc.stdin.write(what + "\n")
-        self.proc.stdin.flush()
-        return self._read()
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=200_000)
@@ -95,14 +70,11 @@ def main() -> None:
     args = parser.parse_args()
     print(f"{time.strftime('%Y-%m-%d %H:%M:%S')}; {args.n} x {args.d} -> {args.k}, {args.iters} iterations; "
           f"load average {os.getloadavg()}", flush=True)  # fmt: skip
-    workers = [Worker(side, args) for side in args.sides]  # each builds its data and the start once
+    argv = [str(args.n), str(args.d), str(args.k), str(args.iters)]
+    workers = [Worker(side, WORKER, [side, *argv]) for side in args.sides]  # each builds its data and start once
     pcav = next((w for w in workers if w.side.startswith("pcav")), None)
     peaks = [pcav.ask("peaks")] if pcav else []
-    results: dict[str, list[dict]] = {w.side: [] for w in workers}
-    for r in range(args.repeats):
-        for w in workers:
-            results[w.side].append(w.ask())
-            print(f"  round {r + 1} {w.side}: {results[w.side][-1]['seconds']:.2f} s", flush=True)
+    results = alternate(workers, args.repeats)
     if pcav:
         peaks.append(pcav.ask("peaks"))
     for w in workers:
@@ -115,7 +87,7 @@ def main() -> None:
     medians = {}
     for w in workers:
         secs = [x["seconds"] for x in results[w.side]]
-        medians[w.side] = statistics.median(secs)
+        _, medians[w.side] = summary(secs)
         rate = flop / medians[w.side] / 1e9
         peak = max(p["bf16" if w.side.endswith("bf16") else "fp32"] for p in peaks) if peaks else float("nan")
         print(f"| {w.side} | {w.info['threads']} | {min(secs):.2f} | {medians[w.side]:.2f} | "

@@ -1,43 +1,82 @@
-"""Speed of one pre-training step: FLOPs per sample, samples/s, fp32 and bf16.
+"""Speed of one pre-training step, side by side: plain and fast, fp32 and bf16.
 
-A thin wrapper over ``pcavmae_cli.engine.bench.step`` (what ``pcav bench`` runs): the plain
-eager step (torch's default AdamW) of each recipe, full-size synthetic inputs. ``pcav bench``
-adds the fast step, the measured matmul peak and MFU. Not a test: run it on a quiet machine.
+Each side -- a (recipe, variant, precision) -- is built once in its own worker process
+(``alternate.py``; the fast step's allocator setting and compiled kernels last for a process)
+and timed in turn with the others, A, B, C, D, A, ..., for ``--repeats`` rounds of ``--steps``
+steps. Printed per side: FLOPs per sample (counted, attention included), min and median
+samples/s, MFU against the matmul peak of its precision measured in the same run (in the first
+worker, before and after), then the ratios against the first side, the thread count and the load
+average. "plain" is the eager step with torch's default AdamW; "fast" the recipe's settings
+with fused AdamW (``pcav bench`` runs the same steps). Not a test: run it on a quiet machine.
 
-    python benchmarks/pretrain_step.py --recipes pretrain_audioset pretrain_cavmae demo --batch 4
+    python benchmarks/pretrain_step.py --recipe pretrain_cavmae --batch 4 --sides plain:fp32 fast:fp32 plain:bf16 fast:bf16
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import time
 
-import torch
+from alternate import Worker, alternate, summary
 
+WORKER = r"""
+import json, sys, time, torch
 from pcavmae_cli.engine import config
-from pcavmae_cli.engine.bench.step import count_flops, measure_step
+from pcavmae_cli.engine.bench.peak import device_peak
+from pcavmae_cli.engine.bench.step import build_step, count_flops, time_step
+recipe, variant, precision, batch, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+cpu = torch.device("cpu")
+cfg = config.load_recipe(recipe)
+flops = count_flops(cfg, batch, cpu) if variant == "plain" else None
+step = build_step(cfg, batch, cpu, precision, fast=variant == "fast")
+time_step(step, cpu, 1, 1)  # warm-up
+print(json.dumps({"threads": torch.get_num_threads(), "flops": flops}), flush=True)
+for line in sys.stdin:
+    if line.strip() == "peaks":
+        print(json.dumps({p: device_peak(dt, cpu).best for p, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}),
+              flush=True)
+        continue
+    seconds = time_step(step, cpu, steps, 0)
+    print(json.dumps({"seconds": seconds, "samples_per_s": batch / seconds}), flush=True)
+"""
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipes", nargs="+", default=["pretrain_audioset", "pretrain_cavmae", "demo"])
+    parser.add_argument("--recipe", default="pretrain_cavmae")
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
-    parser.add_argument("--fast", action="store_true", help="the fast step (fused AdamW, recipe's compile)")
+    parser.add_argument("--steps", type=int, default=2, help="steps per timing")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sides", nargs="+", default=["plain:fp32", "fast:fp32", "plain:bf16", "fast:bf16"],
+                        help="VARIANT:PRECISION, variant plain or fast")  # fmt: skip
     args = parser.parse_args()
-    cpu = torch.device("cpu")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, batch {args.batch}")
-    print(f"{'recipe':<20} {'precision':<9} {'GFLOP/sample':>13} {'samples/s':>10} {'GFLOP/s':>8}")
-    for recipe in args.recipes:
-        cfg = config.load_recipe(recipe)
-        flops = count_flops(cfg, args.batch, cpu)
-        for precision in args.precisions:
-            r = measure_step(
-                cfg, args.batch, cpu, precision, fast=args.fast, steps=args.steps, warmup=1, flops_per_sample=flops
-            )
-            print(f"{recipe:<20} {precision:<9} {flops / 1e9:>13.1f} {r.samples_per_s:>10.2f} "
-                  f"{r.flops_per_s / 1e9:>8.0f}", flush=True)  # fmt: skip
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')}; {args.recipe}, batch {args.batch}, {os.cpu_count()} CPUs; "
+          f"load average {os.getloadavg()}", flush=True)  # fmt: skip
+    workers = []
+    for side in args.sides:
+        variant, precision = side.split(":")
+        workers.append(Worker(side, WORKER, [args.recipe, variant, precision, str(args.batch), str(args.steps)]))
+    flops = next((w.info["flops"] for w in workers if w.info["flops"]), None)
+    peaks = [workers[0].ask("peaks")]
+    results = alternate(workers, args.repeats, key="samples_per_s")
+    peaks.append(workers[0].ask("peaks"))
+    for w in workers:
+        w.close()
+    print("in-run matmul peak, before / after: "
+          + ", ".join(f"{p} {peaks[0][p]:.0f} / {peaks[1][p]:.0f} GFLOP/s" for p in ("fp32", "bf16")))
+    print(f"FLOPs per sample: {flops / 1e9:.1f} G" if flops else "")
+    print("| side | threads | samples/s (min) | samples/s (median) | MFU (median) | median vs first side |")
+    print("|---|---|---|---|---|---|")
+    first = None
+    for w in workers:
+        rates = [r["samples_per_s"] for r in results[w.side]]
+        low, median = summary(rates)
+        first = first or median
+        peak = max(p[w.side.split(":")[1]] for p in peaks)
+        mfu = f"{100 * flops * median / 1e9 / peak:.0f} %" if flops else "-"
+        print(f"| {w.side} | {w.info['threads']} | {low:.3f} | {median:.3f} | {mfu} | {median / first:.2f}x |")
+    print(f"load average {os.getloadavg()}")
 
 
 if __name__ == "__main__":
