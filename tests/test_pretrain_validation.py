@@ -143,3 +143,14 @@ def test_a_missing_eval_manifest_is_one_line_naming_the_key(validated_run, tmp_p
         pretrain(bad)
     with pytest.raises(UserError, match="validation: 'metric' must be one of"):
         config.load_recipe("demo", ["validation.metric=knn"])
+
+
+def test_validation_runs_every_nth_epoch_the_last_and_where_figures_are_drawn():
+    from pcavmae_cli.engine.schema import ValidationConfig
+    from pcavmae_cli.engine.train.pretrain_validation import PretrainValidation
+
+    v = object.__new__(PretrainValidation)  # only the schedule: no eval set needed
+    v.cfg = ValidationConfig(every_epochs=4, figures_every_epochs=17)
+    validated = [e + 1 for e in range(34) if v.due(e, final=e == 33)]
+    assert validated == [4, 8, 12, 16, 17, 20, 24, 28, 32, 34]  # epoch numbers, from 1
+    assert [e + 1 for e in range(34) if v.figures_due(e)] == [17, 34]

@@ -337,7 +337,7 @@ class ValidationConfig:
     # kNN neighbours come from this many training clips, evenly spaced (all when fewer); 0: from
     # the other eval clips (leave-one-out)
     gallery_clips: int = 4096
-    # t-SNE and reconstruction figures of the validated model every n-th epoch, into
+    # t-SNE and reconstruction figures of the model every n-th epoch (validated then too), into
     # RUN/plots/epochNNNN/ and TensorBoard's images (train/validation_figures.py); 0: never
     figures_every_epochs: int = 10
 

@@ -178,11 +178,12 @@ class PretrainValidation:
         return v is not None and v.every_epochs > 0 and cfg.data.eval_manifest is not None
 
     def due(self, epoch: int, final: bool) -> bool:
-        """After every ``every_epochs``-th epoch (0-based ``epoch``: epochs n, 2n, ...) and the last."""
-        return final or (epoch + 1) % self.cfg.every_epochs == 0
+        """After every ``every_epochs``-th epoch (0-based ``epoch``: epochs n, 2n, ...), the last,
+        and the epochs that draw figures (they are drawn from the validation's features)."""
+        return final or (epoch + 1) % self.cfg.every_epochs == 0 or self.figures_due(epoch)
 
     def figures_due(self, epoch: int) -> bool:
-        """Figures after every ``figures_every_epochs``-th epoch that is validated."""
+        """Figures after every ``figures_every_epochs``-th epoch (validated for them)."""
         n = self.cfg.figures_every_epochs
         return n > 0 and (epoch + 1) % n == 0
 
