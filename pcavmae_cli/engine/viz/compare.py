@@ -58,11 +58,14 @@ def compare_figure(runs: list[str | Path], out: str | Path) -> Path:
             width = max(len(v) for v in vals)
             for j in range(width):
                 ys = np.array([v[j] if j < len(v) else np.nan for v in vals])
+                kept = ~np.isnan(ys)  # epochs without the figure (validation every n-th) do not break the line
                 label = name if width == 1 else f"{name} g{j}"
-                ax.plot(xs, ys, marker="o", ms=3, lw=1.4, color=f"C{c % 10}", alpha=1.0 if j == 0 else 0.6, label=label)
+                ax.plot(xs[kept], ys[kept], marker="o", ms=3, lw=1.4, color=f"C{c % 10}", alpha=1.0 if j == 0 else 0.6, label=label)
         modality = {"_a": "audio", "_v": "video", "_joint": "joint"}
         suffix = next((m for end, m in modality.items() if key.startswith("health_") and key.endswith(end)), None)
-        ax.set_title(TITLES.get(key, key) + (f" ({suffix})" if suffix else ""))
+        # one key per panel here: a validation panel is named by its own key, not its group's title
+        title = f"validation: {key[4:].replace('_', ' ')}" if key.startswith("val_") else TITLES.get(key, key)
+        ax.set_title(title + (f" ({suffix})" if suffix else ""))
         ax.set_xlabel("optimiser step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
