@@ -100,7 +100,8 @@ def assign_bf16(x: Tensor, low: Bf16Features, centroids: Tensor, chunk_rows: int
     so only centroids whose bf16 value is within ``margin`` (two such errors, taken at
     |b| <= |top| + 0.02) of the row's bf16 maximum can be its fp32 best. Those candidates -- one
     for most rows, a few where the best two are close -- get their fp32 similarity, and the best
-    of them wins (ties: the lower index). Finding them reads the (rows, K) block once more, as a
+    of them wins (ties: the lower index; a row whose two best are equal to fp32 rounding may get
+    the other of the two than ``assign``'s fp32 product, whose sums round differently). Finding them reads the (rows, K) block once more, as a
     strided maximum over 16 column slices (``GROUPS``): a row's maximum of each slice position,
     then the members of the positions within the margin. Reading the block for an index
     (``max`` with indices, ``topk``) cost more than the bf16 product saved.
