@@ -115,6 +115,11 @@ def test_pretraining_validates_and_picks_best_by_the_validation_metric(validated
         if e["epoch"] in validated:
             assert {"val_knn_audio", "val_knn_video", "val_a2v_r1", "val_v2a_r1", "eval_seconds"} <= set(e)
             assert len(e["val_purity"]) == 2 and len(e["val_nmi"]) == 2  # prototypes were on: one per granularity
+    # the E-step's figures: per granularity, the largest cluster's share and gamma's range (null in warm-up)
+    assert epochs[0]["proto_largest_share"] is None
+    for e in epochs[1:]:
+        assert len(e["proto_largest_share"]) == 2 and all(0 < s <= 1 for s in e["proto_largest_share"])
+        assert all(lo <= hi for lo, hi in zip(e["proto_gamma_min"], e["proto_gamma_max"]))
     metric, value, index = best_validated(epochs)
     state = torch.load(root / "run" / "checkpoints" / "best" / "state.pt", weights_only=True)["train"]
     assert state["best_by"] == "val_knn_joint" and state["best_epoch"] + 1 == epochs[index]["epoch"]  # state: 0-based

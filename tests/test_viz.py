@@ -152,10 +152,10 @@ def test_visualize_commands_write_their_files(trained_demo_run, tmp_path):
     run, train = trained_demo_run.run_dir, trained_demo_run.train_manifest
 
     cli("visualize", "curves", str(run))
-    # 17 panels (total, InfoNCE, r, PJE, PCPE, the validation's kNN, retrieval, purity and NMI,
-    # lr, throughput, prototypes, epoch time, and the health quantities: mean cosine, effective
-    # rank, prototype spread, agreement): 3 x 6.
-    assert png_size(run / "plots/curves.png") == (1800, 2360)
+    # 19 panels (total, InfoNCE, r, PJE, PCPE, the validation's kNN, retrieval, purity and NMI,
+    # lr, throughput, prototypes, the largest prototype's share, gamma, epoch time, and the
+    # health quantities: mean cosine, effective rank, prototype spread, agreement): 3 x 7.
+    assert png_size(run / "plots/curves.png") == (1800, 2720)
 
     tsne = cli("visualize", "tsne", "--checkpoint", str(run), "--data", str(train), "--out", str(tmp_path / "t.png"))
     assert "15 clips, 3 classes, 6 prototypes shown" in tsne

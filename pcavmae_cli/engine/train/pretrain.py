@@ -146,6 +146,19 @@ class TrainState:
     health: dict[str, Any] | None = None  # this epoch's representation health, measured at its start
 
 
+def estep_figures(protos: list[Prototypes] | None) -> dict[str, list[float] | None]:
+    """Per granularity of this epoch's prototypes: the largest cluster's share of the clips and
+    the smallest and largest concentration gamma of eq. 2 (rescaled to mean ``tau``): a cluster
+    swallowing the data, or gammas pinned at their clamps, show here first. Null in warm-up."""
+    if protos is None:
+        return {"proto_largest_share": None, "proto_gamma_min": None, "proto_gamma_max": None}
+    return {
+        "proto_largest_share": [round(float(p.counts.max() / p.counts.sum()), 4) for p in protos],
+        "proto_gamma_min": [round(float(p.gamma.min()), 5) for p in protos],
+        "proto_gamma_max": [round(float(p.gamma.max()), 5) for p in protos],
+    }
+
+
 def pretrain(
     cfg: Recipe, reporter: ProgressReporter | None = None, *, on_step: Callable[[StepInfo], None] | None = None
 ) -> PretrainResult:
@@ -580,6 +593,7 @@ class Trainer:
             "seconds": round(seconds, 3),
             "estep_seconds": round(estep_seconds, 3),
             "num_prototypes": None if protos is None else [int(p.centroids.shape[0]) for p in protos],
+            **estep_figures(protos),
         }
         if self.cfg.health is not None:  # measured at the epoch's start; null where it was not
             extra |= st.health if st.health is not None else empty_health()

@@ -30,6 +30,7 @@ FLAGS = {"health_collapsed_a", "health_collapsed_v", "health_collapsed_joint"}  
 GROUPS = {
     "loss_r": ("loss_r", "loss_r_a", "loss_r_v"),
     "seconds": ("seconds", "estep_seconds", "eval_seconds"),
+    "proto_gamma_min": ("proto_gamma_min", "proto_gamma_max"),
     "val_knn_joint": ("val_knn_joint", "val_knn_audio", "val_knn_video"),
     "val_a2v_r1": ("val_a2v_r1", "val_a2v_r5", "val_v2a_r1", "val_v2a_r5"),
     **{f"health_{f}_a": (f"health_{f}_a", f"health_{f}_v", f"health_{f}_joint") for f in ("cos", "rank", "spread")},
@@ -44,6 +45,8 @@ TITLES = {
     "lr": "learning rate",
     "samples_per_s": "throughput (samples / s)",
     "num_prototypes": "prototypes per granularity",
+    "proto_largest_share": "largest prototype's share of the clips",
+    "proto_gamma_min": "eq. 2 concentration gamma (min, max)",
     "seconds": "epoch wall time (s)",
     "health_cos_a": "mean pairwise cosine (1: collapsed)",
     "health_rank_a": "effective rank of the clip embeddings",
@@ -55,8 +58,8 @@ TITLES = {
     "val_nmi": "validation: prototype NMI",
 }
 ORDER = ("loss_total", "loss_infonce", "loss_r", "loss_pje", "loss_pcpe", "val_knn_joint", "val_a2v_r1", "val_purity",
-         "val_nmi", "lr", "samples_per_s", "num_prototypes", "seconds", "health_cos_a", "health_rank_a",
-         "health_spread_a", "health_agree_a")  # fmt: skip
+         "val_nmi", "lr", "samples_per_s", "num_prototypes", "proto_largest_share", "proto_gamma_min", "seconds",
+         "health_cos_a", "health_rank_a", "health_spread_a", "health_agree_a")  # fmt: skip
 KIND_STYLE = {"step": dict(lw=0.9, alpha=0.45), "epoch": dict(marker="o", ms=4, lw=1.6)}
 KIND_NAMES = {"step": "per log step", "epoch": "epoch mean"}
 
