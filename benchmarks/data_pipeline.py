@@ -3,8 +3,8 @@
 Prints clips/s for `demo-data`, `preprocess` and `pack`, where a plain-layout sample's time
 goes (WAV read, fbank, padding, JPEG decode + crop, one thread; and the normalisation, which
 training does on the device), and samples/s of the training loader (one random frame + fbank
-per sample, as compact samples, `engine/bench/loader.py`) for the plain and the packed layout
-side by side, with 0 and N workers. Not a test: run it on a quiet machine and copy the figures
+per sample, as compact samples, `engine/bench/loader.py`) for the plain and the packed layout,
+with 0 and N workers, the four sides alternated ``--repeats`` times (min, median, ratio). Not a test: run it on a quiet machine and copy the figures
 into docs/benchmarks.md.
 
     python benchmarks/data_pipeline.py --out /tmp/pcav-bench --workers 1
@@ -16,6 +16,7 @@ import argparse
 import os
 import platform
 import shutil
+import statistics
 import time
 from pathlib import Path
 
@@ -43,7 +44,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("/tmp/pcav-bench"))
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--epochs", type=int, default=3, help="loader passes to average")
+    parser.add_argument("--epochs", type=int, default=3, help="loader passes per timing")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of the alternated loader sides")
     args = parser.parse_args()
     shutil.rmtree(args.out, ignore_errors=True)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
@@ -62,12 +64,22 @@ def main() -> None:
     print(f"pack:       {packed.n_clips} clips in {seconds:.1f} s = {packed.n_clips / seconds:.2f} clips/s")
 
     profile_plain_sample(report.manifest, cfg)
-    for workers in (0, args.workers):
-        for layout, manifest in (("plain", report.manifest), ("packed", packed.index)):
+    # the loader sides in turn, A, B, C, D, A, ...: every side sees the same machine and page cache
+    sides = [(layout, manifest, workers) for workers in (0, args.workers)
+             for layout, manifest in (("plain", report.manifest), ("packed", packed.index))]  # fmt: skip
+    rates: dict[tuple[str, int], list[float]] = {(layout, w): [] for layout, _, w in sides}
+    print(f"loader sides alternated {args.repeats} times; load average {os.getloadavg()}", flush=True)
+    for _ in range(args.repeats):
+        for layout, manifest, workers in sides:
             r = bench_loader(manifest, cfg, workers=workers, passes=args.epochs)
-            cpu = "" if r["cpu_ms_per_sample"] is None else f", CPU {r['cpu_ms_per_sample']:.2f} ms per sample"
-            print(f"loader:     {layout:6s} {workers} workers: {r['samples_per_s']:.0f} samples/s "
-                  f"({r['samples_per_s_per_worker']:.0f} per worker, {r['ms_per_sample']:.2f} ms per sample{cpu})")
+            rates[(layout, workers)].append(r["samples_per_s"])
+    for (layout, workers), values in rates.items():
+        print(f"loader:     {layout:6s} {workers} workers: samples/s min {min(values):.0f}, "
+              f"median {statistics.median(values):.0f}")  # fmt: skip
+    for workers in (0, args.workers):
+        ratio = statistics.median(rates[("packed", workers)]) / statistics.median(rates[("plain", workers)])
+        print(f"packed / plain, {workers} workers (median): {ratio:.2f}x")
+    print(f"load average {os.getloadavg()}")
 
 
 def profile_plain_sample(manifest: Path, cfg, repeats: int = 50) -> None:
