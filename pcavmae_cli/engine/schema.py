@@ -267,6 +267,34 @@ class HealthConfig:
 
 
 @dataclass
+class PretrainAugmentConfig:
+    """Augmentations of the audio in pre-training (``train/augment.py``; docs/method.md, "When
+    one modality learns nothing").
+
+    The picture already changes between epochs (``data.loader.train_frame: random``), the fbank
+    does not: without these, the audio side can solve the cross-modal objectives by recognising
+    each training recording, which does not carry over to new ones. All are off by default, as
+    in the paper's pre-training. Applied to the normalised fbank the model sees, which is also
+    the reconstruction target.
+    """
+
+    audio_roll: int = 0  # roll each clip in time by U{-n, .., n} frames (circularly); 0: none
+    freq_mask: int = 0  # SpecAugment: one frequency mask of width < this many bins per clip; 0: none
+    time_mask: int = 0  # one time mask of width < this many frames per clip; 0: none
+
+    def __post_init__(self) -> None:
+        from pcavmae_cli.engine.errors import UserError
+
+        for key in ("audio_roll", "freq_mask", "time_mask"):
+            if getattr(self, key) < 0:
+                raise UserError(f"augment: '{key}' must be >= 0")
+
+    @property
+    def active(self) -> bool:
+        return bool(self.audio_roll or self.freq_mask or self.time_mask)
+
+
+@dataclass
 class FinetuneConfig:
     """Classification fine-tuning (METHOD_NOTES, Downstream; docs/method.md ("Downstream")).
 
@@ -376,3 +404,4 @@ class Recipe:
     evaluate: EvaluateConfig | None = None
     health: HealthConfig | None = None  # pre-training's representation health; null: not measured
     validation: ValidationConfig | None = None  # pre-training's validation on data.eval_manifest; null: none
+    augment: PretrainAugmentConfig | None = None  # pre-training's audio augmentations; null: none

@@ -98,9 +98,26 @@ def fbank_noise(fbank: Tensor) -> Tensor:
     B, T, Fq = fbank.shape
     scale = torch.rand(B, 1, 1) / 10
     noisy = fbank + host_to_device(torch.rand(B, T, Fq) * scale, fbank.device).to(fbank.dtype)
-    shift = torch.randint(-10, 10, (B,))
-    src = (torch.arange(T)[None, :] - shift[:, None]) % T  # rolled[t] = x[t - shift]
-    return noisy.gather(1, host_to_device(src, fbank.device)[:, :, None].expand(B, T, Fq))
+    return roll_in_time(noisy, torch.randint(-10, 10, (B,)))
+
+
+def roll_in_time(fbank: Tensor, shift: Tensor) -> Tensor:
+    """Each clip rolled circularly in time by its own ``shift`` (CPU ``(B,)`` long):
+    ``rolled[b, t] = fbank[b, (t - shift[b]) mod T]``."""
+    B, T, Fq = fbank.shape
+    src = (torch.arange(T)[None, :] - shift[:, None]) % T
+    return fbank.gather(1, host_to_device(src, fbank.device)[:, :, None].expand(B, T, Fq))
+
+
+def pretrain_audio_view(fbank: Tensor, roll: int, freq_mask: int, time_mask: int) -> Tensor:
+    """Pre-training's view of a batch's audio (the ``augment`` recipe section): a circular roll
+    by U{-roll, .., roll} frames, then SpecAugment. Each draw is a fresh one, so a training
+    recording never reaches the model twice in the same form."""
+    if roll > 0:
+        fbank = roll_in_time(fbank, torch.randint(-roll, roll + 1, (fbank.shape[0],)))
+    if freq_mask or time_mask:
+        fbank = spec_augment(fbank, freq_mask, time_mask)
+    return fbank
 
 
 def classification_loss(logits: Tensor, targets: Tensor, label_mode: LabelMode) -> Tensor:

@@ -68,6 +68,7 @@ from pcavmae_cli.engine.progress import ProgressReporter, default_reporter
 from pcavmae_cli.engine.model_card import write_model_card
 from pcavmae_cli.engine.run_folder import keep_labels, portable_recipe
 from pcavmae_cli.engine.schema import Recipe, StageConfig
+from pcavmae_cli.engine.train import augment
 from pcavmae_cli.engine.train import checkpoint as ckpt
 from pcavmae_cli.engine.train.checks import check_clusters, check_recipe, is_stage_end, stage_of
 from pcavmae_cli.engine.train.data import EpochBatchSampler, close_loader, embed_loader, train_loader
@@ -432,6 +433,9 @@ class Trainer:
                 if self.ddp is None:
                     stop.check()  # under DDP the ranks agree on it at flush points (_flush)
                 batch = model_inputs(batch, cfg.data, self.rt.device)  # compact samples, normalised here
+                if cfg.augment is not None and cfg.augment.active:
+                    aug = cfg.augment
+                    batch["fbank"] = augment.pretrain_audio_view(batch["fbank"], aug.audio_roll, aug.freq_mask, aug.time_mask)
                 shard = self._shard(st.position + in_group)
                 group = min(accum, n_batches - st.position)
                 last_of_group = in_group + 1 == group
