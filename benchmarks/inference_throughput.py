@@ -3,8 +3,9 @@
 The frozen forward of ``evaluate.predict.backbone_features`` (the audio encoder once per clip,
 the clip's frames batched through the video encoder and the joint layer), on full-size
 synthetic inputs (1024 x 128 fbank, 224 px frames), fp32 and bf16 autocast, with 10 frames per
-clip (the 10-frame average) and with the middle frame only. The four settings are run in turn,
-A, B, C, D, A, ..., for ``--repeats`` rounds in one process; each prints min and median clips/s,
+clip (the 10-frame average) and with the middle frame only; bf16 also with torch's fused
+attention kernel (``bf16-sdpa``) instead of ``blocks.attend``'s explicit products. The six
+settings are run in turn, A, B, C, D, E, F, A, ..., for ``--repeats`` rounds in one process; each prints min and median clips/s,
 FLOPs per clip (counted, attention included), and MFU against the matmul peak of its precision
 measured in the same run, before and after. Not a test: run it on a quiet machine.
 
@@ -24,7 +25,7 @@ from pcavmae_cli.engine import config
 from pcavmae_cli.engine.bench.flops import count
 from pcavmae_cli.engine.bench.peak import device_peak
 from pcavmae_cli.engine.evaluate.predict import backbone_features
-from pcavmae_cli.engine.model import PCAVMAE
+from pcavmae_cli.engine.model import PCAVMAE, blocks
 
 
 def main() -> None:
@@ -41,10 +42,11 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     fbank = torch.randn(args.batch, m.audio_frames, m.mel_bins, generator=gen)
     frames = {k: torch.randn(args.batch, k, 3, m.image_size, m.image_size, generator=gen) for k in (10, 1)}
-    settings = [(p, k) for p in ("fp32", "bf16") for k in (10, 1)]
+    settings = [(p, k) for p in ("fp32", "bf16", "bf16-sdpa") for k in (10, 1)]
 
     def forward(precision: str, k: int) -> None:
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        blocks.EXPLICIT_CPU_BF16 = precision == "bf16"
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "fp32"):
             backbone_features(backbone, fbank, frames[k])
 
     flops = {k: count(lambda k=k: forward("fp32", k)) / args.batch for k in (10, 1)}
@@ -67,7 +69,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for p, k in settings:
         best, median = 1 / min(seconds[(p, k)]), 1 / statistics.median(seconds[(p, k)])
-        peak = max(peaks_before[p], peaks_after[p])
+        peak = max(peaks_before[p[:4]], peaks_after[p[:4]])
         print(f"| {p} | {k} | {flops[k] / 1e9:.0f} | {best:.3f} | {median:.3f} | "
               f"{100 * flops[k] * median / 1e9 / peak:.0f} % |")  # fmt: skip
     print(f"load average {os.getloadavg()}")

@@ -7,7 +7,9 @@ steps. Printed per side: FLOPs per sample (counted, attention included), min and
 samples/s, MFU against the matmul peak of its precision measured in the same run (in the first
 worker, before and after), then the ratios against the first side, the thread count and the load
 average. "plain" is the eager step with torch's default AdamW; "fast" the recipe's settings
-with fused AdamW (``pcav bench`` runs the same steps). Not a test: run it on a quiet machine.
+with fused AdamW (``pcav bench`` runs the same steps). A variant ending in ``-sdpa`` (``fast-sdpa:bf16``)
+runs bf16 attention on the CPU through torch's fused kernel instead of ``blocks.attend``'s explicit
+products. Not a test: run it on a quiet machine.
 
     python benchmarks/pretrain_step.py --recipe pretrain_cavmae --batch 4 --sides plain:fp32 fast:fp32 plain:bf16 fast:bf16
 """
@@ -26,6 +28,10 @@ from pcavmae_cli.engine import config
 from pcavmae_cli.engine.bench.peak import device_peak
 from pcavmae_cli.engine.bench.step import build_step, count_flops, time_step
 recipe, variant, precision, batch, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+if variant.endswith("-sdpa"):  # torch's fused attention kernel also for bf16 on the CPU
+    from pcavmae_cli.engine.model import blocks
+    blocks.EXPLICIT_CPU_BF16 = False
+    variant = variant[: -len("-sdpa")]
 cpu = torch.device("cpu")
 cfg = config.load_recipe(recipe)
 flops = count_flops(cfg, batch, cpu) if variant == "plain" else None
@@ -49,7 +55,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="steps per timing")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sides", nargs="+", default=["plain:fp32", "fast:fp32", "plain:bf16", "fast:bf16"],
-                        help="VARIANT:PRECISION, variant plain or fast")  # fmt: skip
+                        help="VARIANT:PRECISION, variant plain, fast, plain-sdpa or fast-sdpa")  # fmt: skip
     args = parser.parse_args()
     print(f"{time.strftime('%Y-%m-%d %H:%M:%S')}; {args.recipe}, batch {args.batch}, {os.cpu_count()} CPUs; "
           f"load average {os.getloadavg()}", flush=True)  # fmt: skip

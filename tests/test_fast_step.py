@@ -9,6 +9,7 @@ import torch
 import torch._inductor.config as inductor
 
 from pcavmae_cli.engine import config
+from pcavmae_cli.engine.model import blocks
 from pcavmae_cli.engine.train.fast import FallbackCompiled, set_activation_checkpointing
 from pcavmae_cli.engine.train.finetune import FineTuner
 from pcavmae_cli.engine.train.metrics import read_metrics
@@ -201,3 +202,42 @@ def test_fine_tuning_honours_compile_and_activation_checkpointing(tmp_path, eage
         losses, steps, _ = runs[name]
         assert losses == pytest.approx(plain_losses, abs=1e-5), name
         assert steps == plain_steps, name
+
+
+def test_explicit_bf16_cpu_attention_is_the_fused_kernel_within_bf16_rounding():
+    """``blocks.attend`` takes two bf16 products on the CPU: the same attention as SDPA on the
+    same bf16 inputs (taken in fp32 as the reference), forward and backward."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 40, 16).bfloat16().requires_grad_() for _ in range(3))
+    ref_inputs = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    grad = torch.randn(2, 3, 40, 16)
+    out = blocks.attend(q, k, v)
+    assert out.dtype == torch.bfloat16
+    out.float().backward(grad)
+    ref = torch.nn.functional.scaled_dot_product_attention(*ref_inputs)
+    ref.backward(grad)
+    assert torch.allclose(out.float(), ref, atol=2e-2, rtol=2e-2)
+    for mine, theirs in zip((q, k, v), ref_inputs):
+        assert torch.allclose(mine.grad.float(), theirs.grad, atol=5e-2, rtol=5e-2)
+    fp32 = [t.detach() for t in ref_inputs]
+    assert torch.equal(blocks.attend(*fp32), torch.nn.functional.scaled_dot_product_attention(*fp32))
+
+
+def test_the_bf16_step_with_explicit_attention_gives_the_fused_kernels_losses_and_gradients(corpus, tmp_path, monkeypatch):  # noqa: F811
+    cfg, model = tiny_model(corpus, tmp_path)
+    batch, protos = fixed_batch(cfg), fixed_prototypes(cfg)
+    rt = Runtime(device=torch.device("cpu"), dtype=torch.bfloat16)
+    results = {}
+    for explicit in (False, True):
+        monkeypatch.setattr(blocks, "EXPLICIT_CPU_BF16", explicit)
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same masks
+        total, logged = batch_losses(model, batch, cfg.stages[0].loss, protos, rt)
+        total.backward()
+        results[explicit] = (total.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    (loss_sdpa, grads_sdpa), (loss_explicit, grads_explicit) = results[False], results[True]
+    assert loss_explicit == pytest.approx(loss_sdpa, rel=2e-2)
+    assert grads_sdpa.keys() == grads_explicit.keys()
+    for name, g in grads_sdpa.items():
+        scale = g.abs().max().clamp_min(1e-6)
+        assert (grads_explicit[name] - g).abs().max() / scale < 0.1, name

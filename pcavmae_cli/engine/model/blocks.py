@@ -17,6 +17,29 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd)) v for ``(B, nh, N, hd)`` inputs.
+
+    Fused SDPA everywhere but for bf16 on the CPU: there torch's flash kernel runs at about half
+    the rate of two batched bf16 products with the softmax between them (docs/benchmarks.md,
+    "Where the bf16 step goes"), so that case takes the explicit path. It holds the (N, N)
+    weights per head for the backward pass, which the flash kernel does not; CPU batches are
+    small. The softmax stays in bf16 (computed in fp32 inside the kernel, rounded once), as
+    autocast would not: autocast's fp32 softmax doubles the traffic of the (N, N) matrix.
+    """
+    if q.device.type != "cpu" or q.dtype != torch.bfloat16 or not EXPLICIT_CPU_BF16:
+        return F.scaled_dot_product_attention(q, k, v)
+    B, H, N, D = q.shape
+    with torch.autocast("cpu", enabled=False):
+        weights = torch.bmm(q.reshape(B * H, N, D) * D**-0.5, k.reshape(B * H, N, D).transpose(1, 2))
+        out = torch.bmm(weights.softmax(dim=-1), v.reshape(B * H, N, D))
+    return out.view(B, H, N, D)
+
+
+# The explicit bf16 CPU attention of ``attend``; benchmarks/pretrain_step.py turns it off to compare.
+EXPLICIT_CPU_BF16 = True
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with one fused qkv projection.
 
@@ -36,7 +59,7 @@ class Attention(nn.Module):
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, nh, N, hd) each
-        x = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(hd)) v, fused kernel
+        x = attend(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
