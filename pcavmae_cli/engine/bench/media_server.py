@@ -42,6 +42,7 @@ class Served:
     bytes: int  # body bytes written to the socket
     range: str | None = None  # the request's Range header
     proxied: bool = False
+    cookie: str | None = None  # the request's Cookie header
 
 
 class MediaServer:
@@ -183,7 +184,7 @@ def _handler(server: MediaServer) -> type[http.server.BaseHTTPRequestHandler]:
             except (BrokenPipeError, ConnectionResetError):
                 self.close_connection = True
             finally:
-                server._record(Served(name, status, sent, asked, proxied))
+                server._record(Served(name, status, sent, asked, proxied, self.headers.get("Cookie")))
 
         def _empty(self, status: int, name: str, proxied: bool, retry_after: float | None = None,
                    content_range: str | None = None) -> None:
@@ -194,6 +195,6 @@ def _handler(server: MediaServer) -> type[http.server.BaseHTTPRequestHandler]:
             if content_range:
                 self.send_header("Content-Range", content_range)
             self.end_headers()
-            server._record(Served(name, status, 0, self.headers.get("Range"), proxied))
+            server._record(Served(name, status, 0, self.headers.get("Range"), proxied, self.headers.get("Cookie")))
 
     return Handler

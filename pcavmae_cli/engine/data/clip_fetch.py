@@ -226,6 +226,7 @@ ENCODE_ARGS = [
     "-c:v", "libx264", "-preset", "veryfast", "-crf", "23", "-pix_fmt", "yuv420p",
     "-c:a", "aac", "-b:a", "128k", "-movflags", "+faststart", "-f", "mp4",
 ]
+_LOG_PREFIX = re.compile(r"^(\[[^\]]*\] )+")  # "[http @ 0x...] [error] "
 _BYTES_READ = re.compile(r"Statistics: (\d+) bytes read")
 _DURATION = re.compile(r"Duration: (\d+):(\d\d):(\d\d(?:\.\d+)?)")
 
@@ -242,8 +243,7 @@ def fetch_window(info: dict, dest: Path, start: float, end: float, options: Fetc
     proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
     log = proc.stderr.splitlines()
     fetched = sum(int(m.group(1)) for line in log if (m := _BYTES_READ.search(line)))
-    errors = [ln.split("] [error] ", 1)[-1].split("] [fatal] ", 1)[-1]
-              for ln in log if "[error]" in ln or "[fatal]" in ln]
+    errors = [_LOG_PREFIX.sub("", ln) for ln in log if "[error]" in ln or "[fatal]" in ln]
     source_seconds = _source_duration(log)
     if source_seconds is not None and source_seconds <= start:
         raise ClipError("too_short", f"the video is {source_seconds:.2f} s long; the segment starts at {start:g} s")

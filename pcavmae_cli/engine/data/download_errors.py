@@ -29,7 +29,7 @@ RATE_LIMITED = "rate_limited"
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _HTTP = re.compile(r"(?:HTTP Error|Server returned) (\d{3})")
-_FFMPEG_HTTP = {"4XX Client Error": None, "5XX Server Error": 500}  # ffmpeg's words for other codes
+_FFMPEG_5XX = "5XX Server Error"  # ffmpeg's words for a 5xx it has no name for
 # Lower-case fragments of yt-dlp / YouTube / ffmpeg messages, first match wins.
 _MESSAGES = (
     ("private video", "private"),
@@ -77,10 +77,8 @@ def classify_error(message: str, status: int | None = None) -> str:
     if status is None:
         m = _HTTP.search(message)
         status = int(m.group(1)) if m else None
-    if status is None:
-        for words, code in _FFMPEG_HTTP.items():
-            if words in message:
-                status = code
+    if status is None and _FFMPEG_5XX in message:
+        status = 500
     if status == 429:
         return RATE_LIMITED
     text = message.lower()
