@@ -28,6 +28,7 @@ import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pcavmae_cli.engine import media
 from pcavmae_cli.engine.data.download_errors import classify_error, clean
@@ -165,7 +166,7 @@ def resolve(url: str, options: FetchOptions, work: Path) -> dict:
             info = ydl.sanitize_info(info) if info else {}
             for fmt in info.get("requested_formats") or [info]:
                 if fmt.get("url"):
-                    fmt["_cookies"] = _cookie_lines(ydl, fmt["url"])
+                    fmt["pcav_cookies"] = _cookie_lines(ydl, fmt["url"])
             return info
     except yt_dlp.utils.DownloadError as exc:
         raise _ytdlp_error(exc) from None
@@ -174,9 +175,14 @@ def resolve(url: str, options: FetchOptions, work: Path) -> dict:
 
 
 def _cookie_lines(ydl, url: str) -> str:
-    """The jar's cookies for ``url`` in ffmpeg's ``-cookies`` form (Set-Cookie lines)."""
+    """The jar's cookies for ``url`` in ffmpeg's ``-cookies`` form (Set-Cookie lines).
+
+    The jar has chosen the cookies for this URL; each is given the URL's own host as its
+    domain, with the port when there is one, because that is what ffmpeg compares it with.
+    """
+    host = urlsplit(url).netloc.rpartition("@")[2]
     cookies = ydl.cookiejar.get_cookies_for_url(url)
-    return "".join(f"{c.name}={c.value}; path={c.path}; domain={c.domain};\r\n" for c in cookies)
+    return "".join(f"{c.name}={c.value}; path={c.path}; domain={host};\r\n" for c in cookies)
 
 
 def streams_of(info: dict) -> list[dict]:
@@ -211,8 +217,8 @@ def _input_args(fmt: dict, options: FetchOptions, start: float, seconds: float, 
         headers = fmt.get("http_headers") or {}
         if headers:
             args += ["-headers", "".join(f"{k}: {v}\r\n" for k, v in headers.items())]
-        if fmt.get("_cookies"):
-            args += ["-cookies", fmt["_cookies"]]
+        if fmt.get("pcav_cookies"):
+            args += ["-cookies", fmt["pcav_cookies"]]
         if options.proxy:
             args += ["-http_proxy", options.proxy]
         args += ["-rw_timeout", str(int(options.socket_timeout * 1_000_000))]
