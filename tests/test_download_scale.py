@@ -406,3 +406,31 @@ def test_preprocess_makes_training_clips_and_keeps_no_video(server, tmp_path):
     assert again.already_done == 3 and len(server.log) == n_requests
     assert [r.id for r in read_manifest(data / "manifest.jsonl")] == ["long0_0", "long1_100", "long2_200"]
     assert len(_jsonl(tmp_path / "out" / "downloaded.jsonl")) == 3
+
+
+# --- what today's YouTube needs -----------------------------------------------------------------------
+
+
+def test_the_download_extra_gives_yt_dlp_a_javascript_runtime():
+    import yt_dlp
+    import yt_dlp_ejs  # noqa: F401 - the challenge solver of yt-dlp[default]
+
+    from pcavmae_cli.engine.data import site_access
+
+    runtimes = site_access.js_runtimes()
+    assert "deno" in runtimes
+    with yt_dlp.YoutubeDL({"quiet": True, "js_runtimes": runtimes}) as ydl:
+        deno = ydl._js_runtimes["deno"].info
+    assert deno is not None and deno.supported
+
+
+def test_a_youtube_run_without_a_javascript_runtime_says_so_before_it_starts(tmp_path, monkeypatch):
+    from pcavmae_cli.engine.data import site_access
+
+    monkeypatch.setattr(site_access, "js_runtimes", lambda: {})
+    notices = []
+    dl.download_segments([], tmp_path / "out", on_notice=notices.append)
+    assert notices == [site_access.NO_JS_RUNTIME] and "pcavmae-cli[download]" in notices[0]
+    notices.clear()
+    dl.download_segments([], tmp_path / "out2", url_template="http://127.0.0.1:9/{ytid}.mp4", on_notice=notices.append)
+    assert notices == []  # another site: no JavaScript needed
