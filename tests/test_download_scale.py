@@ -18,11 +18,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from pcavmae_cli.engine import media
-from pcavmae_cli.engine.bench.media_server import MediaServer
+from pcavmae_cli.engine.bench.media_server import MediaServer, frame_numbers, make_numbered_video
 from pcavmae_cli.engine.data import download as dl
 from pcavmae_cli.engine.data.download_errors import SetupWatch, is_throttled
 from pcavmae_cli.engine.data.pacing import Pacing, RateGate, backoff_delay
@@ -31,38 +30,16 @@ from pcavmae_cli.engine.errors import UserError
 
 FPS = 5
 LONG_SECONDS = 300
-WIDTH, HEIGHT, BITS = 192, 16, 12
 # Fast retries for the tests: the logic of the real defaults, in milliseconds.
 FAST = Pacing(base_delay=0.01, max_delay=0.05, cooldown=0.05, max_cooldown=0.2, window=6, trip_after=3)
 
 
 def _make_long_video(folder: Path) -> None:
-    """``long.mp4`` (moov first) and ``long_end.mp4`` (moov last): 5 min, frame numbers in the picture,
-    stereo AAC at 128 kb/s (a 10 s piece encoded once and repeated, which keeps the build under a second)."""
-    ff = media.ffmpeg_exe()
-    quiet = [ff, "-hide_banner", "-loglevel", "error", "-y"]
-    subprocess.run([*quiet, "-f", "lavfi", "-i", "sine=f=440:r=44100", "-t", "10", "-c:a", "aac", "-b:a", "128k",
-                    "-ac", "2", str(folder / "a10.m4a")], check=True)  # fmt: skip
-    bits = f"nullsrc=s={WIDTH}x{HEIGHT}:r={FPS},geq=lum='255*mod(floor(N/pow(2,floor(X/16))),2)':cb=128:cr=128"
-    subprocess.run([*quiet, "-f", "lavfi", "-i", bits, "-stream_loop", "-1", "-i", str(folder / "a10.m4a"),
-                    "-t", str(LONG_SECONDS), "-map", "0:v", "-map", "1:a", "-c:v", "libx264", "-preset", "ultrafast",
-                    "-g", "50", "-pix_fmt", "yuv420p", "-c:a", "copy", "-movflags", "+faststart",
-                    str(folder / "long.mp4")], check=True)  # fmt: skip
-    subprocess.run([*quiet, "-i", str(folder / "long.mp4"), "-c", "copy", str(folder / "long_end.mp4")], check=True)
-    (folder / "a10.m4a").unlink()
+    """``long.mp4`` (index first) and ``long_end.mp4`` (index last), 5 min; ``long0..7`` link to the first."""
+    make_numbered_video(folder / "long.mp4", LONG_SECONDS, FPS)
+    make_numbered_video(folder / "long_end.mp4", LONG_SECONDS, FPS, faststart=False)
     for i in range(8):  # more IDs for the runs of many clips, one file on disk
         os.link(folder / "long.mp4", folder / f"long{i}.mp4")
-
-
-def frame_numbers(path: Path, n: int = 3) -> list[int]:
-    """The numbers shown by the first ``n`` frames of a clip."""
-    raw = subprocess.run(
-        [media.ffmpeg_exe(), "-loglevel", "error", "-i", str(path), "-frames:v", str(n), "-f", "rawvideo",
-         "-pix_fmt", "gray", "-"],
-        capture_output=True, check=True,
-    ).stdout  # fmt: skip
-    frames = np.frombuffer(raw, np.uint8).reshape(-1, HEIGHT, WIDTH)
-    return [sum(1 << k for k in range(BITS) if f[:, 16 * k:16 * (k + 1)].mean() > 128) for f in frames]
 
 
 @pytest.fixture(scope="module")
@@ -412,8 +389,11 @@ def test_preprocess_makes_training_clips_and_keeps_no_video(server, tmp_path):
 
 
 def test_the_download_extra_gives_yt_dlp_a_javascript_runtime():
+    import importlib
+
     import yt_dlp
-    import yt_dlp_ejs  # noqa: F401 - the challenge solver of yt-dlp[default]
+
+    importlib.import_module("yt_dlp_ejs")  # the challenge solver of yt-dlp[default]
 
     from pcavmae_cli.engine.data import site_access
 

@@ -15,6 +15,9 @@ this server instead. It answers
 
 Each answered request is one ``Served`` line in ``log``: the bytes it wrote to the socket (a
 client that hangs up early stops the count at what was written).
+
+``make_numbered_video`` writes what it serves in the tests and the benchmark: a long video whose
+every frame shows its own number, so that a clip's first frame tells where the cut began.
 """
 
 from __future__ import annotations
@@ -22,12 +25,15 @@ from __future__ import annotations
 import http.server
 import re
 import socket
+import subprocess
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+NUMBER_BITS = 12  # frame numbers up to 4095: 13 min at 5 fps
+BIT_WIDTH = 16  # pixels per bit stripe
 CHUNK = 16 * 1024
 SEND_BUFFER = 32 * 1024
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)$")
@@ -198,3 +204,44 @@ def _handler(server: MediaServer) -> type[http.server.BaseHTTPRequestHandler]:
             server._record(Served(name, status, 0, self.headers.get("Range"), proxied, self.headers.get("Cookie")))
 
     return Handler
+
+
+def make_numbered_video(path: str | Path, seconds: float = 300, fps: int = 5, faststart: bool = True) -> Path:
+    """An H.264 + AAC mp4 of ``seconds`` whose frame k shows k as 12 black-or-white stripes (bit i
+    is the stripe at x = 16 i .. 16 i + 15), with a 440 Hz stereo tone at 128 kb/s, YouTube's
+    audio rate. The tone is encoded for 10 s once and repeated, so 5 minutes build in a second.
+    ``faststart``: the index (moov) first, as YouTube serves it; else last.
+    """
+    from pcavmae_cli.engine import media
+
+    path = Path(path)
+    quiet = [media.ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y"]
+    tone = path.with_name(path.stem + ".tone.m4a")
+    subprocess.run([*quiet, "-f", "lavfi", "-i", "sine=f=440:r=44100", "-t", "10", "-c:a", "aac", "-b:a", "128k",
+                    "-ac", "2", str(tone)], check=True)  # fmt: skip
+    width = NUMBER_BITS * BIT_WIDTH
+    bits = f"nullsrc=s={width}x16:r={fps},geq=lum='255*mod(floor(N/pow(2,floor(X/{BIT_WIDTH}))),2)':cb=128:cr=128"
+    try:
+        subprocess.run([*quiet, "-f", "lavfi", "-i", bits, "-stream_loop", "-1", "-i", str(tone), "-t", f"{seconds:g}",
+                        "-map", "0:v", "-map", "1:a", "-c:v", "libx264", "-preset", "ultrafast", "-g", str(10 * fps),
+                        "-pix_fmt", "yuv420p", "-c:a", "copy", *(["-movflags", "+faststart"] if faststart else []),
+                        str(path)], check=True)  # fmt: skip
+    finally:
+        tone.unlink(missing_ok=True)
+    return path
+
+
+def frame_numbers(path: str | Path, n: int = 3) -> list[int]:
+    """The numbers shown by the first ``n`` frames of a video made by ``make_numbered_video`` (or cut from one)."""
+    import numpy as np
+
+    from pcavmae_cli.engine import media
+
+    raw = subprocess.run(
+        [media.ffmpeg_exe(), "-loglevel", "error", "-i", str(path), "-frames:v", str(n), "-f", "rawvideo",
+         "-pix_fmt", "gray", "-"],
+        capture_output=True, check=True,
+    ).stdout  # fmt: skip
+    frames = np.frombuffer(raw, np.uint8).reshape(-1, 16, NUMBER_BITS * BIT_WIDTH)
+    return [sum(1 << i for i in range(NUMBER_BITS) if f[:, BIT_WIDTH * i:BIT_WIDTH * (i + 1)].mean() > 128)
+            for f in frames]
