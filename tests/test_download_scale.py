@@ -311,14 +311,29 @@ def test_cli_progress_and_summary_show_the_rate(server, tmp_path):
         (["--keep-videos"], "--keep-videos applies with --preprocess"),
         (["--proxy", "ftp://x:1"], "--proxy 'ftp://x:1'"),
         (["--cookies", "/nonexistent/c.txt"], "--cookies /nonexistent/c.txt: no such file"),
+        (["--cookies-from-browser", "lynx"], "--cookies-from-browser 'lynx': the browser must be one of"),
+        (["--preprocess", "DATA", "--recipe", "no_such_recipe"], "no_such_recipe"),
     ],
 )
 def test_cli_mistakes_are_one_line(tmp_path, args, message):
     csv = _csv(tmp_path / "s.csv", [("long", 0.0)])
+    args = [str(tmp_path / a) if a == "DATA" else a for a in args]
     result = _cli("audioset", "--csv", str(csv), "--out", str(tmp_path / "out"), *args)
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "DATA").exists()
+
+
+def test_cli_preprocess_with_a_recipe(server, tmp_path):
+    csv = _csv(tmp_path / "s.csv", [("long", 60.0)])
+    data = tmp_path / "data"
+    result = _cli("audioset", "--csv", str(csv), "--out", str(tmp_path / "out"), "--url-template", server.template,
+                  "--preprocess", str(data), "--recipe", "base", "--keep-videos")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    (line,) = (data / "manifest.jsonl").read_text().splitlines()
+    assert json.loads(line)["id"] == "long_60" and (tmp_path / "out" / "videos" / "long_60.mp4").is_file()
+    assert f"manifest:   {data / 'manifest.jsonl'}" in result.stdout
 
 
 # --- a killed run, resumed --------------------------------------------------------------------------

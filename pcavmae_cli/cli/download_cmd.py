@@ -18,6 +18,7 @@ from rich.table import Table
 
 from pcavmae_cli.cli.console import console, exit_130_when_stopped, progress_bar
 from pcavmae_cli.engine.data import download as engine
+from pcavmae_cli.engine.data import site_access
 from pcavmae_cli.engine.data.pacing import pacing_for
 from pcavmae_cli.engine.data.throughput import human_bytes
 from pcavmae_cli.engine.errors import UserError
@@ -106,6 +107,8 @@ def download(
       pcav download vggsound --csv vggsound.csv --out data/vggsound --limit 100
     """
     engine.check_args(out, url_template, jobs, fetch)  # before the progress bar opens
+    site_access.check_proxy(proxy)
+    site_access.check_cookies(cookies, cookies_from_browser)
     pacing = pacing_for(max_rate, sleep, retries)
     rows = engine.load_segments(csv, corpus.value, limit)
     preprocessing = _preprocessing(preprocess, recipe, keep_videos, csv, corpus.value) if preprocess else None

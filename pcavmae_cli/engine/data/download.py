@@ -271,6 +271,7 @@ def download_segments(
 
     check_args(out_dir, url_template, jobs, fetch)
     site_access.check_proxy(proxy)
+    site_access.check_cookies(cookies, cookies_from_browser)
     pacing = pacing or Pacing()
     pacing.check()
     out_dir = Path(out_dir)

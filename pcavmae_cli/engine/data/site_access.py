@@ -51,6 +51,14 @@ def parse_browser(spec: str) -> tuple[str, str | None, str | None, str | None]:
     return name, m.group("profile"), keyring, m.group("container")
 
 
+def check_cookies(cookies: str | Path | None, from_browser: str | None) -> None:
+    """The cookie options' mistakes that show before any work: a missing file, an unknown browser."""
+    if cookies is not None and not Path(cookies).is_file():
+        raise UserError(f"--cookies {cookies}: no such file")
+    if from_browser is not None:
+        parse_browser(from_browser)
+
+
 def private_cookies(cookies: str | Path | None, from_browser: str | None, dest: Path) -> Path | None:
     """Read the user's cookies once into ``dest`` (owner-only); None when none were given."""
     if cookies is None and from_browser is None:
