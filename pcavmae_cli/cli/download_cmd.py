@@ -86,24 +86,25 @@ def download(
     ),
     keep_videos: bool = typer.Option(False, "--keep-videos", help="With --preprocess: keep the cut videos too."),
 ) -> None:
-    """Fetch the YouTube videos of an AudioSet or VGGSound segments CSV and cut each to its window.
+    """Fetch the YouTube segments of an AudioSet or VGGSound CSV, each cut exactly to its window.
 
-    yt-dlp fetches each video; the window is start..end (AudioSet) or start..start+10 s (VGGSound).
-    Writes DIR/videos/{ytid}_{start}.mp4 (H.264 + AAC), DIR/downloaded.jsonl and DIR/failures.jsonl.
-    Parallel (--jobs) and resumable: a rerun skips the clips already in DIR/videos, and Ctrl-C
-    stops within seconds, recording the clips done (exit status 130). Videos that
-    cannot be fetched (private, removed, 404, ...) are listed with the reason in failures.jsonl and
-    do not stop the run: it exits 0 unless no clip at all is available.
+    The window is start..end (AudioSet) or start..start+10 s (VGGSound). yt-dlp finds each video's
+    media and ffmpeg reads only the window's bytes (--fetch window; the whole video where the site
+    cannot serve ranges). Writes DIR/videos/{ytid}_{start}.mp4 (H.264 + AAC), DIR/downloaded.jsonl
+    and DIR/failures.jsonl. Parallel (--jobs) and resumable: a rerun skips the clips already done,
+    and Ctrl-C stops within seconds, recording the clips done (exit status 130). Videos that cannot
+    be fetched (private, removed, 404, ...) are listed with the reason in failures.jsonl and do not
+    stop the run: it exits 0 unless no clip at all is available.
 
-    Only the window's bytes are fetched (--fetch window). Every request goes through one pace
-    (--max-rate, --sleep); a 429 or 5xx is retried with backoff, and when many are, every job
-    pauses; a clip still rate-limited is recorded as rate_limited and retried by the next run.
-    The progress line shows clips/min, bytes/clip and the failure mix.
+    Every attempt goes through one pace (--max-rate, --sleep); a 429 or 5xx is retried with
+    backoff, and when many are, every job pauses; a clip still rate-limited is recorded as
+    rate_limited and retried by the next run. The progress line shows clips/min, bytes per clip
+    and the failure mix. YouTube needs `pip install "pcavmae-cli[download]"` and often cookies.
 
     Example:
       pcav download audioset --csv balanced_train_segments.csv --out data/as --jobs 8
-      pcav download audioset --csv unbalanced_train_segments.csv --out as/ --jobs 8 --max-rate 60 \
-          --cookies-from-browser firefox --preprocess data/audioset/train
+      pcav download audioset --csv unbalanced_train_segments.csv --out as/ --max-rate 60 --cookies-from-browser firefox
+      pcav download audioset --csv eval_segments.csv --out as/ --preprocess data/audioset/eval
       pcav download vggsound --csv vggsound.csv --out data/vggsound --limit 100
     """
     engine.check_args(out, url_template, jobs, fetch)  # before the progress bar opens
