@@ -40,6 +40,9 @@ def _make_long_video(folder: Path) -> None:
     make_numbered_video(folder / "long_end.mp4", LONG_SECONDS, FPS, faststart=False)
     for i in range(8):  # more IDs for the runs of many clips, one file on disk
         os.link(folder / "long.mp4", folder / f"long{i}.mp4")
+    for stream, drop in (("video", "-an"), ("audio", "-vn")):  # YouTube's separate formats
+        subprocess.run([media.ffmpeg_exe(), "-loglevel", "error", "-i", str(folder / "long.mp4"), "-c", "copy", drop,
+                        "-movflags", "+faststart", str(folder / f"long_{stream}.mp4")], check=True)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +98,25 @@ def test_a_window_costs_a_small_fraction_of_the_file_and_is_frame_exact(server, 
     assert frame_numbers(tmp_path / "whole" / "videos" / "long_150.4.mp4") == [752, 753, 754]
     (logged,) = _jsonl(tmp_path / "whole" / "downloaded.jsonl")
     assert logged["fetch"] == "whole" and logged["bytes"] >= size
+
+
+def test_separate_video_and_audio_formats_are_read_as_two_windows(server, tmp_path):
+    """YouTube serves picture and sound as two formats: one ffmpeg reads both windows and muxes them."""
+    from pcavmae_cli.engine.data import clip_fetch
+
+    info = {"requested_formats": [
+        {"url": f"{server.url}/long_video.mp4", "protocol": "http", "http_headers": {"User-Agent": "pcav-test"}},
+        {"url": f"{server.url}/long_audio.mp4", "protocol": "http", "http_headers": {"User-Agent": "pcav-test"}},
+    ]}  # fmt: skip
+    made = clip_fetch.fetch_window(info, tmp_path / "clip.mp4", 42.6, 52.6, clip_fetch.FetchOptions())
+    assert made.duration == pytest.approx(10.0, abs=0.05) and made.fetch == "window"
+    assert frame_numbers(tmp_path / "clip.mp4") == [213, 214, 215]
+    clip = media.probe(tmp_path / "clip.mp4")
+    assert clip.has_audio and clip.audio_end - clip.audio_start == pytest.approx(10.0, abs=0.05)
+    assert server.requests_for("long_video.mp4")  # 33 kB of tiny pictures: one request reads it all
+    audio = server.requests_for("long_audio.mp4")
+    assert sum(s.bytes for s in audio) < 0.2 * (server.root / "long_audio.mp4").stat().st_size
+    assert {s.range is not None for s in server.log} == {True}  # ranges only
 
 
 def test_a_site_without_ranges_falls_back_to_the_whole_video_per_clip(served, tmp_path):

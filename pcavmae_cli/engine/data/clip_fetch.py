@@ -301,10 +301,8 @@ def fetch_whole(url: str, work: Path, options: FetchOptions, abort: Callable[[],
     paths = [p for p in paths if p.is_file()]
     if not paths:
         raise ClipError("download_failed", "yt-dlp reported no downloaded file")
-    parts = [Path(p) for d in downloads for p in (f.get("filepath") for f in d.get("requested_formats") or [])
-             if p and Path(p).is_file()]
-    fetched = sum(p.stat().st_size for p in (parts or paths))
-    return paths[0], fetched
+    # What yt-dlp kept: the file, or the merge of separate video and audio (within a few kB of their sum).
+    return paths[0], sum(p.stat().st_size for p in paths)
 
 
 def cut(source: Path, dest: Path, start: float, end: float) -> tuple[float, bool]:
