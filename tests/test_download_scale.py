@@ -323,6 +323,9 @@ def test_cli_progress_and_summary_show_the_rate(server, tmp_path):
                   "--max-rate", "600", "--sleep", "0.01")  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "clips/min" in result.stdout and "fetched per clip" in result.stdout and "window 2" in result.stdout
+    # Not a terminal (a log file): plain progress lines with the rate, the first and the last.
+    lines = [ln for ln in result.stdout.splitlines() if ln.startswith("download audioset: ")]
+    assert [ln.split()[2] for ln in lines] == ["1/2", "2/2"] and "clips/min · " in lines[-1] and "B/clip" in lines[-1]
 
 
 @pytest.mark.parametrize(

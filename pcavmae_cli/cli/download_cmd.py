@@ -16,7 +16,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from pcavmae_cli.cli.console import console, exit_130_when_stopped, progress_bar
+from pcavmae_cli.cli.console import console, exit_130_when_stopped, progress_bar, progress_lines
 from pcavmae_cli.engine.data import download as engine
 from pcavmae_cli.engine.data import site_access
 from pcavmae_cli.engine.data.pacing import pacing_for
@@ -119,7 +119,9 @@ def download(
     def notice(message: str) -> None:
         console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
-    with exit_130_when_stopped(), progress_bar(f"download {corpus.value}", len(rows), bar_width=None) as advance:
+    title = f"download {corpus.value}"
+    progress = progress_bar(title, len(rows), bar_width=None) if console.is_terminal else progress_lines(title, len(rows))
+    with exit_130_when_stopped(), progress as advance:
         report = engine.download_segments(
             rows, out, url_template=url_template, jobs=jobs, fmt=fmt, retry_failed=retry_failed, progress=advance,
             fetch=fetch, cookies=cookies, cookies_from_browser=cookies_from_browser, proxy=proxy, pacing=pacing,
