@@ -332,6 +332,7 @@ def test_cli_progress_and_summary_show_the_rate(server, tmp_path):
     "args, message",
     [
         (["--max-rate", "0"], "--max-rate must be more than 0"),
+        (["--sleep", "-1"], "--sleep must be 0 or more seconds"),
         (["--fetch", "all"], "--fetch 'all': expected window or whole"),
         (["--keep-videos"], "--keep-videos applies with --preprocess"),
         (["--proxy", "ftp://x:1"], "--proxy 'ftp://x:1'"),

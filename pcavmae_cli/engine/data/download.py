@@ -466,12 +466,19 @@ def _fetch_with_retries(seg: Segment, url: str, work: Path, run: _Run) -> Fetche
             if not run.clock.sleep(backoff_delay(attempt, pacing, exc.retry_after), run.stop):
                 raise
             attempt += 1
-            for leftover in work.iterdir():  # a partial download of the failed attempt
-                if leftover.name != "cookies.txt":
-                    shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink()
+            _clear(work)
             continue
         run.gate.after_attempt(False)
         return made
+
+
+def _clear(work: Path) -> None:
+    """Empty a clip's work folder of a failed attempt's partial files."""
+    for leftover in work.iterdir():
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
 
 
 def _attempt(seg: Segment, url: str, work: Path, run: _Run) -> Fetched:

@@ -27,6 +27,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
 
+from pcavmae_cli.engine.errors import UserError
+
 
 class StopFlag(Protocol):
     reason: str | None
@@ -47,10 +49,10 @@ class Pacing:
     max_cooldown: float = 900.0
 
     def check(self) -> None:
-        from pcavmae_cli.engine.errors import UserError
-
-        if self.interval < 0 or self.sleep < 0:
-            raise UserError("--max-rate and --sleep must be positive")
+        if self.sleep < 0:
+            raise UserError(f"--sleep must be 0 or more seconds, got {self.sleep:g}")
+        if self.interval < 0:
+            raise UserError(f"the interval between attempts must be 0 or more seconds, got {self.interval:g}")
         if self.retries < 0:
             raise UserError(f"--retries must be 0 or more, got {self.retries}")
         if not 1 <= self.trip_after <= self.window:
@@ -59,8 +61,6 @@ class Pacing:
 
 def pacing_for(max_rate: float | None = None, sleep: float = 0.0, retries: int = 4, **rest) -> Pacing:
     """``Pacing`` from the CLI's words: ``max_rate`` clips per minute (None: no limit)."""
-    from pcavmae_cli.engine.errors import UserError
-
     if max_rate is not None and max_rate <= 0:
         raise UserError(f"--max-rate must be more than 0 clips per minute, got {max_rate:g}")
     interval = 60.0 / max_rate if max_rate else 0.0
