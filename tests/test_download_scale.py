@@ -119,6 +119,16 @@ def test_separate_video_and_audio_formats_are_read_as_two_windows(server, tmp_pa
     assert {s.range is not None for s in server.log} == {True}  # ranges only
 
 
+def test_a_stop_ends_a_window_fetch_in_flight(server, tmp_path):
+    from pcavmae_cli.engine.data import clip_fetch
+
+    info = {"url": f"{server.url}/long.mp4", "protocol": "http"}
+    began = time.monotonic()
+    with pytest.raises(clip_fetch.ClipError, match="stopped by Ctrl-C"):  # 250 s to encode: seconds of work
+        clip_fetch.fetch_window(info, tmp_path / "c.mp4", 0.0, 250.0, clip_fetch.FetchOptions(), lambda: "Ctrl-C")
+    assert time.monotonic() - began < 2.0
+
+
 def test_a_site_without_ranges_falls_back_to_the_whole_video_per_clip(served, tmp_path):
     """Without ranges, a file whose index is at its end cannot be read at an offset: that clip is
     fetched whole (and says so); one with its index first is still read from the start, as a window."""

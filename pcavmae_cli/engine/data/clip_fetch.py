@@ -25,6 +25,7 @@ import functools
 import re
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,8 +238,13 @@ _BYTES_READ = re.compile(r"Statistics: (\d+) bytes read")
 _DURATION = re.compile(r"Duration: (\d+):(\d\d):(\d\d(?:\.\d+)?)")
 
 
-def fetch_window(info: dict, dest: Path, start: float, end: float, options: FetchOptions) -> Fetched:
-    """Read [start, end] of the resolved ``info``'s stream(s) with ffmpeg into ``dest`` (module doc)."""
+def fetch_window(info: dict, dest: Path, start: float, end: float, options: FetchOptions,
+                 abort: Callable[[], str | None] = lambda: None) -> Fetched:
+    """Read [start, end] of the resolved ``info``'s stream(s) with ffmpeg into ``dest`` (module doc).
+
+    ``abort()`` returning a reason (a stop was asked for) ends ffmpeg within ``POLL_S``: on a slow
+    link a window can take a while, and SIGTERM reaches pcav, not its ffmpeg children.
+    """
     exe = media.ffmpeg_exe()
     streams = streams_of(info)
     cmd = [exe, "-hide_banner", "-nostdin", "-loglevel", "repeat+level+verbose", "-y"]
@@ -246,21 +252,42 @@ def fetch_window(info: dict, dest: Path, start: float, end: float, options: Fetc
         cmd += _input_args(fmt, options, start, end - start, exe)
     audio_input = len(streams) - 1
     cmd += ["-map", "0:v:0?", "-map", f"{audio_input}:a:0?", *ENCODE_ARGS, str(dest)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
-    log = proc.stderr.splitlines()
+    returncode, stderr = _run_abortable(cmd, abort)
+    log = stderr.splitlines()
     fetched = sum(int(m.group(1)) for line in log if (m := _BYTES_READ.search(line)))
     errors = [_LOG_PREFIX.sub("", ln) for ln in log if "[error]" in ln or "[fatal]" in ln]
     source_seconds = _source_duration(log)
     if source_seconds is not None and source_seconds <= start:
         raise ClipError("too_short", f"the video is {source_seconds:.2f} s long; the segment starts at {start:g} s")
-    if proc.returncode != 0 or not dest.is_file():
-        detail = errors[-1] if errors else f"ffmpeg exited with {proc.returncode}"
+    if returncode != 0 or not dest.is_file():
+        detail = errors[-1] if errors else f"ffmpeg exited with {returncode}"
         reason = classify_error(detail)
         if reason in ("download_failed", "http_416"):  # reading at an offset failed
             raise ClipError("window_failed", detail, window_only=True)
         raise ClipError(reason, detail)
     duration, short = check_clip(dest, start, end)
     return Fetched(duration, short, fetched, "window")
+
+
+POLL_S = 0.2
+
+
+def _run_abortable(cmd: list[str], abort: Callable[[], str | None]) -> tuple[int, str]:
+    """Run ``cmd``; (exit status, stderr). Killed, as a ``ClipError('stopped')``, once ``abort()`` says why."""
+    with tempfile.TemporaryFile() as err:  # a file, not a pipe: nothing to drain while polling
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+        while True:
+            try:
+                proc.wait(timeout=POLL_S)
+                break
+            except subprocess.TimeoutExpired:
+                why = abort()
+                if why is not None:
+                    proc.kill()
+                    proc.wait()
+                    raise ClipError("stopped", f"stopped by {why}") from None
+        err.seek(0)
+        return proc.returncode, err.read().decode(errors="replace")
 
 
 def _source_duration(log: list[str]) -> float | None:

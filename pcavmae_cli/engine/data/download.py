@@ -493,7 +493,7 @@ def _attempt(seg: Segment, url: str, work: Path, run: _Run) -> Fetched:
         fallback = window_unsupported(info, run.options)
         if fallback is None:
             try:
-                return fetch_window(info, dest, seg.start, seg.end, run.options)
+                return fetch_window(info, dest, seg.start, seg.end, run.options, lambda: run.stop.reason)
             except ClipError as exc:
                 if not exc.window_only:
                     raise
