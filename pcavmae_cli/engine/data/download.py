@@ -323,7 +323,7 @@ def download_segments(
         def record(outcome: Downloaded | Failure) -> None:
             if isinstance(outcome, Downloaded):
                 report.downloaded.append(outcome)
-                report.throughput.add_clip(outcome.bytes or 0, outcome.fetch or "window")
+                report.throughput.add_clip(outcome.bytes or 0, outcome.fetch or "cut before")
                 done_log[outcome.id] = json.loads(outcome.to_json())
                 failed.pop(outcome.id, None)
                 log.append(DOWNLOADED, outcome.to_json())
