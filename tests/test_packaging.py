@@ -45,10 +45,11 @@ def test_ci_runs_the_readme_test_command():
 
 
 def declared() -> dict[str, str]:
-    """``{distribution name: specifier}`` of pyproject's dependencies and its test extra."""
+    """``{distribution name: specifier}`` of pyproject's dependencies, its test and download extras."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
     out = {}
-    for line in project["dependencies"] + project["optional-dependencies"]["test"]:
+    for line in project["dependencies"] + extras["test"] + extras["download"]:
         req = Requirement(line)
         out[canonicalize_name(req.name)] = str(req.specifier)
     return out
@@ -85,6 +86,24 @@ def test_constraints_pin_every_dependency_inside_its_declared_range():
     for name, spec in declared().items():
         assert name in pins, f"{name} is not in constraints.txt"
         assert Version(pins[name]) in SpecifierSet(spec), f"constraints.txt {name}=={pins[name]} is outside {spec}"
+
+
+def test_every_extra_is_in_the_test_extra():
+    """The tests run the code paths of every extra, so `make test` installs them all."""
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    test = {str(Requirement(line)) for line in extras["test"]}
+    for name, lines in extras.items():
+        assert {str(Requirement(line)) for line in lines} <= test, f"extra {name} is not all in test"
+
+
+def test_the_download_extra_brings_what_youtube_needs():
+    """yt-dlp's challenge solver (yt-dlp-ejs, in yt-dlp[default]) and deno, the runtime it runs in."""
+    download = [Requirement(line) for line in
+                tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["download"]]
+    assert {(canonicalize_name(r.name), frozenset(r.extras)) for r in download} == {
+        ("yt-dlp", frozenset({"default"})), ("deno", frozenset()),
+    }
+    assert "yt-dlp-ejs" in pinned() and "deno" in pinned()
 
 
 def test_setup_and_container_install_the_constraints():

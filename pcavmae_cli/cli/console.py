@@ -54,6 +54,25 @@ def _plain_progress(description: str, total: int) -> Iterator[Callable[..., None
 
 
 @contextlib.contextmanager
+def progress_lines(description: str, total: int, every_s: float = 60.0) -> Iterator[Callable[..., None]]:
+    """Progress for a log file (nohup, SLURM): a flushed line ``description: done/total  note`` at
+    the first item, then at most every ``every_s`` seconds, and at the last. A bar in a file shows
+    nothing until it ends, and a days-long download needs its rate read while it runs."""
+    import time
+
+    state = {"done": 0, "last": None}
+
+    def advance(n: int = 1, note: str = "") -> None:
+        state["done"] += n
+        now = time.monotonic()
+        if state["last"] is None or now - state["last"] >= every_s or state["done"] >= total:
+            state["last"] = now
+            _print_flushed(f"{description}: {state['done']}/{total}  {note}".rstrip())
+
+    yield advance
+
+
+@contextlib.contextmanager
 def progress_bar(description: str, total: int, *, bar_width: int | None = 40) -> Iterator[Callable[..., None]]:
     """A Rich progress bar; yields ``advance(n=1, note='')`` for engine callbacks.
 

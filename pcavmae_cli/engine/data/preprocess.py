@@ -299,6 +299,18 @@ def _finished(final: Path, item: ClipInput, settings: ClipSettings) -> ClipRecor
         return None
 
 
+def finished_record(out: Path, clip_id: str, settings: ClipSettings) -> ClipRecord | None:
+    """The record of clip ``clip_id`` finished in ``out`` with ``settings``, whatever became of its
+    source since: ``pcav download --preprocess`` deletes each cut video once its clip is here."""
+    try:
+        data = json.loads((out / "clips" / clip_id / MARKER).read_text())
+        if data["settings"] != settings.marker_key():
+            return None
+        return ClipRecord(**data["record"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _last_line(stderr: bytes) -> str:
     lines = [ln.strip() for ln in stderr.decode(errors="replace").splitlines() if ln.strip()]
     return lines[-1] if lines else "ffmpeg failed without a message"
