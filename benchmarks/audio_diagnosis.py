@@ -23,6 +23,15 @@ model, whatever the objective.
 
     python benchmarks/audio_diagnosis.py --out /tmp/real runs/pcavmae_e34_s0 runs/cavmae_e34_s0
     python benchmarks/audio_diagnosis.py --out /tmp/real runs/pcavmae_e34_s0 --supervised
+    python benchmarks/audio_diagnosis.py --out /tmp/real runs/pcavmae_e34_s0 --cross-modal-ceiling
+
+``--cross-modal-ceiling`` trains the tiny audio encoder from scratch with the *picture* category
+as its label (``finetune_demo``, audio only, SpecAugment and fbank noise against memorising
+recordings) and diagnoses its features like a run's. That label is what the cross-modal
+objectives can tell the audio side at best: the picture category the sound goes with, which on
+this corpus rules out one picture category in three. If that encoder's audio features know the
+*sound* category well above a random encoder's, the corpus carries enough audio-visual signal
+for the audio side to learn, and an objective that does not is not using it.
 
 Run paths are relative to OUT. Prints one table per run and writes OUT/audio_diagnosis.json.
 """
@@ -35,6 +44,7 @@ import io
 import json
 from pathlib import Path
 
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 from bench_runs import corpus_keys, knn_top1
@@ -94,7 +104,8 @@ def diagnose(out: Path, run: Path, random_init: bool) -> dict:
     cp = open_checkpoint(run)
     cfg = checkpoint_recipe(cp.folder)
     rt = resolve_runtime(cfg.train)
-    backbone = frozen_backbone(cp, cfg, rt, random_init).eval()
+    load = fine_tuned_backbone if cp.kind == "finetune" else frozen_backbone
+    backbone = load(cp, cfg, rt, random_init).eval()
     clips = {r["clip_id"]: r for r in csv.DictReader(io.StringIO((out / "corpus" / "clips.csv").read_text()))}
     feats, facts = {}, {}
     for split in ("train", "eval"):
@@ -130,22 +141,40 @@ def corpus_classes(out: Path) -> list[str]:
     return read_label_csv(out / "corpus" / "class_labels_indices.csv").mids
 
 
-def supervised(out: Path, modality: str) -> float:
+def supervised(out: Path, modality: str, factor: str | None = None, augment: bool = False) -> float:
     """Held-out top-1 of the tiny encoder of one modality trained from scratch with labels on
-    its own factor (the ceiling an objective could reach with this model and these clips)."""
-    factor = "sound" if modality == "a" else "picture"
+    ``factor`` (default: its own, the ceiling an objective could reach with this model and these
+    clips); ``augment``: SpecAugment and fbank noise. The run is OUT/supervised/FACTOR[-MODALITY-aug]."""
+    factor = factor or ("sound" if modality == "a" else "picture")
     stats = json.loads((out / "data" / "fbank_stats.json").read_text())
     train, held_out = (out / "data" / s / f"manifest_{factor}.jsonl" for s in ("train", "eval"))
     labels = out / "corpus" / f"{factor}_labels.csv"
-    run = out / "supervised" / factor
+    run = supervised_run(out, modality, factor, augment)
+    masks = ["finetune.freq_mask=48", "finetune.time_mask=192", "finetune.audio_noise=true"] if augment else [
+             "finetune.freq_mask=0", "finetune.time_mask=0", "finetune.audio_noise=false"]  # fmt: skip
     overrides = [*corpus_keys(train, held_out, labels, stats["mean"], stats["std"]), f"train.run_dir={run}",
                  "finetune.init_from=null", f"finetune.mode={modality}", "finetune.epochs=30",
-                 "finetune.eval_every_epochs=30", "finetune.mixup=0", "finetune.freq_mask=0", "finetune.time_mask=0",
-                 "finetune.audio_noise=false", "finetune.label_smoothing=0"]  # fmt: skip
+                 "finetune.eval_every_epochs=30", "finetune.mixup=0", *masks, "finetune.label_smoothing=0"]  # fmt: skip
     if not (run / "eval" / "metrics.json").is_file():
-        finetune(config.load_recipe("finetune_demo", overrides))
+        resume = (run / "checkpoints" / "last").is_dir()  # trained, not yet scored, or killed: go on
+        finetune(config.load_recipe("finetune_demo", [*overrides, f"train.resume={str(resume).lower()}"]))
         evaluate("classification", run, held_out, labels_csv=labels, out=run / "eval")
     return round(100 * json.loads((run / "eval" / "metrics.json").read_text())["metrics"]["top1"], 1)
+
+
+def supervised_run(out: Path, modality: str, factor: str, augment: bool) -> Path:
+    own = factor == ("sound" if modality == "a" else "picture")
+    return out / "supervised" / (factor if own and not augment else f"{factor}-{modality}{'-aug' if augment else ''}")
+
+
+def fine_tuned_backbone(cp, cfg: Recipe, rt: Runtime, random_init: bool) -> Backbone:
+    """A fine-tuning checkpoint's encoders and joint layer (its head dropped; the contrastive
+    projections, which fine-tuning does not have, stay at their initialisation)."""
+    backbone = frozen_backbone(cp, cfg, rt, random_init=True)
+    if not random_init:
+        weights = safetensors.torch.load_file(str(cp.folder / "model.safetensors"))
+        backbone.load_state_dict({k: v for k, v in weights.items() if not k.startswith("head.")}, strict=False)
+    return backbone
 
 
 def main() -> None:
@@ -153,8 +182,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="real_media.py's output folder")
     parser.add_argument("runs", nargs="+", help="pre-training run folders, relative to --out")
     parser.add_argument("--supervised", action="store_true", help="also train each modality's encoder with labels")
+    parser.add_argument("--cross-modal-ceiling", action="store_true",
+                        help="also train the audio encoder on the picture category and diagnose it")  # fmt: skip
     args = parser.parse_args()
     report = {}
+    if args.cross_modal_ceiling:
+        top1 = report["audio encoder trained on the picture category: held-out top-1"] = supervised(args.out, "a", "picture", True)
+        print(f"audio encoder trained on the picture category: held-out top-1 on it {top1} %")
+        args.runs.append(str(supervised_run(args.out, "a", "picture", True).relative_to(args.out)))
     for i, name in enumerate(args.runs):
         todo = [(name, False)] + ([(f"random init (seed of {name})", True)] if i == 0 else [])
         for title, random_init in todo:
