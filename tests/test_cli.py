@@ -35,6 +35,13 @@ def test_every_command_has_help_with_an_example(command):
         assert "Example" in result.stdout
 
 
+def test_square_brackets_in_help_and_errors_are_printed_not_taken_for_markup(tmp_path):
+    assert 'pip install "pcavmae-cli[download]"' in pcav("download", "--help").stdout
+    missing = tmp_path / "[x]" / "r.yaml"
+    result = pcav("recipes", "show", str(missing))
+    assert result.returncode == 1 and f"recipe file not found: {missing}" in result.stderr
+
+
 def test_version():
     result = pcav("--version")
     assert result.returncode == 0 and result.stdout.startswith("pcav ")

@@ -22,7 +22,7 @@ err_console = Console(stderr=True)
 
 def error_line(message: str) -> None:
     """Print a user error as one line on stderr."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 @contextlib.contextmanager

@@ -99,7 +99,7 @@ def download(
     Every attempt goes through one pace (--max-rate, --sleep); a 429 or 5xx is retried with
     backoff, and when many are, every job pauses; a clip still rate-limited is recorded as
     rate_limited and retried by the next run. The progress line shows clips/min, bytes per clip
-    and the failure mix. YouTube needs `pip install "pcavmae-cli[download]"` and often cookies.
+    and the failure mix. YouTube needs `pip install "pcavmae-cli\\[download]"` and often cookies.
 
     Example:
       pcav download audioset --csv balanced_train_segments.csv --out data/as --jobs 8
