@@ -285,26 +285,25 @@ def _stat_key(path: Path) -> dict:
 
 def _finished(final: Path, item: ClipInput, settings: ClipSettings) -> ClipRecord | None:
     """The record of a clip finished earlier from the same source and settings, else None."""
-    marker = final / MARKER
-    if not marker.is_file():
-        return None
-    try:
-        data = json.loads(marker.read_text())
-        if data["settings"] != settings.marker_key() or data["source"] != _stat_key(item.path):
-            return None
-        if data["seek"] != item.seek:
-            return None
-        return ClipRecord(**data["record"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+
+    def same_source(data: dict) -> bool:
+        return data["source"] == _stat_key(item.path) and data["seek"] == item.seek
+
+    return _marked_record(final, settings, same_source)
 
 
 def finished_record(out: Path, clip_id: str, settings: ClipSettings) -> ClipRecord | None:
     """The record of clip ``clip_id`` finished in ``out`` with ``settings``, whatever became of its
     source since: ``pcav download --preprocess`` deletes each cut video once its clip is here."""
+    return _marked_record(out / "clips" / clip_id, settings, lambda data: True)
+
+
+def _marked_record(final: Path, settings: ClipSettings, accept: Callable[[dict], bool]) -> ClipRecord | None:
+    """The record in ``final``'s marker when it was made with ``settings`` and ``accept``s it;
+    None for a missing, unreadable or other marker."""
     try:
-        data = json.loads((out / "clips" / clip_id / MARKER).read_text())
-        if data["settings"] != settings.marker_key():
+        data = json.loads((final / MARKER).read_text())
+        if data["settings"] != settings.marker_key() or not accept(data):
             return None
         return ClipRecord(**data["record"])
     except (OSError, ValueError, KeyError, TypeError):
