@@ -2,9 +2,12 @@
 
 200,000 x 128 random unit vectors into 5,000 clusters, 10 Lloyd iterations (issue size), by three
 sides: pcav with an fp32 assignment, pcav with the bf16 assignment (``prototypes.assign_precision``;
-re-checked in fp32, the same clusters), and faiss ``Kmeans(spherical=True)``. Each side lives in
-its own persistent worker process (torch's and faiss's OpenMP pools in one process compete for
-the cores), built once; the controller then asks them in turn, A, B, C, A, B, C, ... for
+re-checked in fp32, the same clusters), and faiss ``Kmeans(spherical=True)``. Every side delivers
+what the E-step needs, the centroids and each row's cluster under them: pcav's
+``spherical_kmeans`` makes 10 assignments with their centroid updates and a final assignment,
+faiss's ``train`` the same 10 and ``Kmeans.assign`` the final one (11 assignments each). Each side
+lives in its own persistent worker process (torch's and faiss's OpenMP pools in one process
+compete for the cores), built once; the controller then asks them in turn, A, B, C, A, B, C, ... for
 ``--repeats`` rounds, so every side sees the same machine state, and prints each side's min and
 median seconds, its objective (mean cosine of each vector to its nearest final centroid, by one
 fp32 function), the assignment FLOP rate (2 N K D per iteration, plus the final assignment)
@@ -39,6 +42,7 @@ if side == "faiss":
         km = faiss.Kmeans(d, k, niter=iters, spherical=True, seed=0, verbose=False,
                           max_points_per_centroid=n, min_points_per_centroid=1)
         km.train(xs, init_centroids=start_c)
+        km.assign(xs)  # every row's cluster under the final centroids: the E-step's output
         return torch.from_numpy(km.centroids.copy())
     threads = faiss.omp_get_max_threads()
 else:

@@ -391,6 +391,9 @@ def test_the_bf16_assignment_is_the_fp32_assignment():
         fast, fast_sim = assign(x, c, chunk_rows=1000, low=Bf16Features.of(x))
         assert torch.equal(fast, exact), k
         assert torch.allclose(fast_sim, sim, atol=1e-6)
+        # without similarities, rows with one candidate skip the fp32 product: the same answer
+        lone, none = assign(x, c, chunk_rows=1000, low=Bf16Features.of(x), similarity=False)
+        assert torch.equal(lone, exact) and none is None, k
 
 
 def test_a_near_tie_bf16_cannot_see_is_decided_in_fp32():
@@ -407,6 +410,7 @@ def test_a_near_tie_bf16_cannot_see_is_decided_in_fp32():
     bf16_sims = (low.x @ c.to(torch.bfloat16).T).float()
     assert bf16_sims[0, 0] == bf16_sims[0, 1]  # bf16 alone cannot tell them apart
     assert assign(x, c)[0].item() == 1 and assign(x, c, low=low)[0].item() == 1
+    assert assign(x, c, low=low, similarity=False)[0].item() == 1
 
 
 def test_bf16_kmeans_gives_the_fp32_clusters():
@@ -418,3 +422,27 @@ def test_bf16_kmeans_gives_the_fp32_clusters():
     assert torch.equal(fp32[1], bf16[1]) and torch.equal(fp32[0], bf16[0])
     with pytest.raises(ValueError, match="precision"):
         spherical_kmeans(x, 12, iters=1, seed=0, comm=Comm(), precision="fp16")
+
+
+def test_bf16_candidates_read_as_integers_are_the_float_candidates():
+    from pcavmae_cli.engine.prototypes.kmeans import GROUPS, _candidates, _floor
+
+    gen = torch.Generator().manual_seed(11)
+    width = 7
+    block = (0.3 * torch.randn(64, GROUPS * width, generator=gen)).to(torch.bfloat16)
+    block[:8] = -block[:8].abs()  # rows with no centroid in front: every similarity negative
+    block[8:12] = -block[8:12].abs() * 1e-3  # maxima just below zero
+    block[12, :] = 0.0  # a row whose best is exactly +0
+    block[13, :] = -0.0
+    block[14, 5] = 1e-3  # a floor just above zero: the integer path with -0 and negatives around
+    block[14, 6:] = -0.0
+    inputs = torch.rand(64, generator=gen) * 1e-3
+    values = block.float()
+    floor = _floor(values.amax(dim=1), inputs).float()
+    expected = {(int(r), int(c)) for r, c in zip(*(values >= floor[:, None]).nonzero(as_tuple=True))}
+    rows, cols = _candidates(block.view(64, GROUPS, width), inputs)
+    group, position = cols // width, cols % width
+    got = {(int(r), int(g * width + p)) for r, g, p in zip(rows, group, position)}
+    # _candidates' columns are slice-major (group * width + position) like the block's own columns
+    assert got == expected and len(rows) == len(expected)
+    assert any(r < 14 for r, _ in expected) and any(r >= 15 for r, _ in expected)
