@@ -9,7 +9,8 @@ worker, before and after), then the ratios against the first side, the thread co
 average. "plain" is the eager step with torch's default AdamW; "fast" the recipe's settings
 with fused AdamW (``pcav bench`` runs the same steps). A variant ending in ``-sdpa`` (``fast-sdpa:bf16``)
 runs bf16 attention on the CPU through torch's fused kernel instead of ``blocks.attend``'s explicit
-products. Not a test: run it on a quiet machine.
+products; one ending in ``-allheads`` runs those products on all heads at once instead of in
+cache-sized groups of heads (``blocks.ATTENTION_GROUP_BYTES``). Not a test: run it on a quiet machine.
 
     python benchmarks/pretrain_step.py --recipe pretrain_cavmae --batch 4 --sides plain:fp32 fast:fp32 plain:bf16 fast:bf16
 """
@@ -32,9 +33,13 @@ if variant.endswith("-sdpa"):  # torch's fused attention kernel also for bf16 on
     from pcavmae_cli.engine.model import blocks
     blocks.EXPLICIT_CPU_BF16 = False
     variant = variant[: -len("-sdpa")]
+if variant.endswith("-allheads"):  # the explicit bf16 attention on all heads at once
+    from pcavmae_cli.engine.model import blocks
+    blocks.ATTENTION_GROUP_BYTES = 0
+    variant = variant[: -len("-allheads")]
 cpu = torch.device("cpu")
 cfg = config.load_recipe(recipe)
-flops = count_flops(cfg, batch, cpu) if variant == "plain" else None
+flops = count_flops(cfg, batch, cpu)  # an eager fp32 count: the same for every variant and precision
 step = build_step(cfg, batch, cpu, precision, fast=variant == "fast")
 time_step(step, cpu, 1, 1)  # warm-up
 print(json.dumps({"threads": torch.get_num_threads(), "flops": flops}), flush=True)
@@ -55,7 +60,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="steps per timing")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sides", nargs="+", default=["plain:fp32", "fast:fp32", "plain:bf16", "fast:bf16"],
-                        help="VARIANT:PRECISION, variant plain, fast, plain-sdpa or fast-sdpa")  # fmt: skip
+                        help="VARIANT:PRECISION, variant plain, fast, plain-sdpa, fast-sdpa or fast-allheads")  # fmt: skip
     args = parser.parse_args()
     print(f"{time.strftime('%Y-%m-%d %H:%M:%S')}; {args.recipe}, batch {args.batch}, {os.cpu_count()} CPUs; "
           f"load average {os.getloadavg()}", flush=True)  # fmt: skip

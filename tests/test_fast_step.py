@@ -204,9 +204,12 @@ def test_fine_tuning_honours_compile_and_activation_checkpointing(tmp_path, eage
         assert steps == plain_steps, name
 
 
-def test_explicit_bf16_cpu_attention_is_the_fused_kernel_within_bf16_rounding():
-    """``blocks.attend`` takes two bf16 products on the CPU: the same attention as SDPA on the
-    same bf16 inputs (taken in fp32 as the reference), forward and backward."""
+@pytest.mark.parametrize("group_bytes", [0, 40 * 40 * 2, 2 * 40 * 40 * 2 + 1])  # all heads; 1; 2 (a short last group)
+def test_explicit_bf16_cpu_attention_is_the_fused_kernel_within_bf16_rounding(monkeypatch, group_bytes):
+    """``blocks.attend`` takes two bf16 products on the CPU, a group of heads at a time: the same
+    attention as SDPA on the same bf16 inputs (taken in fp32 as the reference), forward and
+    backward, however the heads are grouped."""
+    monkeypatch.setattr(blocks, "ATTENTION_GROUP_BYTES", group_bytes)
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 40, 16).bfloat16().requires_grad_() for _ in range(3))
     ref_inputs = [t.detach().float().requires_grad_() for t in (q, k, v)]
