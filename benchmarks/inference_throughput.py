@@ -4,8 +4,10 @@ The frozen forward of ``evaluate.predict.backbone_features`` (the audio encoder 
 the clip's frames batched through the video encoder and the joint layer), on full-size
 synthetic inputs (1024 x 128 fbank, 224 px frames), fp32 and bf16 autocast, with 10 frames per
 clip (the 10-frame average) and with the middle frame only; bf16 also with torch's fused
-attention kernel (``bf16-sdpa``) instead of ``blocks.attend``'s explicit products. The six
-settings are run in turn, A, B, C, D, E, F, A, ..., for ``--repeats`` rounds in one process; each prints min and median clips/s,
+attention kernel (``bf16-sdpa``) instead of ``blocks.attend``'s explicit products, or with those
+products on all heads at once (``bf16-allheads``) instead of cache-sized groups of heads
+(``--precisions`` picks). The settings are run in turn, A, B, C, ..., A, ..., for ``--repeats``
+rounds in one process; each prints min and median clips/s,
 FLOPs per clip (counted, attention included), and MFU against the matmul peak of its precision
 measured in the same run, before and after. Not a test: run it on a quiet machine.
 
@@ -34,6 +36,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="clips per forward")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--calls", type=int, default=2, help="forwards per timing")
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "bf16-sdpa"],
+                        choices=["fp32", "bf16", "bf16-sdpa", "bf16-allheads"])  # fmt: skip
     args = parser.parse_args()
     cpu = torch.device("cpu")
     cfg = config.load_recipe(args.recipe)
@@ -42,10 +46,12 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     fbank = torch.randn(args.batch, m.audio_frames, m.mel_bins, generator=gen)
     frames = {k: torch.randn(args.batch, k, 3, m.image_size, m.image_size, generator=gen) for k in (10, 1)}
-    settings = [(p, k) for p in ("fp32", "bf16", "bf16-sdpa") for k in (10, 1)]
+    settings = [(p, k) for p in args.precisions for k in (10, 1)]
+    group_bytes = blocks.ATTENTION_GROUP_BYTES
 
     def forward(precision: str, k: int) -> None:
-        blocks.EXPLICIT_CPU_BF16 = precision == "bf16"
+        blocks.EXPLICIT_CPU_BF16 = precision in ("bf16", "bf16-allheads")
+        blocks.ATTENTION_GROUP_BYTES = 0 if precision == "bf16-allheads" else group_bytes
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "fp32"):
             backbone_features(backbone, fbank, frames[k])
 
@@ -69,7 +75,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for p, k in settings:
         best, median = 1 / min(seconds[(p, k)]), 1 / statistics.median(seconds[(p, k)])
-        peak = max(peaks_before[p.split("-")[0]], peaks_after[p.split("-")[0]])  # bf16-sdpa: the bf16 peak
+        peak = max(peaks_before[p.split("-")[0]], peaks_after[p.split("-")[0]])  # bf16-*: the bf16 peak
         print(f"| {p} | {k} | {flops[k] / 1e9:.0f} | {best:.3f} | {median:.3f} | "
               f"{100 * flops[k] * median / 1e9 / peak:.0f} % |")  # fmt: skip
     print(f"load average {os.getloadavg()}")
