@@ -30,6 +30,7 @@ from pcavmae_cli.engine.prototypes import (
 )
 from pcavmae_cli.engine.prototypes import step as step_module
 from pcavmae_cli.engine.prototypes.density_peaks import cauchy_density, find_peaks, local_density, radius
+from pcavmae_cli.engine.prototypes.kmeans import Bf16Features
 from pcavmae_cli.engine.schema import PrototypeConfig
 
 
@@ -121,14 +122,16 @@ def test_assign_is_cosine_argmax_in_chunks():
     assert torch.equal(idx, full.argmax(1)) and torch.allclose(sim, full.max(1).values)
 
 
-def test_kmeans_step_reseeds_an_empty_cluster_on_the_farthest_point():
+@pytest.mark.parametrize("bf16", [False, True])  # bf16: the similarities are made for the re-seed
+def test_kmeans_step_reseeds_an_empty_cluster_on_the_farthest_point(bf16):
     # a = (1,0), b = (0,1), c = (0.6,0.8); centroids (1,0) and (-1,0): every point joins
     # centroid 0 (b ties at similarity 0 and argmax takes the first), so cluster 1 is empty.
     # The point farthest from its centroid is b (similarity 0): cluster 1 restarts on b, and
     # centroid 0 is the normalised sum (1.6, 1.8) / |(1.6, 1.8)|.
     x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
     centroids = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
-    new, assignment, counts = kmeans_step(x, centroids, Comm())
+    low = Bf16Features.of(x) if bf16 else None
+    new, assignment, counts = kmeans_step(x, centroids, Comm(), low=low)
     assert assignment.tolist() == [0, 0, 0] and counts.tolist() == [3, 0]
     norm = math.hypot(1.6, 1.8)
     assert new[0].tolist() == pytest.approx([1.6 / norm, 1.8 / norm], abs=1e-6)
