@@ -28,18 +28,18 @@ import json, sys, time, torch
 from pcavmae_cli.engine import config
 from pcavmae_cli.engine.bench.peak import device_peak
 from pcavmae_cli.engine.bench.step import build_step, count_flops, time_step
+from pcavmae_cli.engine.model import blocks
 recipe, variant, precision, batch, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 if variant.endswith("-sdpa"):  # torch's fused attention kernel also for bf16 on the CPU
-    from pcavmae_cli.engine.model import blocks
     blocks.EXPLICIT_CPU_BF16 = False
     variant = variant[: -len("-sdpa")]
 if variant.endswith("-allheads"):  # the explicit bf16 attention on all heads at once
-    from pcavmae_cli.engine.model import blocks
     blocks.ATTENTION_GROUP_BYTES = 0
     variant = variant[: -len("-allheads")]
 cpu = torch.device("cpu")
 cfg = config.load_recipe(recipe)
-flops = count_flops(cfg, batch, cpu)  # an eager fp32 count: the same for every variant and precision
+# an eager fp32 count, the same for every variant and precision: made by the first worker only
+flops = count_flops(cfg, batch, cpu) if sys.argv[6] == "count" else None
 step = build_step(cfg, batch, cpu, precision, fast=variant == "fast")
 time_step(step, cpu, 1, 1)  # warm-up
 print(json.dumps({"threads": torch.get_num_threads(), "flops": flops}), flush=True)
@@ -65,10 +65,11 @@ def main() -> None:
     print(f"{time.strftime('%Y-%m-%d %H:%M:%S')}; {args.recipe}, batch {args.batch}, {os.cpu_count()} CPUs; "
           f"load average {os.getloadavg()}", flush=True)  # fmt: skip
     workers = []
-    for side in args.sides:
+    for i, side in enumerate(args.sides):
         variant, precision = side.split(":")
-        workers.append(Worker(side, WORKER, [args.recipe, variant, precision, str(args.batch), str(args.steps)]))
-    flops = next((w.info["flops"] for w in workers if w.info["flops"]), None)
+        argv = [args.recipe, variant, precision, str(args.batch), str(args.steps), "count" if i == 0 else "-"]
+        workers.append(Worker(side, WORKER, argv))
+    flops = workers[0].info["flops"]
     peaks = [workers[0].ask("peaks")]
     results = alternate(workers, args.repeats, key="samples_per_s")
     peaks.append(workers[0].ask("peaks"))
@@ -76,7 +77,7 @@ def main() -> None:
         w.close()
     print("in-run matmul peak, before / after: "
           + ", ".join(f"{p} {peaks[0][p]:.0f} / {peaks[1][p]:.0f} GFLOP/s" for p in ("fp32", "bf16")))
-    print(f"FLOPs per sample: {flops / 1e9:.1f} G" if flops else "")
+    print(f"FLOPs per sample: {flops / 1e9:.1f} G")
     print("| side | threads | samples/s (min) | samples/s (median) | MFU (median) | median vs first side |")
     print("|---|---|---|---|---|---|")
     first = None
@@ -85,8 +86,8 @@ def main() -> None:
         low, median = summary(rates)
         first = first or median
         peak = max(p[w.side.split(":")[1]] for p in peaks)
-        mfu = f"{100 * flops * median / 1e9 / peak:.0f} %" if flops else "-"
-        print(f"| {w.side} | {w.info['threads']} | {low:.3f} | {median:.3f} | {mfu} | {median / first:.2f}x |")
+        mfu = 100 * flops * median / 1e9 / peak
+        print(f"| {w.side} | {w.info['threads']} | {low:.3f} | {median:.3f} | {mfu:.0f} % | {median / first:.2f}x |")
     print(f"load average {os.getloadavg()}")
 
 
