@@ -352,6 +352,57 @@ def test_estep_two_ranks_equal_one():
         assert torch.allclose(getattr(results[1], field), getattr(single, field), atol=1e-5)
 
 
+def test_balanced_embedding_by_hand():
+    # audio: two clips at (1, 0) and (0, 1); mean (1/2, 1/2), centred +-(1/2, -1/2), mean square 1/2
+    z_a = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    # video: the same direction scaled (normalised away), centred +-(0, 0, 1/2) after (0, 0, +-1)...
+    z_v = torch.tensor([[0.0, 0.0, 2.0], [0.0, 0.0, -3.0]])
+    x = step_module.balanced_embedding(z_a, z_v, Comm())
+    s = 2**-0.5
+    audio = torch.tensor([[s, -s, 0.0], [-s, s, 0.0]])  # (1/2, -1/2) / sqrt(1/2)
+    video = torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, -1.0]])  # (0, 0, +-1) / 1
+    assert torch.allclose(x, F.normalize(audio + video, dim=1), atol=1e-6)
+
+
+def collapsed_audio(seed=2):
+    """Audio embeddings that all point nearly one way but vary with a grouping of their own
+    (``a_groups``); video embeddings well spread in two groups (``v_groups``) unrelated to it."""
+    g = torch.Generator().manual_seed(seed)
+    n, d = 400, 16
+    a_groups, v_groups = torch.arange(n) % 2, (torch.arange(n) // 2) % 2
+    a_dirs, v_dirs = F.normalize(torch.randn(2, d, generator=g), dim=1), F.normalize(torch.randn(2, d, generator=g), dim=1)
+    common = F.normalize(torch.randn(d, generator=g), dim=0)
+    z_a = F.normalize(common + 0.1 * a_dirs[a_groups] + 0.01 * torch.randn(n, d, generator=g), dim=1)
+    z_v = F.normalize(v_dirs[v_groups] + 0.05 * torch.randn(n, d, generator=g), dim=1)
+    return z_a, z_v, a_groups, v_groups
+
+
+def test_balanced_clusters_follow_a_collapsed_modality_as_well():
+    """On the joint embedding the nearly collapsed audio has no say: 4 clusters are the 2 video
+    groups split at random. Balanced, each of the 4 clusters is one (audio, video) group pair.
+    (The data's seed is one where k-means++ does not start two centroids in one pair: the test
+    is about the embedding, not about k-means' local minima.)"""
+    z_a, z_v, a_groups, v_groups = collapsed_audio()
+    pair = 2 * a_groups + v_groups
+    (joint,) = estep(z_a, z_v, kmeans_cfg(num_clusters=[4]), comm=Comm())
+    (balanced,) = estep(z_a, z_v, kmeans_cfg(num_clusters=[4], cluster_on="balanced"), comm=Comm())
+    assert purity(joint.assignments, v_groups) == 1.0 and purity(joint.assignments, pair) < 0.8
+    assert purity(balanced.assignments, pair) == 1.0
+    # the prototypes are still made on the joint embedding (only the assignment differs)
+    members = balanced.assignments == 0
+    joint_members = step_module.joint_embedding(z_a[members], z_v[members])
+    assert torch.allclose(balanced.centroids[0], F.normalize(joint_members.mean(0), dim=0), atol=1e-5)
+
+
+def test_balanced_embedding_two_ranks_equal_one():
+    z_a, z_v, _, _ = collapsed_audio()
+    single = step_module.balanced_embedding(z_a, z_v, Comm())
+    cut = 150
+    parts = run_ranks(2, lambda comm: step_module.balanced_embedding(
+        *(z[:cut] if comm.rank == 0 else z[cut:] for z in (z_a, z_v)), comm))
+    assert torch.allclose(torch.cat(parts), single, atol=1e-6)
+
+
 @pytest.mark.parametrize("with_safetensors", [True, False])
 def test_save_and_load_round_trip(tmp_path, monkeypatch, with_safetensors):
     if not with_safetensors:

@@ -148,6 +148,9 @@ class PrototypeConfig:
     # k-means' similarity matrix: fp32, bf16 (re-checked in fp32 where bf16 cannot decide: the
     # same assignment), auto (bf16 on GPUs and on CPUs with native bf16)
     assign_precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # what the clusters are found on: joint = normalise(z_a + z_v) (METHOD_NOTES); balanced =
+    # each modality centred and scaled to equal variance first (prototypes/step.py)
+    cluster_on: Literal["joint", "balanced"] = "joint"
 
     def __post_init__(self) -> None:
         from pcavmae_cli.engine.errors import UserError

@@ -2,8 +2,9 @@
 
 At the start of each post-warm-up epoch the trainer embeds the training set with the momentum
 encoder (each rank its own shard) and calls ``estep(z_a, z_v, cfg)``. Clusters are found on
-the joint embedding ``normalise(normalise(z_a) + normalise(z_v))`` (METHOD_NOTES); empty
-clusters are dropped, and each remaining cluster becomes one ``Prototypes`` row: the joint
+the joint embedding ``normalise(normalise(z_a) + normalise(z_v))`` (METHOD_NOTES), or with
+``cluster_on: balanced`` on each modality's centred, equally scaled variation
+(``balanced_embedding``); empty clusters are dropped, and each remaining cluster becomes one ``Prototypes`` row: the joint
 prototype p^m, the audio and video member means p_a, p_v (eq. 3), and gamma (eq. 2).
 """
 
@@ -53,6 +54,30 @@ class Prototypes:
 def joint_embedding(z_a: Tensor, z_v: Tensor) -> Tensor:
     """The clip embedding clustering works on: ``normalise(normalise(z_a) + normalise(z_v))``."""
     return F.normalize(F.normalize(z_a.float(), dim=1) + F.normalize(z_v.float(), dim=1), dim=1)
+
+
+def balanced_embedding(z_a: Tensor, z_v: Tensor, comm: Comm | None = None) -> Tensor:
+    """What ``cluster_on: balanced`` clusters: each modality's unit embeddings centred on their
+    mean over all clips and scaled to unit mean squared norm, summed, normalised.
+
+    Why: when one modality's embeddings all point nearly one way (the collapse
+    ``engine/evaluate/health.py`` flags), their variation is a small part of the joint
+    embedding's, so clusters of ``joint_embedding`` are the other modality's clusters. Its
+    prototype term then asks it to predict clusters it has no say in, stays at chance and gives
+    it nothing to learn from (docs/method.md, "When one modality learns nothing"). Centring
+    removes the shared direction and the scaling gives each modality's variation equal weight,
+    so the clusters follow what both modalities vary in. For two healthy, centred modalities it
+    is the joint embedding up to a common scale.
+    """
+    comm = comm or default_comm()
+    parts = []
+    for z in (z_a, z_v):
+        z = F.normalize(z.float(), dim=1)
+        count = comm.all_reduce(torch.tensor([float(z.shape[0])], device=z.device))
+        centred = z - comm.all_reduce(z.sum(0, keepdim=True)) / count
+        mean_square = comm.all_reduce(centred.square().sum().reshape(1)) / count
+        parts.append(centred / mean_square.clamp_min(1e-12).sqrt())
+    return F.normalize(parts[0] + parts[1], dim=1)
 
 
 def build_prototypes(
@@ -105,7 +130,7 @@ def estep(
         one ``Prototypes`` per entry of ``cfg.num_clusters`` (kmeans) or ``cfg.granularities``.
     """
     comm = comm or default_comm()
-    x = joint_embedding(z_a, z_v)
+    x = balanced_embedding(z_a, z_v, comm) if cfg.cluster_on == "balanced" else joint_embedding(z_a, z_v)
     levels = cfg.num_clusters if cfg.method == "kmeans" else cfg.granularities
     out = []
     for level, value in enumerate(levels or []):
