@@ -355,7 +355,7 @@ def test_estep_two_ranks_equal_one():
 def test_balanced_embedding_by_hand():
     # audio: two clips at (1, 0) and (0, 1); mean (1/2, 1/2), centred +-(1/2, -1/2), mean square 1/2
     z_a = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
-    # video: the same direction scaled (normalised away), centred +-(0, 0, 1/2) after (0, 0, +-1)...
+    # video: unit (0, 0, +-1) once normalised; mean 0, so centred the same, mean square 1
     z_v = torch.tensor([[0.0, 0.0, 2.0], [0.0, 0.0, -3.0]])
     x = step_module.balanced_embedding(z_a, z_v, Comm())
     s = 2**-0.5

@@ -73,10 +73,10 @@ def balanced_embedding(z_a: Tensor, z_v: Tensor, comm: Comm | None = None) -> Te
     variation, not the categories, and held-out audio does not gain (docs/method.md).
     """
     comm = comm or default_comm()
+    count = comm.all_reduce(torch.tensor([float(z_a.shape[0])], device=z_a.device))  # clips, both modalities
     parts = []
     for z in (z_a, z_v):
         z = F.normalize(z.float(), dim=1)
-        count = comm.all_reduce(torch.tensor([float(z.shape[0])], device=z.device))
         centred = z - comm.all_reduce(z.sum(0, keepdim=True)) / count
         mean_square = comm.all_reduce(centred.square().sum().reshape(1)) / count
         parts.append(centred / mean_square.clamp_min(1e-12).sqrt())
