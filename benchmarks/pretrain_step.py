@@ -10,7 +10,9 @@ average. "plain" is the eager step with torch's default AdamW; "fast" the recipe
 with fused AdamW (``pcav bench`` runs the same steps). A variant ending in ``-sdpa`` (``fast-sdpa:bf16``)
 runs bf16 attention on the CPU through torch's fused kernel instead of ``blocks.attend``'s explicit
 products; one ending in ``-allheads`` runs those products on all heads at once instead of in
-cache-sized groups of heads (``blocks.ATTENTION_GROUP_BYTES``). Not a test: run it on a quiet machine.
+cache-sized groups of heads (``blocks.ATTENTION_GROUP_BYTES``); one ending in ``-compile``
+(``fast-compile:bf16``) sets ``train.compile`` (inductor; the first step compiles, minutes on a
+CPU). Not a test: run it on a quiet machine.
 
     python benchmarks/pretrain_step.py --recipe pretrain_cavmae --batch 4 --sides plain:fp32 fast:fp32 plain:bf16 fast:bf16
 """
@@ -38,6 +40,9 @@ if variant.endswith("-allheads"):  # the explicit bf16 attention on all heads at
     variant = variant[: -len("-allheads")]
 cpu = torch.device("cpu")
 cfg = config.load_recipe(recipe)
+if variant.endswith("-compile"):  # the step through torch.compile, as train.compile=true runs it
+    cfg.train.compile = True
+    variant = variant[: -len("-compile")]
 # an eager fp32 count, the same for every variant and precision: made by the first worker only
 flops = count_flops(cfg, batch, cpu) if sys.argv[6] == "count" else None
 step = build_step(cfg, batch, cpu, precision, fast=variant == "fast")
@@ -60,7 +65,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="steps per timing")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sides", nargs="+", default=["plain:fp32", "fast:fp32", "plain:bf16", "fast:bf16"],
-                        help="VARIANT:PRECISION, variant plain, fast, plain-sdpa, fast-sdpa or fast-allheads")  # fmt: skip
+                        help="VARIANT:PRECISION, variant plain, fast, plain-sdpa, fast-sdpa, fast-allheads or fast-compile")  # fmt: skip
     args = parser.parse_args()
     print(f"{time.strftime('%Y-%m-%d %H:%M:%S')}; {args.recipe}, batch {args.batch}, {os.cpu_count()} CPUs; "
           f"load average {os.getloadavg()}", flush=True)  # fmt: skip
