@@ -16,11 +16,16 @@ a quiet machine.
     python benchmarks/real_media.py --out /tmp/real                       # 3 seeds, the recipes' 34 epochs
     python benchmarks/real_media.py --out /tmp/real --seeds 1 --epochs 8  # a quick look
     python benchmarks/real_media.py --out /tmp/real --build-only          # corpus + manifests only
+    # the scale at which the audio side learns the sound category (docs/method.md, "More clips
+    # and a longer schedule"): 150 clips per class, 68 epochs, audio augmentation, coarse prototypes
+    python benchmarks/real_media.py --out /tmp/real150 --train-per-class 150 --eval-per-class 45 \
+        --epochs 68 --set augment.audio_roll=512 augment.freq_mask=48 augment.time_mask=192 \
+        --pcavmae-set "prototypes.num_clusters=[3,6]"
 
 Rerunning with the same --out reuses everything finished: downloads, clips, preprocessed
 clips, statistics, pre-training runs (resumed from ``checkpoints/last``) and evaluations
-(their ``metrics.json``). Runs are named by recipe, epochs and seed, so a run with other
---epochs starts its own. When the clips are (re)made (other corpus options, a new corpus
+(their ``metrics.json``). Runs are named by recipe, epochs, seed and (a digest of) the
+``--set`` / ``--pcavmae-set`` overrides, so a run with other --epochs or overrides starts its own. When the clips are (re)made (other corpus options, a new corpus
 version), the preprocessed clips, runs and evaluations made from the old ones are removed first.
 Writes OUT/real_media.json and prints a Markdown table (percent).
 """
@@ -28,6 +33,7 @@ Writes OUT/real_media.json and prints a Markdown table (percent).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import sys
@@ -196,12 +202,25 @@ def training_row(run: Path) -> dict:
     return row
 
 
-def run_seed(model: str, seed: int, prepared: dict, out: Path, epochs: int | None) -> Path:
-    """Pre-train ``model`` with ``seed`` (resumed, or left alone when finished); its run folder."""
+def overrides_suffix(extra: list[str]) -> str:
+    """``""`` without recipe overrides, else ``_`` and 8 hex digits of their digest: part of the
+    run and evaluation folder names, so runs with other settings never resume (or reuse the
+    evaluation of) each other."""
+    return f"_{hashlib.sha1(chr(10).join(extra).encode()).hexdigest()[:8]}" if extra else ""
+
+
+def run_name(model: str, n_epochs: int, seed: int, extra: list[str]) -> str:
+    """``MODEL_eEPOCHS_sSEED`` and the overrides' suffix."""
+    return f"{model}_e{n_epochs}_s{seed}{overrides_suffix(extra)}"
+
+
+def run_seed(model: str, seed: int, prepared: dict, out: Path, epochs: int | None, extra: list[str]) -> Path:
+    """Pre-train ``model`` with ``seed`` and the recipe overrides ``extra`` (applied last), resumed,
+    or left alone when finished; its run folder."""
     recipe = MODELS[model]
     base = config.load_recipe(recipe)
     n_epochs = epochs or sum(s.epochs for s in base.stages)
-    run = out / "runs" / f"{model}_e{n_epochs}_s{seed}"
+    run = out / "runs" / run_name(model, n_epochs, seed, extra)
     stats, manifests = prepared["stats"], prepared["manifests"]
     keys = corpus_keys(manifests["train"], manifests["eval"], prepared["corpus"].label_csv, stats["mean"], stats["std"])
     overrides = [f"train.run_dir={run}", f"seed={seed}", *keys]
@@ -209,7 +228,7 @@ def run_seed(model: str, seed: int, prepared: dict, out: Path, epochs: int | Non
         overrides.append(f"prototypes.seed={seed}")
     if epochs is not None:
         overrides += epoch_overrides(base, epochs)
-    cfg = config.load_recipe(recipe, overrides)
+    cfg = config.load_recipe(recipe, [*overrides, *extra])
     cfg.train.resume = find_checkpoint(run, "last") is not None
     pretrain(cfg)
     return run
@@ -256,6 +275,10 @@ def main() -> None:
     parser.add_argument("--build-only", action="store_true", help="stop after the corpus and its manifests")
     parser.add_argument("--no-heads", dest="heads", action="store_false",
                         help="skip fine-tuning each PCAV-MAE run with the linear and prototype heads")
+    parser.add_argument("--set", dest="set_all", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="recipe overrides for both models' pre-training (e.g. augment.audio_roll=512)")
+    parser.add_argument("--pcavmae-set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="recipe overrides for PCAV-MAE only (e.g. prototypes.num_clusters=[3,6])")
     args = parser.parse_args()
     if args.seeds < 1 or (args.epochs is not None and args.epochs < 2):  # demo has 2 stages
         parser.error("--seeds must be >= 1 and --epochs >= 2")
@@ -272,14 +295,16 @@ def main() -> None:
     heads: dict[int, list[dict]] = {}
     for seed in [args.only_seed] if args.only_seed is not None else range(args.seeds):
         for model in MODELS:
-            run = run_seed(model, seed, prepared, out, args.epochs)
+            extra = [*args.set_all, *(args.pcavmae_set if model == "pcavmae" else [])]
+            run = run_seed(model, seed, prepared, out, args.epochs, extra)
             row = frozen_row(run, prepared, out / "eval" / run.name, random_init=False)
             rows[model].append({"seed": seed, "run": str(run), "pretrain_seconds": pretrain_seconds(run), **row,
                                 **training_row(run)})  # fmt: skip
             if model == "pcavmae" and args.heads:
                 heads[seed] = head_rows(run, prepared, out)
             if model == "pcavmae":  # the floor: a random encoder initialised with the same seed
-                floor = frozen_row(run, prepared, out / "eval" / f"random_s{seed}", random_init=True)
+                floor = frozen_row(run, prepared, out / "eval" / f"random_s{seed}{overrides_suffix(extra)}",
+                                   random_init=True)  # fmt: skip
                 rows["random"].append({"seed": seed, "run": None, "pretrain_seconds": 0.0, **floor})
     report = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "corpus": check, "fbank": prepared["stats"], "columns": COLUMNS, "rows": rows, "heads": heads}  # fmt: skip

@@ -177,3 +177,18 @@ def test_tables_of_figures_that_are_not_rates_keep_two_decimals_and_heads_list_e
                                                          "1": {"share": 0.58, "top": 1.3, "random": 0.0}}}]  # fmt: skip
     lines = bench_runs.head_markdown(rows).splitlines()
     assert lines[2:] == ["| linear | 0.644 | 0 | 0.55 | 1.2 | -0.1 |", "| linear | 0.644 | 1 | 0.58 | 1.3 | 0.0 |"]
+
+
+def test_runs_with_recipe_overrides_get_their_own_folders_and_the_documented_ones_load():
+    # Without overrides a run keeps the name earlier outputs have (so they are reused) ...
+    assert real_media.run_name("pcavmae", 34, 0, []) == "pcavmae_e34_s0"
+    # ... and other settings never resume or reuse another run's folder.
+    a = real_media.run_name("pcavmae", 34, 0, ["augment.audio_roll=512"])
+    b = real_media.run_name("pcavmae", 34, 0, ["augment.audio_roll=256"])
+    assert len({a, b, "pcavmae_e34_s0"}) == 3 and a.startswith("pcavmae_e34_s0_")
+    # The larger-scale command in real_media.py's docstring: its overrides load on both recipes.
+    both = ["augment.audio_roll=512", "augment.freq_mask=48", "augment.time_mask=192"]
+    pcav = config.load_recipe(real_media.MODELS["pcavmae"], [*both, "prototypes.num_clusters=[3,6]"])
+    cav = config.load_recipe(real_media.MODELS["cavmae"], both)
+    assert pcav.prototypes.num_clusters == [3, 6] and cav.prototypes is None
+    assert pcav.augment.audio_roll == cav.augment.audio_roll == 512
