@@ -17,7 +17,8 @@ a quiet machine.
     python benchmarks/real_media.py --out /tmp/real --seeds 1 --epochs 8  # a quick look
     python benchmarks/real_media.py --out /tmp/real --build-only          # corpus + manifests only
     # the scale at which the audio side learns the sound category (docs/method.md, "More clips
-    # and a longer schedule"): 150 clips per class, 68 epochs, audio augmentation, coarse prototypes
+    # and a longer schedule carry it over"): 150 clips per class, 68 epochs, audio augmentation,
+    # coarse prototypes
     python benchmarks/real_media.py --out /tmp/real150 --train-per-class 150 --eval-per-class 45 \
         --epochs 68 --set augment.audio_roll=512 augment.freq_mask=48 augment.time_mask=192 \
         --pcavmae-set "prototypes.num_clusters=[3,6]"
@@ -25,8 +26,9 @@ a quiet machine.
 Rerunning with the same --out reuses everything finished: downloads, clips, preprocessed
 clips, statistics, pre-training runs (resumed from ``checkpoints/last``) and evaluations
 (their ``metrics.json``). Runs are named by recipe, epochs, seed and (a digest of) the
-``--set`` / ``--pcavmae-set`` overrides, so a run with other --epochs or overrides starts its own. When the clips are (re)made (other corpus options, a new corpus
-version), the preprocessed clips, runs and evaluations made from the old ones are removed first.
+``--set`` / ``--pcavmae-set`` overrides, so a run with other --epochs or overrides starts its
+own. When the clips are (re)made (other corpus options, a new corpus version), the
+preprocessed clips, runs and evaluations made from the old ones are removed first.
 Writes OUT/real_media.json and prints a Markdown table (percent).
 """
 
