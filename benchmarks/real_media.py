@@ -40,6 +40,8 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import real_media_corpus as corpus_lib
@@ -81,9 +83,37 @@ COLUMNS = {
 }  # fmt: skip
 
 
+@contextmanager
+def one_preparer(out: Path) -> Iterator[None]:
+    """Hold ``OUT/.prepare.lock`` (waiting for it): processes started together with --only-seed
+    take turns at the corpus and its preprocessing (which refuse a second writer) instead of
+    the later ones failing; each finds the work done by the first and reuses it."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".prepare.lock", "a") as lock:
+        try:
+            import fcntl
+        except ImportError:  # Windows: start one process first, the others after its corpus
+            yield
+            return
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            print(f"  waiting for another process preparing {out}", file=sys.stderr)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def prepare(out: Path, args: argparse.Namespace) -> dict:
     """Corpus, preprocessed splits, factor manifests and fbank statistics (each step skipped
     when done); returns the paths and statistics the runs need."""
+    with one_preparer(out):
+        return _prepare(out, args)
+
+
+def _prepare(out: Path, args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     built = corpus_lib.build_corpus(out / "corpus", out / "sources", train_per_class=args.train_per_class,
                                     eval_per_class=args.eval_per_class, seed=args.corpus_seed, jobs=args.jobs,

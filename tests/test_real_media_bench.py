@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -192,3 +193,33 @@ def test_runs_with_recipe_overrides_get_their_own_folders_and_the_documented_one
     cav = config.load_recipe(real_media.MODELS["cavmae"], both)
     assert pcav.prototypes.num_clusters == [3, 6] and cav.prototypes is None
     assert pcav.augment.audio_roll == cav.augment.audio_roll == 512
+
+
+def test_processes_started_together_take_turns_at_preparing_the_corpus(tmp_path):
+    # --only-seed processes share an --out; the preprocessing they all start with refuses a
+    # second writer, so the second must wait for the first instead of failing.
+    import threading
+
+    order: list[str] = []
+    first_inside, second_tried = threading.Event(), threading.Event()
+
+    def first():
+        with real_media.one_preparer(tmp_path):
+            order.append("first in")
+            first_inside.set()
+            second_tried.wait(5)
+            time.sleep(0.2)  # the second is waiting now, not inside
+            order.append("first out")
+
+    def second():
+        first_inside.wait(5)
+        second_tried.set()
+        with real_media.one_preparer(tmp_path):
+            order.append("second in")
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert order == ["first in", "first out", "second in"]
