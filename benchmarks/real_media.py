@@ -4,14 +4,13 @@ Builds the real-media corpus (``real_media_corpus.py``: 6 classes, each a pair o
 sound categories and one of 3 picture categories, paired in a cycle so that audio alone and
 video alone each leave 2 candidates; from Debian packages and scikit-image / matplotlib sample
 data; held-out clips from speakers, tracks and pictures training never saw), preprocesses it,
-measures the
-fbank statistics, then pre-trains the demo's tiny model with ``demo`` (PCAV-MAE) and
-``demo_cavmae`` (CAV-MAE's objective) for each seed. Each pre-trained encoder and a randomly
-initialised one of the same seed (the floor) is evaluated frozen on the held-out clips: kNN
-top-1 and a linear probe on the joint, audio-only and video-only features, audio<->video
-retrieval R@1, and kNN of each modality's features against its own factor (audio -> sound
-category, video -> picture category: what each modality alone can know), as they are and
-centred on the training clips' mean (``audio_diagnosis.py``'s measure). Not a test: run it on
+measures the fbank statistics, then pre-trains the demo's tiny model with ``demo`` (PCAV-MAE)
+and ``demo_cavmae`` (CAV-MAE's objective) for each seed. Each pre-trained encoder and a
+randomly initialised one of the same seed (the floor) is evaluated frozen on the held-out
+clips: kNN top-1 and a linear probe on the joint, audio-only and video-only features,
+audio<->video retrieval R@1, and kNN of each modality's features against its own factor
+(audio -> sound category, video -> picture category: what each modality alone can know), as
+they are and centred on the training clips' mean (``audio_diagnosis.py``'s measure). Not a test: run it on
 a quiet machine.
 
     python benchmarks/real_media.py --out /tmp/real                       # 3 seeds, the recipes' 34 epochs
