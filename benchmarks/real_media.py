@@ -10,8 +10,8 @@ randomly initialised one of the same seed (the floor) is evaluated frozen on the
 clips: kNN top-1 and a linear probe on the joint, audio-only and video-only features,
 audio<->video retrieval R@1, and kNN of each modality's features against its own factor
 (audio -> sound category, video -> picture category: what each modality alone can know), as
-they are and centred on the training clips' mean (``audio_diagnosis.py``'s measure). Not a test: run it on
-a quiet machine.
+they are and centred on the training clips' mean (``audio_diagnosis.py``'s measure).
+Not a test: run it on a quiet machine.
 
     python benchmarks/real_media.py --out /tmp/real                       # 3 seeds, the recipes' 34 epochs
     python benchmarks/real_media.py --out /tmp/real --seeds 1 --epochs 8  # a quick look
