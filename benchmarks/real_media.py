@@ -10,8 +10,8 @@ randomly initialised one of the same seed (the floor) is evaluated frozen on the
 clips: kNN top-1 and a linear probe on the joint, audio-only and video-only features,
 audio<->video retrieval R@1, and kNN of each modality's features against its own factor
 (audio -> sound category, video -> picture category: what each modality alone can know), as
-they are and centred on the training clips' mean (``audio_diagnosis.py``'s measure).
-Not a test: run it on a quiet machine.
+they are and centred on the training clips' mean (``audio_diagnosis.py``'s measure), and a
+linear probe on the same. Not a test: run it on a quiet machine.
 
     python benchmarks/real_media.py --out /tmp/real                       # 3 seeds, the recipes' 34 epochs
     python benchmarks/real_media.py --out /tmp/real --seeds 1 --epochs 8  # a quick look
@@ -82,6 +82,7 @@ COLUMNS = {
     "knn_audio_sound": "kNN audio -> sound", "knn_video_picture": "kNN video -> picture",
     "knn_audio_sound_centred": "kNN audio -> sound, centred",
     "knn_video_picture_centred": "kNN video -> picture, centred",
+    "linear_audio_sound": "linear audio -> sound", "linear_video_picture": "linear video -> picture",
 }  # fmt: skip
 
 
@@ -214,6 +215,10 @@ def frozen_row(run: Path, prepared: dict, out: Path, random_init: bool) -> dict:
         mean = tr[feature].mean(0, keepdim=True)
         row[f"knn_{feature}_{factor}_centred"] = knn_top1(tr[feature] - mean, f_tr, te[feature] - mean, f_te,
                                                           n_factor, ev)  # fmt: skip
+        # A linear probe (standardised features, a bias) does not depend on where the origin is.
+        row[f"linear_{feature}_{factor}"] = linear_probe(tr[feature], f_tr, te[feature], f_te, "single",
+                                                         num_classes=n_factor, weight_decay=ev.linear_weight_decay,
+                                                         max_iter=ev.linear_max_iter).metrics["top1"]  # fmt: skip
     retrieval = retrieval_metrics(te["z_a"], te["z_v"], ks=ev.retrieval_ks)
     row.update({k: retrieval[k] for k in ("a2v_r1", "v2a_r1")})
     out.mkdir(parents=True, exist_ok=True)
