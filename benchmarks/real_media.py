@@ -245,6 +245,7 @@ def training_row(run: Path) -> dict:
             for level, protos in enumerate(load_prototypes(run / "prototypes", epoch)):
                 stats = level_stats(protos, labels, level, epoch)
                 row[f"nmi{level}_{when}"], row[f"purity{level}_{when}"] = stats.nmi, stats.purity
+                row[f"k{level}"] = stats.k
     return row
 
 
@@ -355,11 +356,15 @@ def main() -> None:
     report = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "corpus": check, "fbank": prepared["stats"], "columns": COLUMNS, "rows": rows, "heads": heads}  # fmt: skip
     atomic_write_text(out / "real_media.json", json.dumps(report, indent=2) + "\n")
-    print(markdown_table({TITLES[m]: r for m, r in rows.items()}, COLUMNS))
+    by_model = {TITLES[m]: r for m, r in rows.items()}
+    per_class = {k: v for k, v in COLUMNS.items() if "->" not in v}  # the 6 classes
+    per_factor = {k: v for k, v in COLUMNS.items() if "->" in v}  # retrieval, each modality's factor
+    print(markdown_table(by_model, per_class) + "\n" + markdown_table(by_model, per_factor))
     trained = {TITLES[m]: rows[m] for m in MODELS}
     print(markdown_table(trained, HEALTH, percent=False))
     levels = sorted({k[3:-5] for r in rows["pcavmae"] for k in r if k.startswith("nmi") and k.endswith("_last")})
-    quality = {f"{m}{lvl}_{w}": f"{m.upper() if m == 'nmi' else m} K{lvl} {w}" for lvl in levels
+    sizes = {lvl: rows["pcavmae"][0].get(f"k{lvl}", f"level {lvl}") for lvl in levels}  # K of each level
+    quality = {f"{m}{lvl}_{w}": f"{m.upper() if m == 'nmi' else m} K={sizes[lvl]} {w}" for lvl in levels
                for m in ("nmi", "purity") for w in ("first", "last")}  # fmt: skip
     if quality:
         print(markdown_table({TITLES["pcavmae"]: rows["pcavmae"]}, quality, percent=False))
