@@ -40,8 +40,6 @@ import json
 import shutil
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import real_media_corpus as corpus_lib
@@ -60,6 +58,7 @@ from bench_runs import (
 from pcavmae_cli.engine import config
 from pcavmae_cli.engine.data.manifest import LabelSet, atomic_write_text, read_label_csv, read_manifest, write_label_csv
 from pcavmae_cli.engine.data.preprocess import preprocess
+from pcavmae_cli.engine.folder_lock import folder_lock
 from pcavmae_cli.engine.data.stats import fbank_stats
 from pcavmae_cli.engine.evaluate.probes import linear_probe
 from pcavmae_cli.engine.evaluate.retrieval import retrieval_metrics
@@ -86,33 +85,15 @@ COLUMNS = {
 }  # fmt: skip
 
 
-@contextmanager
-def one_preparer(out: Path) -> Iterator[None]:
-    """Hold ``OUT/.prepare.lock`` (waiting for it): processes started together with --only-seed
-    take turns at the corpus and its preprocessing (which refuse a second writer) instead of
-    the later ones failing; each finds the work done by the first and reuses it."""
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / ".prepare.lock", "a") as lock:
-        try:
-            import fcntl
-        except ImportError:  # Windows: start one process first, the others after its corpus
-            yield
-            return
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            print(f"  waiting for another process preparing {out}", file=sys.stderr)
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def prepare(out: Path, args: argparse.Namespace) -> dict:
     """Corpus, preprocessed splits, factor manifests and fbank statistics (each step skipped
     when done); returns the paths and statistics the runs need."""
-    with one_preparer(out):
+    # --only-seed processes started together share OUT: they take turns here (the preprocessing
+    # inside refuses a second writer), and each later one finds the work done and reuses it.
+    def say_waiting(holder: str) -> None:
+        print(f"  waiting for {holder} to finish preparing {out}", file=sys.stderr)
+
+    with folder_lock(out, on_busy=say_waiting):
         return _prepare(out, args)
 
 
@@ -199,12 +180,15 @@ def frozen_row(run: Path, prepared: dict, out: Path, random_init: bool) -> dict:
     ytr, yte = targets(manifests["train"], label_csv), targets(manifests["eval"], label_csv)
 
     n = len(read_label_csv(label_csv).mids)
+
+    def linear_top1(x_tr, y_tr, x_te, y_te, classes: int) -> float:
+        return linear_probe(x_tr, y_tr, x_te, y_te, "single", num_classes=classes, weight_decay=ev.linear_weight_decay,
+                            max_iter=ev.linear_max_iter).metrics["top1"]  # fmt: skip
+
     row: dict = {}
     for feature in FEATURES:
         row[f"knn_{feature}"] = knn_top1(tr[feature], ytr, te[feature], yte, n, ev)
-        row[f"linear_{feature}"] = linear_probe(tr[feature], ytr, te[feature], yte, "single", num_classes=n,
-                                                weight_decay=ev.linear_weight_decay,
-                                                max_iter=ev.linear_max_iter).metrics["top1"]  # fmt: skip
+        row[f"linear_{feature}"] = linear_top1(tr[feature], ytr, te[feature], yte, n)
     for factor, feature in FACTORS.items():
         labelled = prepared["factors"][factor]
         f_tr, f_te = targets(labelled["train"], labelled["label_csv"]), targets(labelled["eval"], labelled["label_csv"])
@@ -216,9 +200,7 @@ def frozen_row(run: Path, prepared: dict, out: Path, random_init: bool) -> dict:
         row[f"knn_{feature}_{factor}_centred"] = knn_top1(tr[feature] - mean, f_tr, te[feature] - mean, f_te,
                                                           n_factor, ev)  # fmt: skip
         # A linear probe (standardised features, a bias) does not depend on where the origin is.
-        row[f"linear_{feature}_{factor}"] = linear_probe(tr[feature], f_tr, te[feature], f_te, "single",
-                                                         num_classes=n_factor, weight_decay=ev.linear_weight_decay,
-                                                         max_iter=ev.linear_max_iter).metrics["top1"]  # fmt: skip
+        row[f"linear_{feature}_{factor}"] = linear_top1(tr[feature], f_tr, te[feature], f_te, n_factor)
     retrieval = retrieval_metrics(te["z_a"], te["z_v"], ks=ev.retrieval_ks)
     row.update({k: retrieval[k] for k in ("a2v_r1", "v2a_r1")})
     out.mkdir(parents=True, exist_ok=True)
@@ -363,8 +345,9 @@ def main() -> None:
     trained = {TITLES[m]: rows[m] for m in MODELS}
     print(markdown_table(trained, HEALTH, percent=False))
     levels = sorted({k[3:-5] for r in rows["pcavmae"] for k in r if k.startswith("nmi") and k.endswith("_last")})
-    sizes = {lvl: rows["pcavmae"][0].get(f"k{lvl}", f"level {lvl}") for lvl in levels}  # K of each level
-    quality = {f"{m}{lvl}_{w}": f"{m.upper() if m == 'nmi' else m} K={sizes[lvl]} {w}" for lvl in levels
+    first = rows["pcavmae"][0]  # each level named by its K (rows written before K was kept: by level)
+    sizes = {lvl: f"K={first[f'k{lvl}']}" if f"k{lvl}" in first else f"level {lvl}" for lvl in levels}
+    quality = {f"{m}{lvl}_{w}": f"{m.upper() if m == 'nmi' else m} {sizes[lvl]} {w}" for lvl in levels
                for m in ("nmi", "purity") for w in ("first", "last")}  # fmt: skip
     if quality:
         print(markdown_table({TITLES["pcavmae"]: rows["pcavmae"]}, quality, percent=False))

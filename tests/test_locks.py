@@ -69,6 +69,61 @@ def test_a_folder_the_lock_made_is_removed_if_nothing_was_written(tmp_path):
     assert [p.name for p in (tmp_path / "used").iterdir()] == ["result.txt"]  # the lock file goes too
 
 
+def test_a_caller_that_asks_to_wait_is_told_the_holder_once_and_enters_when_it_dies(holder, tmp_path):
+    import threading
+
+    folder = tmp_path / "out"
+    proc = holder(folder)
+    told: list[str] = []
+    inside = threading.Event()
+
+    def waiter():
+        with folder_lock(folder, on_busy=told.append):
+            inside.set()
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    assert not inside.wait(0.5)  # still waiting while the holder lives
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    thread.join(10)
+    assert inside.is_set()
+    assert len(told) == 1 and told[0].startswith(f"pid {proc.pid} on {socket.gethostname()} since ")
+
+
+def test_a_waiter_gets_the_lock_when_the_holder_removes_the_empty_folder_it_made(tmp_path):
+    # The holder made the folder and wrote nothing, so it removes it on leaving: the waiter must
+    # make it again rather than fail on a lock file in a folder that is gone.
+    import threading
+
+    folder = tmp_path / "made-by-the-first"
+    first_inside, waiting, second_inside = threading.Event(), threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def first():
+        with folder_lock(folder):
+            first_inside.set()
+            waiting.wait(5)
+            time.sleep(0.2)  # the second is blocked in flock now
+
+    def second():
+        first_inside.wait(5)
+        try:
+            with folder_lock(folder, on_busy=lambda _who: waiting.set()):
+                second_inside.set()
+                (folder / "result.txt").write_text("x")
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert errors == [] and second_inside.is_set()
+    assert [p.name for p in folder.iterdir()] == ["result.txt"]
+
+
 def test_under_torchrun_only_rank_0_locks_unless_its_launcher_holds_the_lock(holder, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     holder(run_dir)

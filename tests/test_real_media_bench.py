@@ -195,31 +195,49 @@ def test_runs_with_recipe_overrides_get_their_own_folders_and_the_documented_one
     assert pcav.augment.audio_roll == cav.augment.audio_roll == 512
 
 
-def test_processes_started_together_take_turns_at_preparing_the_corpus(tmp_path):
+def test_processes_started_together_take_turns_at_preparing_the_corpus(tmp_path, monkeypatch):
     # --only-seed processes share an --out; the preprocessing they all start with refuses a
     # second writer, so the second must wait for the first instead of failing.
     import threading
 
     order: list[str] = []
-    first_inside, second_tried = threading.Event(), threading.Event()
+    first_inside, second_waiting = threading.Event(), threading.Event()
 
-    def first():
-        with real_media.one_preparer(tmp_path):
+    def fake_prepare(out, args):  # the corpus and preprocessing, replaced by a record of turns
+        if args == "first":
             order.append("first in")
             first_inside.set()
-            second_tried.wait(5)
-            time.sleep(0.2)  # the second is waiting now, not inside
+            second_waiting.wait(5)
+            time.sleep(0.2)  # the second is blocked now, not inside
             order.append("first out")
+        else:
+            order.append("second in")
+        return {}
+
+    monkeypatch.setattr(real_media, "_prepare", fake_prepare)
+    monkeypatch.setattr(real_media, "folder_lock", _telling(real_media.folder_lock, second_waiting))
 
     def second():
         first_inside.wait(5)
-        second_tried.set()
-        with real_media.one_preparer(tmp_path):
-            order.append("second in")
+        real_media.prepare(tmp_path, "second")
 
-    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    threads = [threading.Thread(target=real_media.prepare, args=(tmp_path, "first")), threading.Thread(target=second)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(10)
     assert order == ["first in", "first out", "second in"]
+
+
+def _telling(lock, waiting):
+    """``lock`` whose ``on_busy`` also sets ``waiting``: the test knows the second is blocked."""
+
+    def wrapped(folder, on_busy=None):
+        def told(holder):
+            waiting.set()
+            if on_busy:
+                on_busy(holder)
+
+        return lock(folder, on_busy=told)
+
+    return wrapped

@@ -10,7 +10,9 @@ time (``pretrain``, ``finetune``, ``preprocess``, ``pack``, ``download``) holds
 stale lock to clean up (the file a killed holder leaves is simply locked anew); the holder's
 description in the file (pid, host, command, start time) is only read to say who holds it.
 A clean exit removes the file, so a finished folder holds only what the command wrote.
-Where there is no ``fcntl`` (Windows) folders are not guarded.
+Where there is no ``fcntl`` (Windows) folders are not guarded. Scripts that start several
+processes on purpose on one folder (a benchmark's per-seed processes preparing a shared corpus)
+pass ``on_busy`` to wait their turn instead of being refused.
 
 Commands that only read a folder, or write a few files atomically into it in seconds, take no
 lock: ``evaluate`` reads and writes into a run folder that may still be training (evaluating
@@ -30,7 +32,7 @@ import shlex
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -60,10 +62,16 @@ def _holder(text: str) -> str:
         return "another process (it has not said which yet)"
 
 
-@contextmanager
-def folder_lock(folder: str | Path) -> Iterator[None]:
-    """Hold ``folder``'s lock (creating the folder) for the ``with`` block; ``UserError`` if taken.
+def _told(_holder_description: str) -> None:
+    """``on_busy`` after the first wait: the caller was told already."""
 
+
+@contextmanager
+def folder_lock(folder: str | Path, on_busy: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Hold ``folder``'s lock (creating the folder) for the ``with`` block.
+
+    If another process holds it: with no ``on_busy``, ``UserError`` naming the holder; with
+    ``on_busy``, it is called once with the holder's description and the call waits its turn.
     A folder this call created is removed again on leaving if nothing but the lock was put in
     it, so a command that fails its checks leaves no empty output folder behind.
     """
@@ -74,21 +82,25 @@ def folder_lock(folder: str | Path) -> Iterator[None]:
         return
     folder = Path(folder)
     created = not folder.exists()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create {folder}: {exc.strerror or exc}") from None
     path = folder / LOCK_FILE
     while True:
+        try:  # in the loop: a holder we waited for removes the folder it made if it left it empty
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create {folder}: {exc.strerror or exc}") from None
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            with os.fdopen(fd, encoding="utf-8", errors="replace") as fh:
-                text = fh.read()
-            raise UserError(
-                f"{folder} is in use by {_holder(text)}; wait for it to end or choose another folder"
-            ) from None
+            text = os.pread(fd, 4096, 0).decode("utf-8", errors="replace")
+            if on_busy is None:
+                os.close(fd)
+                raise UserError(
+                    f"{folder} is in use by {_holder(text)}; wait for it to end or choose another folder"
+                ) from None
+            on_busy(_holder(text))
+            on_busy = _told  # say it once, however many holders come and go
+            fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
                 break
