@@ -144,11 +144,29 @@ def head_row(name: str, run: Path, init_from: Path, overrides: list[str], held_o
     return row
 
 
-def head_markdown(rows: list[dict]) -> str:
-    """``head_row`` results as a Markdown table, one line per head and granularity."""
-    lines = ["| head | top-1 | granularity | prototype share | logit drop, top 3 removed | logit drop, 3 random removed |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
-    for row in rows:
-        for level, m in row["levels"].items():
-            lines.append(f"| {row['head']} | {row['top1']:.3f} | {level} | {m['share']} | {m['top']} | {m['random']} |")
+def head_markdown(per_seed: list[list[dict]], level_names: dict[str, str] | None = None) -> str:
+    """``head_row`` results as a Markdown table, one line per head and granularity: top-1 in
+    percent, then the faithfulness means; with several seeds (one list of heads per seed, in the
+    same order) each cell is ``mean +- std`` over them. ``level_names`` names the granularities
+    (e.g. ``{"0": "K=3"}``); otherwise they are their level index."""
+
+    def cell(values: list[float | None], digits: int) -> str:
+        kept = [v for v in values if v is not None]
+        if not kept:
+            return "-"
+        mean, std = mean_std(kept)
+        return f"{mean:.{digits}f} +- {std:.{digits}f}" if len(kept) > 1 else f"{mean:.{digits}f}"
+
+    names = level_names or {}
+    lines = ["| head | seeds | top-1 | granularity | prototype share | logit drop, top 3 removed | "
+             "logit drop, 3 random removed |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for i, row in enumerate(per_seed[0]):
+        same = [seed_rows[i] for seed_rows in per_seed]
+        assert all(r["head"] == row["head"] for r in same), "every seed lists the heads in one order"
+        top1 = cell([100 * r["top1"] for r in same], 1)
+        # Keys are ints when just measured and strings when read back from head_row.json.
+        levels = [{str(k): v for k, v in r["levels"].items()} for r in same]
+        for level in levels[0]:
+            faith = [cell([lv.get(level, {}).get(k) for lv in levels], 2) for k in ("share", "top", "random")]
+            lines.append(f"| {row['head']} | {len(same)} | {top1} | {names.get(level, level)} | " + " | ".join(faith) + " |")
     return "\n".join(lines) + "\n"

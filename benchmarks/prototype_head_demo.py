@@ -40,7 +40,7 @@ def main() -> None:
     rows = [head_row(name, out / "runs" / folder, out / "runs" / "pretrain", [*corpus, *o], Path(data["eval_manifest"]))
             for name, (folder, o) in HEADS.items()]  # fmt: skip
     (out / "prototype_head.json").write_text(json.dumps({"seed": args.seed, "rows": rows}, indent=2) + "\n")
-    print(head_markdown(rows))
+    print(head_markdown([rows]))
 
 
 if __name__ == "__main__":

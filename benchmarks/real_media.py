@@ -302,6 +302,9 @@ def main() -> None:
     parser.add_argument("--corpus-seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=2, help="clips encoded / preprocessed at once")
     parser.add_argument("--build-only", action="store_true", help="stop after the corpus and its manifests")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS),
+                        help="objectives to pre-train (default both; e.g. pcavmae alone for its heads); the random "
+                             "encoders come with pcavmae")
     parser.add_argument("--no-heads", dest="heads", action="store_false",
                         help="skip fine-tuning each PCAV-MAE run with the linear and prototype heads")
     parser.add_argument("--set", dest="set_all", nargs="+", default=[], metavar="KEY=VALUE",
@@ -323,7 +326,7 @@ def main() -> None:
     rows: dict[str, list[dict]] = {"pcavmae": [], "cavmae": [], "random": []}
     heads: dict[int, list[dict]] = {}
     for seed in [args.only_seed] if args.only_seed is not None else range(args.seeds):
-        for model in MODELS:
+        for model in args.models:
             extra = [*args.set_all, *(args.pcavmae_set if model == "pcavmae" else [])]
             run = run_seed(model, seed, prepared, out, args.epochs, extra)
             row = frozen_row(run, prepared, out / "eval" / run.name, random_init=False)
@@ -338,21 +341,23 @@ def main() -> None:
     report = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "corpus": check, "fbank": prepared["stats"], "columns": COLUMNS, "rows": rows, "heads": heads}  # fmt: skip
     atomic_write_text(out / "real_media.json", json.dumps(report, indent=2) + "\n")
-    by_model = {TITLES[m]: r for m, r in rows.items()}
+    by_model = {TITLES[m]: r for m, r in rows.items() if r}
     per_class = {k: v for k, v in COLUMNS.items() if "->" not in v}  # the 6 classes
     per_factor = {k: v for k, v in COLUMNS.items() if "->" in v}  # retrieval, each modality's factor
     print(markdown_table(by_model, per_class) + "\n" + markdown_table(by_model, per_factor))
-    trained = {TITLES[m]: rows[m] for m in MODELS}
+    trained = {TITLES[m]: rows[m] for m in args.models}
     print(markdown_table(trained, HEALTH, percent=False))
     levels = sorted({k[3:-5] for r in rows["pcavmae"] for k in r if k.startswith("nmi") and k.endswith("_last")})
+    if not levels:  # no PCAV-MAE runs (--models cavmae): no prototypes to score
+        return
     first = rows["pcavmae"][0]  # each level named by its K (rows written before K was kept: by level)
     sizes = {lvl: f"K={first[f'k{lvl}']}" if f"k{lvl}" in first else f"level {lvl}" for lvl in levels}
     quality = {f"{m}{lvl}_{w}": f"{m.upper() if m == 'nmi' else m} {sizes[lvl]} {w}" for lvl in levels
                for m in ("nmi", "purity") for w in ("first", "last")}  # fmt: skip
     if quality:
         print(markdown_table({TITLES["pcavmae"]: rows["pcavmae"]}, quality, percent=False))
-    for seed, head in heads.items():
-        print(f"seed {seed}:\n" + head_markdown(head))
+    if heads:  # fine-tuned from each PCAV-MAE run: mean +- std over the seeds
+        print(head_markdown(list(heads.values()), sizes))
 
 
 if __name__ == "__main__":

@@ -176,8 +176,15 @@ def test_tables_of_figures_that_are_not_rates_keep_two_decimals_and_heads_list_e
     assert table.splitlines()[-1] == "| a | 2 | 0.71 +- 0.01 |"
     rows = [{"head": "linear", "top1": 0.644, "levels": {"0": {"share": 0.55, "top": 1.2, "random": -0.1},
                                                          "1": {"share": 0.58, "top": 1.3, "random": 0.0}}}]  # fmt: skip
-    lines = bench_runs.head_markdown(rows).splitlines()
-    assert lines[2:] == ["| linear | 0.644 | 0 | 0.55 | 1.2 | -0.1 |", "| linear | 0.644 | 1 | 0.58 | 1.3 | 0.0 |"]
+    lines = bench_runs.head_markdown([rows]).splitlines()
+    assert lines[2:] == ["| linear | 1 | 64.4 | 0 | 0.55 | 1.20 | -0.10 |", "| linear | 1 | 64.4 | 1 | 0.58 | 1.30 | 0.00 |"]
+    # Over seeds: mean +- sample std per cell, levels matched whether their keys are ints (just
+    # measured) or strings (read back from JSON), and named when names are given.
+    again = [{"head": "linear", "top1": 0.656, "levels": {0: {"share": 0.65, "top": 1.4, "random": 0.1},
+                                                          1: {"share": 0.62, "top": 1.5, "random": 0.0}}}]  # fmt: skip
+    lines = bench_runs.head_markdown([rows, again], {"0": "K=3", "1": "K=6"}).splitlines()
+    assert lines[2] == "| linear | 2 | 65.0 +- 0.8 | K=3 | 0.60 +- 0.07 | 1.30 +- 0.14 | 0.00 +- 0.14 |"
+    assert lines[3].startswith("| linear | 2 | 65.0 +- 0.8 | K=6 | 0.60 +- 0.03 | 1.40 +- 0.14 | 0.00 +- 0.00 |")
 
 
 def test_runs_with_recipe_overrides_get_their_own_folders_and_the_documented_ones_load():
