@@ -22,6 +22,9 @@ linear probe on the same. Not a test: run it on a quiet machine.
     python benchmarks/real_media.py --out /tmp/real150 --train-per-class 150 --eval-per-class 45 \
         --epochs 68 --set augment.audio_roll=512 augment.freq_mask=48 augment.time_mask=192 \
         --pcavmae-set "prototypes.num_clusters=[3,6]"
+    # seeds as parallel processes sharing --out (one compute thread each), PCAV-MAE alone with
+    # its heads; then the same command without --only-seed prints the tables over the seeds
+    OMP_NUM_THREADS=1 python benchmarks/real_media.py ... --models pcavmae --only-seed 0 &
 
 Rerunning with the same --out reuses everything finished: downloads, clips, preprocessed
 clips, statistics, pre-training runs (resumed from ``checkpoints/last``) and evaluations
