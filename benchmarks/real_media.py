@@ -61,11 +61,11 @@ from bench_runs import (
 from pcavmae_cli.engine import config
 from pcavmae_cli.engine.data.manifest import LabelSet, atomic_write_text, read_label_csv, read_manifest, write_label_csv
 from pcavmae_cli.engine.data.preprocess import preprocess
-from pcavmae_cli.engine.folder_lock import folder_lock
 from pcavmae_cli.engine.data.stats import fbank_stats
 from pcavmae_cli.engine.evaluate.probes import linear_probe
 from pcavmae_cli.engine.evaluate.retrieval import retrieval_metrics
 from pcavmae_cli.engine.evaluate.runner import checkpoint_recipe, frozen_backbone, manifest_features, open_checkpoint
+from pcavmae_cli.engine.folder_lock import folder_lock
 from pcavmae_cli.engine.train.runtime import resolve_runtime
 from pcavmae_cli.engine.prototypes.step import load_prototypes
 from pcavmae_cli.engine.train.checkpoint import find_checkpoint
@@ -357,8 +357,7 @@ def main() -> None:
     sizes = {lvl: f"K={first[f'k{lvl}']}" if f"k{lvl}" in first else f"level {lvl}" for lvl in levels}
     quality = {f"{m}{lvl}_{w}": f"{m.upper() if m == 'nmi' else m} {sizes[lvl]} {w}" for lvl in levels
                for m in ("nmi", "purity") for w in ("first", "last")}  # fmt: skip
-    if quality:
-        print(markdown_table({TITLES["pcavmae"]: rows["pcavmae"]}, quality, percent=False))
+    print(markdown_table({TITLES["pcavmae"]: rows["pcavmae"]}, quality, percent=False))
     if heads:  # fine-tuned from each PCAV-MAE run: mean +- std over the seeds
         print(head_markdown(list(heads.values()), sizes))
 
