@@ -62,10 +62,6 @@ def _holder(text: str) -> str:
         return "another process (it has not said which yet)"
 
 
-def _told(_holder_description: str) -> None:
-    """``on_busy`` after the first wait: the caller was told already."""
-
-
 @contextmanager
 def folder_lock(folder: str | Path, on_busy: Callable[[str], None] | None = None) -> Iterator[None]:
     """Hold ``folder``'s lock (creating the folder) for the ``with`` block.
@@ -83,6 +79,7 @@ def folder_lock(folder: str | Path, on_busy: Callable[[str], None] | None = None
     folder = Path(folder)
     created = not folder.exists()
     path = folder / LOCK_FILE
+    told = False  # on_busy is called once, however many holders come and go
     while True:
         try:  # in the loop: a holder we waited for removes the folder it made if it left it empty
             folder.mkdir(parents=True, exist_ok=True)
@@ -98,8 +95,9 @@ def folder_lock(folder: str | Path, on_busy: Callable[[str], None] | None = None
                 raise UserError(
                     f"{folder} is in use by {_holder(text)}; wait for it to end or choose another folder"
                 ) from None
-            on_busy(_holder(text))
-            on_busy = _told  # say it once, however many holders come and go
+            if not told:
+                on_busy(_holder(text))
+                told = True
             fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
