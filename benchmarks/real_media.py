@@ -25,13 +25,17 @@ linear probe on the same. Not a test: run it on a quiet machine.
     # seeds as parallel processes sharing --out (one compute thread each), PCAV-MAE alone with
     # its heads; then the same command without --only-seed prints the tables over the seeds
     OMP_NUM_THREADS=1 python benchmarks/real_media.py ... --models pcavmae --only-seed 0 &
+    # the CAV-MAE objective with PCAV-MAE's instance term (weight 1 at temperature 0.1)
+    python benchmarks/real_media.py ... --models cavmae \
+        --cavmae-set stages.0.loss.w_infonce=1.0 stages.0.loss.infonce_temperature=0.1
 
 Rerunning with the same --out reuses everything finished: downloads, clips, preprocessed
 clips, statistics, pre-training runs (resumed from ``checkpoints/last``) and evaluations
 (their ``metrics.json``). Runs are named by recipe, epochs, seed and (a digest of) the
-``--set`` / ``--pcavmae-set`` overrides, so a run with other --epochs or overrides starts its
-own. When the clips are (re)made (other corpus options, a new corpus version), the
-preprocessed clips, runs and evaluations made from the old ones are removed first.
+``--set`` / ``--pcavmae-set`` / ``--cavmae-set`` overrides, so a run with other --epochs or
+overrides starts its own. When the clips are (re)made (other corpus options, a new corpus
+version), the preprocessed clips, runs and evaluations made from the old ones are removed
+first.
 Writes OUT/real_media.json and prints a Markdown table (percent).
 """
 
@@ -241,6 +245,12 @@ def overrides_suffix(extra: list[str]) -> str:
     return f"_{hashlib.sha1(chr(10).join(extra).encode()).hexdigest()[:8]}" if extra else ""
 
 
+def model_overrides(model: str, both: list[str], own: dict[str, list[str]]) -> list[str]:
+    """The recipe overrides of ``model``'s pre-training: those for both objectives, then its own
+    (applied later, so they win)."""
+    return [*both, *own.get(model, [])]
+
+
 def run_name(model: str, n_epochs: int, seed: int, extra: list[str]) -> str:
     """``MODEL_eEPOCHS_sSEED`` and the overrides' suffix."""
     return f"{model}_e{n_epochs}_s{seed}{overrides_suffix(extra)}"
@@ -314,6 +324,9 @@ def main() -> None:
                         help="recipe overrides for both models' pre-training (e.g. augment.audio_roll=512)")
     parser.add_argument("--pcavmae-set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="recipe overrides for PCAV-MAE only (e.g. prototypes.num_clusters=[3,6])")
+    parser.add_argument("--cavmae-set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="recipe overrides for the CAV-MAE objective only (e.g. "
+                             "stages.0.loss.infonce_temperature=0.1)")
     args = parser.parse_args()
     if args.seeds < 1 or (args.epochs is not None and args.epochs < 2):  # demo has 2 stages
         parser.error("--seeds must be >= 1 and --epochs >= 2")
@@ -330,7 +343,7 @@ def main() -> None:
     heads: dict[int, list[dict]] = {}
     for seed in [args.only_seed] if args.only_seed is not None else range(args.seeds):
         for model in args.models:
-            extra = [*args.set_all, *(args.pcavmae_set if model == "pcavmae" else [])]
+            extra = model_overrides(model, args.set_all, {"pcavmae": args.pcavmae_set, "cavmae": args.cavmae_set})
             run = run_seed(model, seed, prepared, out, args.epochs, extra)
             row = frozen_row(run, prepared, out / "eval" / run.name, random_init=False)
             rows[model].append({"seed": seed, "run": str(run), "pretrain_seconds": pretrain_seconds(run), **row,

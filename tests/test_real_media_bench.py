@@ -200,6 +200,15 @@ def test_runs_with_recipe_overrides_get_their_own_folders_and_the_documented_one
     cav = config.load_recipe(real_media.MODELS["cavmae"], both)
     assert pcav.prototypes.num_clusters == [3, 6] and cav.prototypes is None
     assert pcav.augment.audio_roll == cav.augment.audio_roll == 512
+    # Each objective gets the shared overrides, then only its own, which win over the shared.
+    own = {"pcavmae": ["prototypes.num_clusters=[3,6]"],
+           "cavmae": ["stages.0.loss.w_infonce=1.0", "stages.0.loss.infonce_temperature=0.1"]}
+    shared = [*both, "stages.0.loss.infonce_temperature=0.3"]
+    cav_extra = real_media.model_overrides("cavmae", shared, own)
+    assert "prototypes.num_clusters=[3,6]" not in cav_extra
+    assert real_media.model_overrides("pcavmae", shared, own) == [*shared, "prototypes.num_clusters=[3,6]"]
+    loss = config.load_recipe(real_media.MODELS["cavmae"], cav_extra).stages[0].loss
+    assert (loss.w_infonce, loss.infonce_temperature) == (1.0, 0.1)
 
 
 def test_processes_started_together_take_turns_at_preparing_the_corpus(tmp_path, monkeypatch):
