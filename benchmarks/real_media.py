@@ -251,6 +251,13 @@ def model_overrides(model: str, both: list[str], own: dict[str, list[str]]) -> l
     return [*both, *own.get(model, [])]
 
 
+def model_title(model: str, own: list[str]) -> str:
+    """The table title of ``model``, naming the overrides only it got: two variants of one
+    objective never print under the same name."""
+    title = TITLES[model]
+    return f"{title[:-1]}, {' '.join(own)})" if own and title.endswith(")") else title
+
+
 def run_name(model: str, n_epochs: int, seed: int, extra: list[str]) -> str:
     """``MODEL_eEPOCHS_sSEED`` and the overrides' suffix."""
     return f"{model}_e{n_epochs}_s{seed}{overrides_suffix(extra)}"
@@ -357,11 +364,13 @@ def main() -> None:
     report = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "corpus": check, "fbank": prepared["stats"], "columns": COLUMNS, "rows": rows, "heads": heads}  # fmt: skip
     atomic_write_text(out / "real_media.json", json.dumps(report, indent=2) + "\n")
-    by_model = {TITLES[m]: r for m, r in rows.items() if r}
+    own = {"pcavmae": args.pcavmae_set, "cavmae": args.cavmae_set}
+    titles = {m: model_title(m, own.get(m, [])) for m in TITLES}
+    by_model = {titles[m]: r for m, r in rows.items() if r}
     per_class = {k: v for k, v in COLUMNS.items() if "->" not in v}  # the 6 classes
     per_factor = {k: v for k, v in COLUMNS.items() if "->" in v}  # retrieval, each modality's factor
     print(markdown_table(by_model, per_class) + "\n" + markdown_table(by_model, per_factor))
-    trained = {TITLES[m]: rows[m] for m in args.models}
+    trained = {titles[m]: rows[m] for m in args.models}
     print(markdown_table(trained, HEALTH, percent=False))
     levels = sorted({k[3:-5] for r in rows["pcavmae"] for k in r if k.startswith("nmi") and k.endswith("_last")})
     if not levels:  # no PCAV-MAE runs (--models cavmae): no prototypes to score
@@ -370,7 +379,7 @@ def main() -> None:
     sizes = {lvl: f"K={first[f'k{lvl}']}" if f"k{lvl}" in first else f"level {lvl}" for lvl in levels}
     quality = {f"{m}{lvl}_{w}": f"{m.upper() if m == 'nmi' else m} {sizes[lvl]} {w}" for lvl in levels
                for m in ("nmi", "purity") for w in ("first", "last")}  # fmt: skip
-    print(markdown_table({TITLES["pcavmae"]: rows["pcavmae"]}, quality, percent=False))
+    print(markdown_table({titles["pcavmae"]: rows["pcavmae"]}, quality, percent=False))
     if heads:  # fine-tuned from each PCAV-MAE run: mean +- std over the seeds
         print(head_markdown(list(heads.values()), sizes))
 

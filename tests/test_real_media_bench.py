@@ -209,6 +209,10 @@ def test_runs_with_recipe_overrides_get_their_own_folders_and_the_documented_one
     assert real_media.model_overrides("pcavmae", shared, own) == [*shared, "prototypes.num_clusters=[3,6]"]
     loss = config.load_recipe(real_media.MODELS["cavmae"], cav_extra).stages[0].loss
     assert (loss.w_infonce, loss.infonce_temperature) == (1.0, 0.1)
+    # ... and the tables name the variant.
+    assert real_media.model_title("cavmae", []) == "CAV-MAE objective (`demo_cavmae`)"
+    assert real_media.model_title("cavmae", own["cavmae"]) == (
+        "CAV-MAE objective (`demo_cavmae`, stages.0.loss.w_infonce=1.0 stages.0.loss.infonce_temperature=0.1)")
 
 
 def test_processes_started_together_take_turns_at_preparing_the_corpus(tmp_path, monkeypatch):
