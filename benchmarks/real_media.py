@@ -348,9 +348,10 @@ def main() -> None:
         return
     rows: dict[str, list[dict]] = {"pcavmae": [], "cavmae": [], "random": []}
     heads: dict[int, list[dict]] = {}
+    own = {"pcavmae": args.pcavmae_set, "cavmae": args.cavmae_set}  # each objective's own overrides
     for seed in [args.only_seed] if args.only_seed is not None else range(args.seeds):
         for model in args.models:
-            extra = model_overrides(model, args.set_all, {"pcavmae": args.pcavmae_set, "cavmae": args.cavmae_set})
+            extra = model_overrides(model, args.set_all, own)
             run = run_seed(model, seed, prepared, out, args.epochs, extra)
             row = frozen_row(run, prepared, out / "eval" / run.name, random_init=False)
             rows[model].append({"seed": seed, "run": str(run), "pretrain_seconds": pretrain_seconds(run), **row,
@@ -364,7 +365,6 @@ def main() -> None:
     report = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "corpus": check, "fbank": prepared["stats"], "columns": COLUMNS, "rows": rows, "heads": heads}  # fmt: skip
     atomic_write_text(out / "real_media.json", json.dumps(report, indent=2) + "\n")
-    own = {"pcavmae": args.pcavmae_set, "cavmae": args.cavmae_set}
     titles = {m: model_title(m, own.get(m, [])) for m in TITLES}
     by_model = {titles[m]: r for m, r in rows.items() if r}
     per_class = {k: v for k, v in COLUMNS.items() if "->" not in v}  # the 6 classes
