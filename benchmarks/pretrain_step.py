@@ -7,9 +7,9 @@ steps. Printed per side: FLOPs per sample (counted, attention included), min and
 samples/s, MFU against the matmul peak of its precision measured in the same run (in the first
 worker, before and after), then the ratios against the first side, the thread count and the load
 average. "plain" is the eager step with torch's default AdamW; "fast" the recipe's settings
-with fused AdamW (``pcav bench`` runs the same steps). A variant ending in ``-sdpa`` (``fast-sdpa:bf16``)
-runs bf16 attention on the CPU through torch's fused kernel instead of ``blocks.attend``'s explicit
-products; one ending in ``-allheads`` runs those products on all heads at once instead of in
+with fused AdamW (``pcav bench`` runs the same steps). A variant ending in ``-sdpa``
+(``fast-sdpa:bf16``) runs bf16 attention on the CPU through torch's fused kernel instead of
+``cpu_attention.grouped_attention``'s explicit products; one ending in ``-allheads`` runs those products on all heads at once instead of in
 cache-sized groups of heads (``blocks.ATTENTION_GROUP_BYTES``); one ending in ``-compile``
 (``fast-compile:bf16``) sets ``train.compile`` (inductor; the first step compiles, minutes on a
 CPU). Not a test: run it on a quiet machine.

@@ -9,7 +9,7 @@ import torch
 import torch._inductor.config as inductor
 
 from pcavmae_cli.engine import config
-from pcavmae_cli.engine.model import blocks
+from pcavmae_cli.engine.model import blocks, cpu_attention
 from pcavmae_cli.engine.train.fast import FallbackCompiled, set_activation_checkpointing
 from pcavmae_cli.engine.train.finetune import FineTuner
 from pcavmae_cli.engine.train.metrics import read_metrics
@@ -204,26 +204,31 @@ def test_fine_tuning_honours_compile_and_activation_checkpointing(tmp_path, eage
         assert steps == plain_steps, name
 
 
-@pytest.mark.parametrize("group_bytes", [0, 40 * 40 * 2, 2 * 40 * 40 * 2 + 1])  # all heads; 1; 2 (a short last group)
-def test_explicit_bf16_cpu_attention_is_the_fused_kernel_within_bf16_rounding(monkeypatch, group_bytes):
-    """``blocks.attend`` takes two bf16 products on the CPU, a group of heads at a time: the same
-    attention as SDPA on the same bf16 inputs (taken in fp32 as the reference), forward and
-    backward, however the heads are grouped."""
-    monkeypatch.setattr(blocks, "ATTENTION_GROUP_BYTES", group_bytes)
+@pytest.mark.parametrize(
+    "group_bytes",
+    [0, 40 * 40 * 2, 2 * 40 * 40 * 2 + 1, 4 * 40 * 40 * 2],  # all heads; 1; 2 (a short last group); 4 (across samples)
+)
+@pytest.mark.parametrize("shape", [(3, 40, 3, 16), (1, 40, 1, 16)])
+def test_grouped_bf16_cpu_attention_is_the_fused_kernel_within_bf16_rounding(group_bytes, shape):
+    """``cpu_attention.grouped_attention`` on the packed qkv projection: the same attention as SDPA
+    on the same bf16 inputs (taken in fp32 as the reference), forward and backward, however the
+    heads are grouped."""
     torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 40, 16).bfloat16().requires_grad_() for _ in range(3))
-    ref_inputs = [t.detach().float().requires_grad_() for t in (q, k, v)]
-    grad = torch.randn(2, 3, 40, 16)
-    out = blocks.attend(q, k, v)
-    assert out.dtype == torch.bfloat16
+    B, N, H, D = shape
+    qkv = torch.randn(B, N, 3, H, D).bfloat16().requires_grad_()
+    before = qkv.detach().clone()
+    reference_qkv = qkv.detach().float().requires_grad_()
+    grad = torch.randn(B, N, H * D)
+    out = cpu_attention.grouped_attention(qkv, group_bytes)
+    assert out.shape == (B, N, H * D) and out.dtype == torch.bfloat16
     out.float().backward(grad)
-    ref = torch.nn.functional.scaled_dot_product_attention(*ref_inputs)
-    ref.backward(grad)
-    assert torch.allclose(out.float(), ref, atol=2e-2, rtol=2e-2)
-    for mine, theirs in zip((q, k, v), ref_inputs):
-        assert torch.allclose(mine.grad.float(), theirs.grad, atol=5e-2, rtol=5e-2)
-    fp32 = [t.detach() for t in ref_inputs]
-    assert torch.equal(blocks.attend(*fp32), torch.nn.functional.scaled_dot_product_attention(*fp32))
+    q, k, v = reference_qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    reference = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, H * D)
+    reference.backward(grad)
+    assert torch.allclose(out.float(), reference, atol=2e-2, rtol=2e-2)
+    assert torch.allclose(qkv.grad.float(), reference_qkv.grad, atol=5e-2, rtol=5e-2)
+    assert (qkv.grad.float() - reference_qkv.grad).abs().max() < 0.05 * reference_qkv.grad.abs().max()
+    assert torch.equal(qkv.detach(), before)  # the input is not scaled in place
 
 
 def test_the_bf16_step_with_explicit_attention_gives_the_fused_kernels_losses_and_gradients(corpus, tmp_path, monkeypatch):  # noqa: F811

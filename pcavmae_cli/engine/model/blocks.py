@@ -16,40 +16,24 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(hd)) v for ``(B, nh, N, hd)`` inputs.
-
-    Fused SDPA everywhere but for bf16 on the CPU: there torch's flash kernel runs at about half
-    the rate of two batched bf16 products with the softmax between them (docs/benchmarks.md,
-    "Where the bf16 step goes"), so that case takes the explicit path. It holds the (N, N)
-    weights per head for the backward pass, which the flash kernel does not; CPU batches are
-    small. The softmax stays in bf16 (computed in fp32 inside the kernel, rounded once), as
-    autocast would not: autocast's fp32 softmax doubles the traffic of the (N, N) matrix.
-
-    The explicit path runs a few heads at a time (``ATTENTION_GROUP_BYTES`` of weights), so the
-    softmax and the second product read the weights from cache, not from memory, and so does
-    the backward pass of each group: 1.9x faster than all heads at once on the paper's decoder
-    shape (docs/benchmarks.md).
-    """
-    if q.device.type != "cpu" or q.dtype != torch.bfloat16 or not EXPLICIT_CPU_BF16:
-        return F.scaled_dot_product_attention(q, k, v)
-    B, H, N, D = q.shape
-    heads = B * H
-    group = heads if ATTENTION_GROUP_BYTES <= 0 else max(1, ATTENTION_GROUP_BYTES // (N * N * q.element_size()))
-    with torch.autocast("cpu", enabled=False):
-        qs = (q.reshape(heads, N, D) * D**-0.5).split(group)
-        ks, vs = k.reshape(heads, N, D).split(group), v.reshape(heads, N, D).split(group)
-        outs = [torch.bmm(torch.bmm(a, b.transpose(1, 2)).softmax(dim=-1), c) for a, b, c in zip(qs, ks, vs)]
-        out = outs[0] if len(outs) == 1 else torch.cat(outs)
-    return out.view(B, H, N, D)
+from pcavmae_cli.engine.model.cpu_attention import grouped_attention
 
 
-# The explicit bf16 CPU attention of ``attend``; benchmarks/pretrain_step.py turns it off to compare.
+def explicit_attention(qkv: torch.Tensor) -> bool:
+    """Whether ``Attention`` takes ``cpu_attention.grouped_attention``: bf16 on the CPU, where
+    torch's fused kernel runs at about half the rate of two batched products per group of heads
+    (docs/benchmarks.md, "Where the bf16 step goes"). Everywhere else SDPA (on a GPU its flash
+    kernel). The explicit path holds the (N, N) weights per head for the backward pass, which
+    the flash kernel does not; CPU batches are small. Its softmax stays in bf16 (computed in
+    fp32 inside the kernel, rounded once), as autocast's fp32 softmax would not."""
+    return qkv.device.type == "cpu" and qkv.dtype == torch.bfloat16 and EXPLICIT_CPU_BF16
+
+
+# The explicit bf16 CPU attention; benchmarks/pretrain_step.py turns it off to compare.
 EXPLICIT_CPU_BF16 = True
-# Bytes of (N, N) bf16 weights per group of heads in ``attend``'s explicit path (0: all heads at
-# once). 2 MB: two heads of the paper's decoder (708 tokens); the 2-core EPYC has 1 MB of L2 per
-# core and a shared L3.
+# Bytes of (N, N) bf16 weights per group of heads in the explicit path (0: all heads at once).
+# 2 MB: two heads of the paper's decoder (708 tokens); the 2-core EPYC has 1 MB of L2 per core
+# and a shared L3.
 ATTENTION_GROUP_BYTES = 2 * 2**20
 
 
@@ -70,9 +54,11 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``(B, N, C)`` -> ``(B, N, C)``."""
         B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # (B, nh, N, hd) each
-        x = attend(q, k, v)
+        qkv = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads)
+        if explicit_attention(qkv):
+            return self.proj(grouped_attention(qkv, ATTENTION_GROUP_BYTES))
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, nh, N, hd) each
+        x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
