@@ -12,9 +12,12 @@ with fused AdamW (``pcav bench`` runs the same steps). A variant ending in ``-sd
 ``cpu_attention.grouped_attention``'s explicit products; one ending in ``-allheads`` runs those products on all heads at once instead of in
 cache-sized groups of heads (``blocks.ATTENTION_GROUP_BYTES``); one ending in ``-compile``
 (``fast-compile:bf16``) sets ``train.compile`` (inductor; the first step compiles, minutes on a
-CPU). Not a test: run it on a quiet machine.
+CPU). A side written ``CHECKOUT@VARIANT:PRECISION`` imports ``pcavmae_cli`` from another checkout
+(``git worktree add /tmp/before HEAD~1``), so a change is timed against the code before it,
+side by side. Not a test: run it on a quiet machine.
 
     python benchmarks/pretrain_step.py --recipe pretrain_cavmae --batch 4 --sides plain:fp32 fast:fp32 plain:bf16 fast:bf16
+    python benchmarks/pretrain_step.py --sides /tmp/before@fast:bf16 fast:bf16
 """
 
 from __future__ import annotations
@@ -26,7 +29,10 @@ import time
 from alternate import Worker, alternate, summary
 
 WORKER = r"""
-import json, sys, time, torch
+import json, sys, time
+if sys.argv[7] != "-":  # another checkout's code (a side written CHECKOUT@VARIANT:PRECISION)
+    sys.path.insert(0, sys.argv[7])
+import torch
 from pcavmae_cli.engine import config
 from pcavmae_cli.engine.bench.peak import device_peak
 from pcavmae_cli.engine.bench.step import build_step, count_flops, time_step
@@ -47,7 +53,8 @@ if variant.endswith("-compile"):  # the step through torch.compile, as train.com
 flops = count_flops(cfg, batch, cpu) if sys.argv[6] == "count" else None
 step = build_step(cfg, batch, cpu, precision, fast=variant == "fast")
 time_step(step, cpu, 1, 1)  # warm-up
-print(json.dumps({"threads": torch.get_num_threads(), "flops": flops}), flush=True)
+import pcavmae_cli
+print(json.dumps({"threads": torch.get_num_threads(), "flops": flops, "code": pcavmae_cli.__file__}), flush=True)
 for line in sys.stdin:
     if line.strip() == "peaks":
         print(json.dumps({p: device_peak(dt, cpu).best for p, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}),
@@ -65,15 +72,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="steps per timing")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sides", nargs="+", default=["plain:fp32", "fast:fp32", "plain:bf16", "fast:bf16"],
-                        help="VARIANT:PRECISION, variant plain, fast, plain-sdpa, fast-sdpa, fast-allheads or fast-compile")  # fmt: skip
+                        help="[CHECKOUT@]VARIANT:PRECISION, variant plain, fast, plain-sdpa, fast-sdpa, fast-allheads "
+                             "or fast-compile; CHECKOUT: another checkout's code (e.g. a git worktree)")  # fmt: skip
     args = parser.parse_args()
     print(f"{time.strftime('%Y-%m-%d %H:%M:%S')}; {args.recipe}, batch {args.batch}, {os.cpu_count()} CPUs; "
           f"load average {os.getloadavg()}", flush=True)  # fmt: skip
     workers = []
     for i, side in enumerate(args.sides):
-        variant, precision = side.split(":")
-        argv = [args.recipe, variant, precision, str(args.batch), str(args.steps), "count" if i == 0 else "-"]
+        checkout, _, spec = side.rpartition("@")
+        variant, precision = spec.split(":")
+        argv = [args.recipe, variant, precision, str(args.batch), str(args.steps), "count" if i == 0 else "-",
+                os.path.abspath(checkout) if checkout else "-"]  # fmt: skip
         workers.append(Worker(side, WORKER, argv))
+    for w in workers:
+        print(f"{w.side}: code from {os.path.dirname(os.path.dirname(w.info['code']))}", flush=True)
     flops = workers[0].info["flops"]
     peaks = [workers[0].ask("peaks")]
     results = alternate(workers, args.repeats, key="samples_per_s")
