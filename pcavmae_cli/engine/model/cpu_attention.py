@@ -27,6 +27,7 @@ its backward kernel on the same bf16 tensors), so the two agree to bf16 rounding
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 
 def _group_slices(heads: int, tokens: int, group_bytes: int) -> list[slice]:
@@ -60,13 +61,14 @@ class GroupedAttention(torch.autograd.Function):
         return out.view(B, H, N, D).transpose(1, 2).reshape(B, N, H * D)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         (packed,) = ctx.saved_tensors
         q, k, v = packed  # q scaled
         _, BH, N, D = packed.shape
         B = grad_out.shape[0]
         H = BH // B
-        grad_out = grad_out.to(packed.dtype).view(B, N, H, D).transpose(1, 2).reshape(BH, N, D)
+        grad_out = grad_out.to(packed.dtype).reshape(B, N, H, D).transpose(1, 2).reshape(BH, N, D)
         grad = packed.new_empty(packed.shape)
         grad_q, grad_k, grad_v = grad
         with torch.autocast("cpu", enabled=False):
