@@ -9,8 +9,9 @@ worker, before and after), then the ratios against the first side, the thread co
 average. "plain" is the eager step with torch's default AdamW; "fast" the recipe's settings
 with fused AdamW (``pcav bench`` runs the same steps). A variant ending in ``-sdpa``
 (``fast-sdpa:bf16``) runs bf16 attention on the CPU through torch's fused kernel instead of
-``cpu_attention.grouped_attention``'s explicit products; one ending in ``-allheads`` runs those products on all heads at once instead of in
-cache-sized groups of heads (``blocks.ATTENTION_GROUP_BYTES``); one ending in ``-compile``
+``cpu_attention.grouped_attention``'s explicit products; one ending in ``-allheads`` runs those
+products on all heads at once instead of in cache-sized groups of heads
+(``blocks.ATTENTION_GROUP_BYTES``); one ending in ``-compile``
 (``fast-compile:bf16``) sets ``train.compile`` (inductor; the first step compiles, minutes on a
 CPU). A side written ``CHECKOUT@VARIANT:PRECISION`` imports ``pcavmae_cli`` from another checkout
 (``git worktree add /tmp/before HEAD~1``), so a change is timed against the code before it,

@@ -231,6 +231,21 @@ def test_grouped_bf16_cpu_attention_is_the_fused_kernel_within_bf16_rounding(gro
     assert torch.equal(qkv.detach(), before)  # the input is not scaled in place
 
 
+def test_only_bf16_on_the_cpu_takes_the_explicit_attention(monkeypatch):
+    """fp32 (and every GPU) keeps SDPA: the module's fp32 output is SDPA's to the bit."""
+    torch.manual_seed(0)
+    attention = blocks.Attention(32, 4)
+    x = torch.randn(2, 10, 32)
+    assert blocks.explicit_attention(torch.zeros(1, dtype=torch.bfloat16))
+    assert not blocks.explicit_attention(torch.zeros(1))
+    monkeypatch.setattr(blocks, "EXPLICIT_CPU_BF16", False)
+    assert not blocks.explicit_attention(torch.zeros(1, dtype=torch.bfloat16))
+    q, k, v = attention.qkv(x).view(2, 10, 3, 4, 8).permute(2, 0, 3, 1, 4).unbind(0)
+    heads_out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    expected = attention.proj(heads_out.transpose(1, 2).reshape(2, 10, 32))
+    assert torch.equal(attention(x), expected)
+
+
 def test_the_bf16_step_with_explicit_attention_gives_the_fused_kernels_losses_and_gradients(corpus, tmp_path, monkeypatch):  # noqa: F811
     cfg, model = tiny_model(corpus, tmp_path)
     batch, protos = fixed_batch(cfg), fixed_prototypes(cfg)
