@@ -44,6 +44,7 @@ def child(args: argparse.Namespace) -> None:
     from pcavmae_cli.engine import config
     from pcavmae_cli.engine.bench.flops import count
     from pcavmae_cli.engine.bench.peak import device_peak
+    from pcavmae_cli.engine.bench.step import synthetic_batch
     from pcavmae_cli.engine.model import PCAVMAE
     from pcavmae_cli.engine.train.allocator import keep_freed_memory
     from pcavmae_cli.engine.train.objective import BatchObjective
@@ -68,12 +69,7 @@ def child(args: argparse.Namespace) -> None:
         net = DistributedDataParallel(net, find_unused_parameters=True, broadcast_buffers=False)
     optimizer = build_optimizer(model, cfg.optim, fused=True)
     batch_size = args.batch if ranks else args.batch * args.cores
-    m = cfg.model
-    batch = {
-        "fbank": torch.randn(batch_size, m.audio_frames, m.mel_bins),
-        "frames": torch.randn(batch_size, 3, m.image_size, m.image_size),
-        "index": torch.arange(batch_size),
-    }
+    batch = synthetic_batch(cfg, batch_size, cpu)
     fp32 = Runtime(device=cpu, dtype=None)
     flops = count(lambda: net(batch, stage.loss, None, fp32)[0].backward()) / batch_size if args.count else None
     optimizer.zero_grad(set_to_none=True)
@@ -106,8 +102,9 @@ def child(args: argparse.Namespace) -> None:
 
 
 def run_side(args: argparse.Namespace, side: str, port: int, count: bool) -> dict:
-    common = [*(["--count"] if count else []), "--role", "single" if side == "single" else "rank", "--recipe", args.recipe, "--batch", str(args.batch),
-              "--cores", str(args.cores), "--accumulate", str(args.accumulate), "--steps", str(args.steps)]  # fmt: skip
+    common = ["--role", "single" if side == "single" else "rank", "--recipe", args.recipe,
+              "--batch", str(args.batch), "--cores", str(args.cores), "--accumulate", str(args.accumulate),
+              "--steps", str(args.steps), *(["--count"] if count else [])]  # fmt: skip
     if side == "single":
         cmd = [sys.executable, SCRIPT, *common]
     else:

@@ -6,8 +6,8 @@ synthetic inputs (1024 x 128 fbank, 224 px frames), fp32 and bf16 autocast, with
 clip (the 10-frame average) and with the middle frame only; bf16 also with torch's fused
 attention kernel (``bf16-sdpa``) instead of ``cpu_attention.grouped_attention``'s explicit
 products, or with those products on all heads at once (``bf16-allheads``) instead of
-cache-sized groups of heads (``--precisions`` picks). The settings are run in turn, A, B, C, ..., A, ..., for ``--repeats``
-rounds in one process; each prints min and median clips/s,
+cache-sized groups of heads (``--precisions`` picks). The settings are run in turn, A, B, C,
+..., A, ..., for ``--repeats`` rounds in one process; each prints min and median clips/s,
 FLOPs per clip (counted, attention included), and MFU against the matmul peak of its precision
 measured in the same run, before and after. Not a test: run it on a quiet machine.
 

@@ -66,6 +66,16 @@ def fake_prototypes(n_clips: int, dim: int, k: int, device: torch.device) -> lis
     ]
 
 
+def synthetic_batch(cfg: Recipe, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """A full-size batch of the recipe's inputs (random fbank and frames), so no data is needed."""
+    m = cfg.model
+    return {
+        "fbank": torch.randn(batch_size, m.audio_frames, m.mel_bins, device=device),
+        "frames": torch.randn(batch_size, 3, m.image_size, m.image_size, device=device),
+        "index": torch.arange(batch_size, device=device),
+    }
+
+
 def build_step(
     cfg: Recipe, batch_size: int, device: torch.device, precision: str, *, fast: bool
 ) -> Callable[[], None]:
@@ -85,12 +95,7 @@ def build_step(
     optimizer = build_optimizer(model, cfg.optim, fused=fast)
     protos = fake_prototypes(batch_size, cfg.model.proj_dim, 64, device) if cfg.prototypes else None
     rt = Runtime(device=device, dtype=PRECISIONS[precision])
-    m = cfg.model
-    batch = {
-        "fbank": torch.randn(batch_size, m.audio_frames, m.mel_bins, device=device),
-        "frames": torch.randn(batch_size, 3, m.image_size, m.image_size, device=device),
-        "index": torch.arange(batch_size, device=device),
-    }
+    batch = synthetic_batch(cfg, batch_size, device)
 
     def step() -> None:
         total, _ = batch_losses(net, batch, stage.loss, protos, rt)
