@@ -9,16 +9,22 @@ micro-batch and the same accumulation:
 
 - ``single``: one process, C threads, micro-batches of ``--batch`` x C clips;
 - ``ranks``: C ranks (``torch.distributed.run``), one thread each, ``--batch`` clips per rank,
-  the model wrapped as training wraps it (``BatchObjective`` under ``DistributedDataParallel``).
+  the model wrapped as training wraps it (``BatchObjective`` under ``DistributedDataParallel``);
+- ``threads``: one process, C Python threads of one compute thread each, ``--batch`` clips per
+  thread, one shared model whose gradients the threads' backward passes add up (no all-reduce,
+  no buckets). Each thread's losses see only its own clips (nothing gathers the embeddings
+  across threads for the contrastive loss, as training would have to), so this side is an upper
+  bound on what data parallelism inside one process could gain.
 
 Each optimizer step is ``--accumulate`` micro-batches (forward, backward) and one fused AdamW
 step, bf16 autocast, synthetic full-size inputs of the recipe. Ranks cannot live in a persistent
-worker, so the two sides run in fresh processes, alternated (single, ranks, single, ...) for
+worker, so the sides run in fresh processes, alternated (single, ranks, threads, single, ...) for
 ``--repeats`` rounds; printed per round and in a table: samples/s (min, median), MFU against the
-bf16 matmul peak measured with C threads in each ``single`` process, the ratio, the load average.
+bf16 matmul peak measured with C threads in each ``single`` and ``threads`` process, the ratio, the load average.
 Not a test: run it on a quiet machine.
 
     python benchmarks/ddp_cores.py --recipe pretrain_cavmae --batch 4 --accumulate 4 --repeats 3
+    python benchmarks/ddp_cores.py --sides single threads --batch 2 --accumulate 4 --repeats 3
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 SCRIPT = os.path.abspath(__file__)
 
@@ -51,7 +58,7 @@ def child(args: argparse.Namespace) -> None:
     from pcavmae_cli.engine.train.optim import build_optimizer
     from pcavmae_cli.engine.train.runtime import Runtime
 
-    ranks = args.role == "rank"
+    ranks, threads = args.role == "rank", args.role == "threads"
     if ranks:
         dist.init_process_group("gloo")
     torch.set_num_threads(1 if ranks else args.cores)
@@ -75,9 +82,24 @@ def child(args: argparse.Namespace) -> None:
     optimizer.zero_grad(set_to_none=True)
     rt = Runtime(device=cpu, dtype=torch.bfloat16)
 
+    def one_compute_thread() -> None:
+        torch.get_num_threads()  # ATen's per-thread set-up first, or it later resets the count to the process's
+        torch.set_num_threads(1)
+
+    def clips_forward_backward(clips: dict) -> None:
+        total, _ = net(clips, stage.loss, None, rt)
+        (total / (args.accumulate * args.cores)).backward()
+
+    if threads:
+        pool = ThreadPoolExecutor(args.cores, initializer=one_compute_thread)
+        parts = [{k: v[i * args.batch : (i + 1) * args.batch] for k, v in batch.items()} for i in range(args.cores)]
+
     def optimizer_step() -> None:
         for i in range(args.accumulate):
             last = i == args.accumulate - 1
+            if threads:
+                list(pool.map(clips_forward_backward, parts))
+                continue
             with contextlib.nullcontext() if not ranks or last else net.no_sync():
                 total, _ = net(batch, stage.loss, None, rt)
                 (total / args.accumulate).backward()
@@ -102,10 +124,10 @@ def child(args: argparse.Namespace) -> None:
 
 
 def run_side(args: argparse.Namespace, side: str, port: int, count: bool) -> dict:
-    common = ["--role", "single" if side == "single" else "rank", "--recipe", args.recipe,
+    common = ["--role", "rank" if side == "ranks" else side, "--recipe", args.recipe,
               "--batch", str(args.batch), "--cores", str(args.cores), "--accumulate", str(args.accumulate),
               "--steps", str(args.steps), *(["--count"] if count else [])]  # fmt: skip
-    if side == "single":
+    if side != "ranks":
         cmd = [sys.executable, SCRIPT, *common]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.cores),
@@ -125,7 +147,8 @@ def main() -> None:
     parser.add_argument("--accumulate", type=int, default=4, help="micro-batches per optimizer step")
     parser.add_argument("--steps", type=int, default=1, help="timed optimizer steps per process")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--role", choices=["single", "rank"], help=argparse.SUPPRESS)
+    parser.add_argument("--sides", nargs="+", choices=["single", "ranks", "threads"], default=["single", "ranks"])
+    parser.add_argument("--role", choices=["single", "rank", "threads"], help=argparse.SUPPRESS)
     parser.add_argument("--count", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role:
@@ -133,7 +156,7 @@ def main() -> None:
         return
     print(f"{time.strftime('%Y-%m-%d %H:%M:%S')}; {args.recipe}, {args.cores} cores, {args.batch} clips per rank, "
           f"{args.accumulate} micro-batches per step; load average {os.getloadavg()}", flush=True)  # fmt: skip
-    rates: dict[str, list[float]] = {"single": [], "ranks": []}
+    rates: dict[str, list[float]] = {side: [] for side in ["single", *[s for s in args.sides if s != "single"]]}
     peaks, flops = [], None
     for r in range(args.repeats):
         for side in rates:
@@ -144,7 +167,7 @@ def main() -> None:
             flops = flops or result["flops"]
             print(f"  round {r + 1} {side}: {result['samples_per_s']:.3f} samples/s", flush=True)
     peak = max(peaks)
-    print(f"bf16 matmul peak with {args.cores} threads, per single process: "
+    print(f"bf16 matmul peak with {args.cores} threads, per single or threads process: "
           + ", ".join(f"{p:.0f}" for p in peaks) + f" GFLOP/s; FLOPs per sample {flops / 1e9:.1f} G")
     print("| side | samples/s (min) | samples/s (median) | MFU (median, of the highest peak) | median vs single |")
     print("|---|---|---|---|---|")

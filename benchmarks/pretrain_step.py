@@ -13,7 +13,8 @@ with fused AdamW (``pcav bench`` runs the same steps). A variant ending in ``-sd
 products on all heads at once instead of in cache-sized groups of heads
 (``blocks.ATTENTION_GROUP_BYTES``); one ending in ``-compile``
 (``fast-compile:bf16``) sets ``train.compile`` (inductor; the first step compiles, minutes on a
-CPU). A side written ``CHECKOUT@VARIANT:PRECISION`` imports ``pcavmae_cli`` from another checkout
+CPU); one ending in ``-onereplica`` (``fast-onereplica:bf16``) sets ``train.replicas=1``, the
+whole micro-batch in one thread that splits each product over all compute threads. A side written ``CHECKOUT@VARIANT:PRECISION`` imports ``pcavmae_cli`` from another checkout
 (``git worktree add /tmp/before HEAD~1``), so a change is timed against the code before it,
 side by side. Not a test: run it on a quiet machine.
 
@@ -47,6 +48,9 @@ if variant.endswith("-allheads"):  # the explicit bf16 attention on all heads at
     variant = variant[: -len("-allheads")]
 cpu = torch.device("cpu")
 cfg = config.load_recipe(recipe)
+if variant.endswith("-onereplica"):  # the whole micro-batch in one thread of all the compute threads
+    cfg.train.replicas = 1
+    variant = variant[: -len("-onereplica")]
 if variant.endswith("-compile"):  # the step through torch.compile, as train.compile=true runs it
     cfg.train.compile = True
     variant = variant[: -len("-compile")]

@@ -12,8 +12,9 @@ from pcavmae_cli.cli.console import RichReporter, console, err_console
 from pcavmae_cli.engine.progress import SilentReporter
 
 
-def run_as_rank(run: Callable[..., Any], cfg: Any) -> Any | None:
+def run_as_rank(run: Callable[..., Any], cfg: Any, *, pretraining: bool = False) -> Any | None:
     """``run(cfg, reporter)`` in this process; the result on rank 0, ``None`` on the other ranks.
+    ``pretraining``: the header names the threads a micro-batch is split over (``train.replicas``).
 
     Ctrl-C / SIGTERM: the loop has written ``checkpoints/last``; rank 0 says where and how to go on.
     """
@@ -24,7 +25,7 @@ def run_as_rank(run: Callable[..., Any], cfg: Any) -> Any | None:
 
     main = world_from_env().rank == 0
     if main and getattr(cfg, "train", None) is not None:
-        console.print(f"runtime: {describe_runtime(cfg.train)}", highlight=False)
+        console.print(f"runtime: {describe_runtime(cfg.train, cfg.data.loader.batch_size if pretraining else None)}", highlight=False)
     try:
         result = run(cfg, RichReporter(bar_width=None) if main else SilentReporter())
     except Interrupted as stop:

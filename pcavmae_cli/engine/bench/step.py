@@ -8,8 +8,10 @@ on one eager step (matrix products and attention, the CPU attention kernel inclu
 ``flops``; elementwise work is not counted).
 
 Two configurations of the same recipe are compared: ``plain`` (eager, torch's default AdamW:
-the unoptimised step) and ``fast`` (fused AdamW, on the CPU the training allocator settings, plus ``torch.compile`` when the recipe sets
-``train.compile``, plus activation checkpointing when it sets that).
+the unoptimised step) and ``fast`` (fused AdamW; on the CPU the training allocator settings and
+the micro-batch split over ``train.replicas`` threads as pre-training splits it; plus
+``torch.compile`` when the recipe sets ``train.compile``, plus activation checkpointing when it
+sets that).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from pcavmae_cli.engine.train.allocator import keep_freed_memory
 from pcavmae_cli.engine.train.fast import StepCompiler, set_activation_checkpointing
 from pcavmae_cli.engine.train.objective import batch_losses
 from pcavmae_cli.engine.train.optim import build_optimizer
+from pcavmae_cli.engine.train.replicas import Replicas, replica_count
 from pcavmae_cli.engine.train.runtime import Runtime
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
@@ -96,10 +99,16 @@ def build_step(
     protos = fake_prototypes(batch_size, cfg.model.proj_dim, 64, device) if cfg.prototypes else None
     rt = Runtime(device=device, dtype=PRECISIONS[precision])
     batch = synthetic_batch(cfg, batch_size, device)
+    threads = torch.get_num_threads()
+    n_replicas = replica_count(cfg.train, device, 1, threads, batch_size) if fast else 1
+    replicas = Replicas(model, n_replicas, threads) if n_replicas > 1 else None
 
     def step() -> None:
-        total, _ = batch_losses(net, batch, stage.loss, protos, rt)
+        total, _ = batch_losses(net, batch, stage.loss, protos, rt, replicas=replicas)
         total.backward()
+        if replicas is not None:
+            replicas.backward()
+            replicas.collect_grads()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

@@ -3,7 +3,10 @@
 Under DDP a rank holds a slice of the global batch. Inside ``global_batch_rows(start, total)``
 the mask noise is drawn for all ``total`` rows of the global batch and this rank keeps its rows,
 so every rank's global RNG advances as one process's would and a clip gets the mask it would get
-in a single-process run of the same recipe (``engine/train/distributed.py``).
+in a single-process run of the same recipe (``engine/train/distributed.py``). Threads of one
+process that each run a slice of the batch (``engine/train/replicas.py``) share one
+``SharedNoise`` inside ``shared_noise``: the n-th noise tensor of a forward pass is drawn once, by
+whichever thread asks first, so the global RNG advances as one forward pass of the whole batch.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from threading import Lock
 
 import torch
 
@@ -27,13 +31,47 @@ def global_batch_rows(start: int, total: int) -> Iterator[None]:
         _GLOBAL_ROWS.reset(token)
 
 
+class SharedNoise:
+    """The noise tensors of one forward pass of the whole batch, drawn once each and shared by
+    the threads that run its slices (each thread asks for them in the same order)."""
+
+    def __init__(self) -> None:
+        self._drawn: list[torch.Tensor] = []
+        self._lock = Lock()
+
+    def draw(self, i: int, total: int, N: int, device: torch.device) -> torch.Tensor:
+        """The ``i``-th noise tensor ``(total, N)``; drawn now if no thread has asked for it yet."""
+        with self._lock:
+            if i == len(self._drawn):
+                self._drawn.append(torch.rand(total, N, device=device))
+            return self._drawn[i]
+
+
+_SHARED: ContextVar[tuple[SharedNoise, list[int]] | None] = ContextVar("shared_noise", default=None)
+
+
+@contextmanager
+def shared_noise(source: SharedNoise) -> Iterator[None]:
+    """Masks drawn inside (in this thread) take their noise from ``source``, in call order."""
+    token = _SHARED.set((source, [0]))
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
+
+
 def _noise(B: int, N: int, device: torch.device) -> torch.Tensor:
-    """Uniform ``(B, N)`` noise: this batch's, or this rank's rows of the global batch's."""
+    """Uniform ``(B, N)`` noise: this batch's, or this rank's (thread's) rows of the global batch's."""
     rows = _GLOBAL_ROWS.get()
-    if rows is None:
+    shared = _SHARED.get()
+    if rows is None and shared is None:
         return torch.rand(B, N, device=device)
-    start, total = rows
-    return torch.rand(total, N, device=device)[start : start + B]
+    start, total = rows if rows is not None else (0, B)
+    if shared is None:
+        return torch.rand(total, N, device=device)[start : start + B]
+    source, calls = shared
+    calls[0] += 1
+    return source.draw(calls[0] - 1, total, N, device)[start : start + B]
 
 
 def random_masking(x: torch.Tensor, ratio: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -23,6 +23,7 @@ from pcavmae_cli.engine.model.masking import global_batch_rows
 from pcavmae_cli.engine.prototypes import Prototypes
 from pcavmae_cli.engine.schema import LossConfig
 from pcavmae_cli.engine.train.distributed import BatchShard
+from pcavmae_cli.engine.train.replicas import Replicas
 from pcavmae_cli.engine.train.runtime import Runtime
 
 
@@ -43,6 +44,7 @@ def batch_losses(
     protos: Sequence[Prototypes] | None,
     rt: Runtime,
     shard: BatchShard | None = None,
+    replicas: Replicas | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Forward one batch and compute its losses.
 
@@ -53,6 +55,9 @@ def batch_losses(
         shard: under DDP, this rank's slice of the global batch: the masks are this slice of the
             global batch's, the contrastive losses (InfoNCE, eq. 1, eq. 3) see the gathered
             global batch, and L_r (per clip) is weighted by ``shard.local_weight``.
+        replicas: in one CPU process, threads that run the forward pass in slices of the batch
+            (``replicas.py``); the losses are this batch's all the same. The caller runs
+            ``replicas.backward()`` after the loss's ``backward``.
 
     Returns:
         the weighted total to back-propagate, and the detached parts to log (``total`` included;
@@ -62,8 +67,11 @@ def batch_losses(
     """
     on = protos is not None
     rows = nullcontext() if shard is None else global_batch_rows(shard.start, shard.total)
-    with rt.autocast(), rows:
-        out = model(batch["fbank"], batch["frames"], decode=decodes(loss, on), pool_decoder=pools(loss, on))
+    if replicas is not None:
+        out = replicas.forward(batch, rt, decode=decodes(loss, on), pool_decoder=pools(loss, on))
+    else:
+        with rt.autocast(), rows:
+            out = model(batch["fbank"], batch["frames"], decode=decodes(loss, on), pool_decoder=pools(loss, on))
     whole = (lambda t: t) if shard is None else shard.gather
     index = whole(batch["index"])
     parts: dict[str, Tensor] = {}

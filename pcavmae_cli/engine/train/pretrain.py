@@ -91,6 +91,7 @@ from pcavmae_cli.engine.train.metrics import Meter, MetricsLog, format_losses, l
 from pcavmae_cli.engine.train.objective import BatchObjective, batch_losses
 from pcavmae_cli.engine.train.optim import build_optimizer, set_lr
 from pcavmae_cli.engine.train.pending import PendingLosses, finite_weights
+from pcavmae_cli.engine.train.replicas import Replicas, replica_count
 from pcavmae_cli.engine.train.runtime import capture_rng, resolve_runtime, restore_rng, seed_everything
 from pcavmae_cli.engine.train.schedule import Schedule
 from pcavmae_cli.engine.train.stop import StopRequests, call_on_step, run_stoppable
@@ -220,6 +221,9 @@ class Trainer:
         self.momentum = MomentumEncoder(self.model).to(self.rt.device)
         set_activation_checkpointing(self.model, cfg.train.activation_checkpointing)
         self.compiler = StepCompiler(cfg.train.compile)  # train.compile: eager fallback, fast.py
+        threads = torch.get_num_threads()
+        n_replicas = replica_count(cfg.train, self.rt.device, self.rt.world_size, threads, loader_cfg.batch_size)
+        self.replicas = Replicas(self.model, n_replicas, threads) if n_replicas > 1 else None  # replicas.py
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.ddp: DistributedDataParallel | None = None  # built per stage (what trains), world > 1
         self.ddp_parts: tuple[str, ...] | None = None
@@ -331,6 +335,8 @@ class Trainer:
             close_loader(self.health_loader)
             if self.validation is not None:
                 self.validation.close()
+            if self.replicas is not None:
+                self.replicas.close()
             self.logs.close()
 
         run_stoppable(self._epoch, lambda: self.state.epoch >= self.plan.total_epochs,
@@ -441,10 +447,12 @@ class Trainer:
                 last_of_group = in_group + 1 == group
                 with contextlib.nullcontext() if self.ddp is None or last_of_group else self.ddp.no_sync():
                     if self.ddp is None:
-                        total, logged = batch_losses(net, batch, stage.loss, protos, self.rt)
+                        total, logged = batch_losses(net, batch, stage.loss, protos, self.rt, replicas=self.replicas)
                     else:  # DDP around BatchObjective: the loss is the wrapped forward's output
                         total, logged = net(batch, stage.loss, protos, self.rt, shard)
                     (total / group).backward()
+                    if self.replicas is not None:
+                        self.replicas.backward()
                 clips = batch["fbank"].shape[0]
                 n = clips if shard is None else shard.total
                 self.pending.add(st.step + 1, logged, clips, n)  # read at the next flush, not now
@@ -553,6 +561,8 @@ class Trainer:
 
     def _optimizer_step(self, trainable: list[torch.nn.Parameter]) -> float:
         """Clip, step AdamW at the scheduled rate, clear gradients, move the momentum encoder."""
+        if self.replicas is not None:
+            self.replicas.collect_grads()
         if self.cfg.optim.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(trainable, self.cfg.optim.grad_clip)
         lr = self.schedule.lr(self.state.step)

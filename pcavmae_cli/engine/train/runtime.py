@@ -28,7 +28,7 @@ import torch
 from pcavmae_cli.engine.errors import UserError
 from pcavmae_cli.engine.schema import TrainConfig
 from pcavmae_cli.engine.train.allocator import keep_freed_memory
-from pcavmae_cli.engine.train.distributed import init_from_env
+from pcavmae_cli.engine.train.distributed import init_from_env, world_from_env
 from pcavmae_cli.engine.train.threads import thread_plan
 
 
@@ -94,13 +94,22 @@ def resolve_runtime(cfg: TrainConfig) -> Runtime:
     )
 
 
-def describe_runtime(cfg: TrainConfig) -> str:
+def describe_runtime(cfg: TrainConfig, micro_batch: int | None = None) -> str:
     """The run header's line: ``cpu, fp32, 2 compute threads (2 CPUs)`` (what ``resolve_runtime``
-    will choose, without joining a process group)."""
+    will choose, without joining a process group); for pre-training (``micro_batch``: its
+    ``data.loader.batch_size``), the threads a micro-batch is split over when there are several
+    (``train.replicas``)."""
+    from pcavmae_cli.engine.train.replicas import replica_count  # replicas.py imports this module
+
     device = resolve_device(cfg.device)
     plan = thread_plan(cfg.threads)
     precision = "bf16" if resolve_precision(cfg.precision, device) == torch.bfloat16 else "fp32"
-    return f"{device}, {precision}, {plan.threads} compute thread{'s' * (plan.threads != 1)} ({plan.reason})"
+    line = f"{device}, {precision}, {plan.threads} compute thread{'s' * (plan.threads != 1)} ({plan.reason})"
+    world = world_from_env().world_size
+    replicas = 1 if micro_batch is None else replica_count(cfg, device, world, plan.threads, micro_batch)
+    if replicas > 1:
+        line += f", each micro-batch split over {replicas} threads of {max(1, plan.threads // replicas)}"
+    return line
 
 
 def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
