@@ -98,6 +98,10 @@ class Replicas:
         self.fresh = False  # whether the copies' gradients are clear (until the next collect_grads)
         self._graphs: list[tuple[list[Tensor], list[Tensor]]] = []  # per slice: outputs, their leaves
 
+    def _leaves_on_storage(self) -> dict[int, object]:
+        """A ``deepcopy`` memo that maps each parameter to a new leaf on the same storage."""
+        return {id(p): nn.Parameter(p.detach(), p.requires_grad) for p in self.model.parameters()}
+
     def _replica_modules(self) -> list[nn.Module]:
         """One module per thread whose parameters are leaves on the model's storage, their
         gradients cleared and their ``requires_grad`` the model's (the stage may have changed it).
@@ -106,12 +110,8 @@ class Replicas:
         the module's attributes for the duration of the call, and two threads calling it at once
         take each other's parameters."""
         if self.copies is None:
-            memo: dict[int, object] = {id(p): nn.Parameter(p.detach(), p.requires_grad) for p in self.model.parameters()}
-            memo.update({id(b): b for b in self.model.buffers()})  # shared, not copied
-            self.copies = []
-            for _ in range(self.n):
-                self.copies.append(copy.deepcopy(self.model, dict(memo)))
-                memo.update({id(p): nn.Parameter(p.detach(), p.requires_grad) for p in self.model.parameters()})
+            buffers = {id(b): b for b in self.model.buffers()}  # shared, not copied
+            self.copies = [copy.deepcopy(self.model, {**self._leaves_on_storage(), **buffers}) for _ in range(self.n)]
         if not self.fresh:
             for replica in self.copies:
                 for rp, p in zip(replica.parameters(), self.model.parameters()):
