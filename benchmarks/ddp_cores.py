@@ -56,6 +56,7 @@ def child(args: argparse.Namespace) -> None:
     from pcavmae_cli.engine.train.allocator import keep_freed_memory
     from pcavmae_cli.engine.train.objective import BatchObjective
     from pcavmae_cli.engine.train.optim import build_optimizer
+    from pcavmae_cli.engine.train.replicas import set_compute_threads
     from pcavmae_cli.engine.train.runtime import Runtime
 
     ranks, threads = args.role == "rank", args.role == "threads"
@@ -82,16 +83,12 @@ def child(args: argparse.Namespace) -> None:
     optimizer.zero_grad(set_to_none=True)
     rt = Runtime(device=cpu, dtype=torch.bfloat16)
 
-    def one_compute_thread() -> None:
-        torch.get_num_threads()  # ATen's per-thread set-up first, or it later resets the count to the process's
-        torch.set_num_threads(1)
-
     def clips_forward_backward(clips: dict) -> None:
         total, _ = net(clips, stage.loss, None, rt)
         (total / (args.accumulate * args.cores)).backward()
 
     if threads:
-        pool = ThreadPoolExecutor(args.cores, initializer=one_compute_thread)
+        pool = ThreadPoolExecutor(args.cores, initializer=set_compute_threads, initargs=(1,))
         parts = [{k: v[i * args.batch : (i + 1) * args.batch] for k, v in batch.items()} for i in range(args.cores)]
 
     def optimizer_step() -> None:

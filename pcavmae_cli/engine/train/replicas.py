@@ -39,7 +39,7 @@ from pcavmae_cli.engine.errors import UserError
 from pcavmae_cli.engine.model.masking import SharedNoise, global_batch_rows, shared_noise
 from pcavmae_cli.engine.model.pcavmae import PCAVMAEOutput
 from pcavmae_cli.engine.schema import TrainConfig
-from pcavmae_cli.engine.train.distributed import split
+from pcavmae_cli.engine.train.distributed import bounds
 from pcavmae_cli.engine.train.runtime import Runtime
 
 
@@ -65,7 +65,8 @@ def replica_count(train: TrainConfig, device: torch.device, world_size: int, thr
     return min(train.replicas, threads)
 
 
-def _set_compute_threads(n: int) -> None:
+def set_compute_threads(n: int) -> None:
+    """This thread's compute threads, leaving the ones of threads already running as they are."""
     torch.get_num_threads()  # ATen's per-thread set-up first: done later, it resets the count to the process's
     torch.set_num_threads(n)
 
@@ -84,7 +85,7 @@ class Replicas:
         # (about 1 s of system time per step of the paper's model on 2 cores)
         self.threads = [
             ThreadPoolExecutor(1, thread_name_prefix=f"pcav-replica{t}",
-                               initializer=_set_compute_threads, initargs=(per_thread,))  # fmt: skip
+                               initializer=set_compute_threads, initargs=(per_thread,))  # fmt: skip
             for t in range(n)
         ]
         # start every thread now, then give the process (this thread, threads started later) its
@@ -125,16 +126,16 @@ class Replicas:
         """The model's output on the whole ``batch``, computed in slices by the threads."""
         copies = self._replica_modules()
         total = batch["fbank"].shape[0]
-        sizes = [s for s in split(total, self.n) if s > 0]
-        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        slices = [bounds(total, self.n, t) for t in range(min(self.n, total))]  # no empty slice
         noise = SharedNoise()
 
         def run(t: int) -> PCAVMAEOutput:
-            rows = slice(starts[t], starts[t] + sizes[t])
-            with global_batch_rows(starts[t], total), shared_noise(noise), rt.autocast():
+            start, stop = slices[t]
+            rows = slice(start, stop)
+            with global_batch_rows(start, total), shared_noise(noise), rt.autocast():
                 return copies[t](batch["fbank"][rows], batch["frames"][rows], **model_kwargs)
 
-        outs = self._on_threads(run, range(len(sizes)))
+        outs = self._on_threads(run, range(len(slices)))
         self._graphs = []
         for out in outs:
             graph: tuple[list[Tensor], list[Tensor]] = ([], [])
