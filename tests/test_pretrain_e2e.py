@@ -31,7 +31,7 @@ def test_pretrain_demo_recipe_end_to_end(tmp_path):
     result = pcav("pretrain", "--recipe", "demo", *overrides)
     assert result.returncode == 0, result.stderr
     assert "pcav pretrain" in result.stdout and f"run folder: {run}" in result.stdout
-    assert "runtime: cpu, fp32, " in result.stdout and " compute thread" in result.stdout  # the run header
+    assert "runtime: cpu, fp32 (auto: " in result.stdout and " compute thread" in result.stdout  # the run header
 
     assert sorted(p.name for p in run.iterdir()) == ["README.md", "checkpoints", "config.yaml", "labels.csv",
                                                     "metrics.jsonl", "prototypes", "tensorboard"]

@@ -65,7 +65,7 @@ def test_resolve_runtime_applies_the_plan_and_refuses_zero_threads():
     try:
         resolve_runtime(dataclasses.replace(train, device="cpu", threads=1))
         assert torch.get_num_threads() == 1
-        assert describe_runtime(dataclasses.replace(train, device="cpu", threads=1)) == \
+        assert describe_runtime(dataclasses.replace(train, device="cpu", threads=1, precision="fp32")) == \
             "cpu, fp32, 1 compute thread (train.threads)"
     finally:
         torch.set_num_threads(before)

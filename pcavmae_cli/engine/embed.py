@@ -228,9 +228,9 @@ def embed(
     n = len(dataset)
     if n == 0:
         raise UserError(f"{manifest}: no clips to embed")
-    rt = resolve_runtime(cfg.train)
+    rt = resolve_runtime(cfg.train, cfg.model)
     backbone = feature_backbone(cp, cfg).to(rt.device).eval()
-    key = chunk_key(cp.folder / "model.safetensors", policy, str(manifest.resolve()), n)
+    key = chunk_key(cp.folder / "model.safetensors", policy, str(manifest.resolve()), n, rt.precision)
     (work / "chunks").mkdir(parents=True, exist_ok=True)
     starts = list(range(0, n, chunk))
 

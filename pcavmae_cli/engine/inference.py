@@ -290,7 +290,7 @@ def load(
     if labels is not None:
         extra.append(f"data.label_csv={labels}")
     cfg = checkpoint_recipe(cp.folder, extra)
-    rt = resolve_runtime(cfg.train)
+    rt = resolve_runtime(cfg.train, cfg.model)
     named = cfg.data.label_csv
     if labels is not None or (named and Path(named).is_file()):
         label_set = read_label_csv(named)  # a CSV given by the caller must exist: read_label_csv names it

@@ -332,7 +332,7 @@ def predict(
         groups = [items[i : i + chunk] for i in range(0, len(items), chunk)]
         (work / "chunks").mkdir(parents=True, exist_ok=True)
         weights = model.checkpoint.folder / "model.safetensors"
-        keys = [chunk_key(weights, frames, window, hop, [x.id or "" for x in g]) for g in groups]
+        keys = [chunk_key(weights, frames, window, hop, [x.id or "" for x in g], model.rt.precision) for g in groups]
 
         def chunk_path(number: int) -> Path:
             return work / "chunks" / f"chunk-{number:06d}.safetensors"

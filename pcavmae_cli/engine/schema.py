@@ -146,7 +146,7 @@ class PrototypeConfig:
     max_points_exact: int | None = None  # density_peaks: exact O(N^2) up to this many samples
     overcluster_k: int | None = None  # density_peaks above that: micro-clusters of k-means
     # k-means' similarity matrix: fp32, bf16 (re-checked in fp32 where bf16 cannot decide: the
-    # same assignment), auto (bf16 on GPUs and on CPUs with native bf16)
+    # same assignment), auto (bf16 on GPUs and where a bf16 product runs >= 1.5x fp32, bf16_speed.py)
     assign_precision: Literal["auto", "fp32", "bf16"] = "auto"
     # what the clusters are found on: joint = normalise(z_a + z_v) (METHOD_NOTES); balanced =
     # each modality centred and scaled to equal variance first (prototypes/step.py)
@@ -221,7 +221,7 @@ class TrainConfig:
 
     run_dir: str  # runs/<name>: config.yaml, metrics.jsonl, checkpoints/, prototypes/, plots/
     device: Literal["auto", "cpu", "cuda"]  # auto: cuda when available
-    precision: Literal["auto", "bf16", "fp32"]  # auto: bf16 autocast where the device supports it
+    precision: Literal["auto", "bf16", "fp32"]  # auto: bf16 autocast on GPUs with bf16 and on CPUs whose bf16 products of the model's width run >= 1.5x fp32 (bf16_speed.py)
     log_every: int  # optimiser steps between metrics lines
     save_every_epochs: int  # checkpoint period; `last` is always written at the end of a stage
     resume: bool  # continue from checkpoints/last in run_dir

@@ -224,7 +224,7 @@ def evaluate(
             )
     elif cp.kind != "pretrain":
         raise UserError(f"--task {task} needs a pre-training checkpoint; {cp.folder} is a fine-tuning checkpoint")
-    rt = resolve_runtime(cfg.train)
+    rt = resolve_runtime(cfg.train, cfg.model)
     policy = frames or (cfg.data.loader.eval_frames if task == "classification" else cfg.evaluate.frames)
     record: dict[str, Any] = {
         "task": task, "checkpoint": str(cp.folder), "kind": cp.kind, "random_init": random_init,

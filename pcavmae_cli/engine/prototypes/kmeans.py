@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pcavmae_cli.engine.bf16_speed import bf16_is_fast
 from pcavmae_cli.engine.errors import UserError
 from pcavmae_cli.engine.prototypes.comm import Comm, default_comm, global_count
 
@@ -45,15 +46,6 @@ class Bf16Features:
     def of(x: Tensor) -> Bf16Features:
         low = x.to(torch.bfloat16)
         return Bf16Features(low, (low.float() - x).norm(dim=1))
-
-
-def bf16_is_fast(device: torch.device) -> bool:
-    """Whether a bf16 matrix product beats fp32 here: a GPU with bf16, or a CPU with native bf16
-    instructions (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slower."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    cpu = getattr(torch._C, "_cpu", None)
-    return bool(cpu and (cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported()))
 
 
 def assign(
@@ -332,7 +324,8 @@ def spherical_kmeans(
         init: (K, D) starting centroids instead of k-means++ (tests use it).
         precision: the assignment's similarity matrix: ``fp32``; ``bf16`` (``assign_bf16``: the
             same assignment, re-checked in fp32 where bf16 cannot decide); ``auto``: bf16 where
-            it is fast (``bf16_is_fast``). The centroid update is fp32 in every case.
+            products of this shape are fast in it (``bf16_speed.bf16_is_fast``). The centroid
+            update is fp32 in every case.
     Returns:
         centroids (K, D) unit-norm and this shard's assignment (N,) int64.
     """
@@ -347,7 +340,7 @@ def spherical_kmeans(
         centroids = F.normalize(init.float().to(x.device), dim=1)
     if precision not in ("fp32", "bf16", "auto"):
         raise ValueError(f"precision must be fp32, bf16 or auto, got {precision!r}")
-    use_bf16 = precision == "bf16" or (precision == "auto" and bf16_is_fast(x.device))
+    use_bf16 = precision == "bf16" or (precision == "auto" and bf16_is_fast(x.device, (x.shape[1], k)))
     low = Bf16Features.of(x) if use_bf16 else None
     previous: Tensor | None = None
     for _ in range(iters):

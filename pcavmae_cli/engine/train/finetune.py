@@ -73,7 +73,9 @@ from pcavmae_cli.engine.train.optim import build_finetune_optimizer, set_lr
 from pcavmae_cli.engine.train.pending import PendingLosses, finite_weights
 from pcavmae_cli.engine.progress import default_reporter
 from pcavmae_cli.engine.train.pretrain import ProgressReporter, StepInfo, TrainingDiverged
-from pcavmae_cli.engine.train.runtime import capture_rng, resolve_runtime, restore_rng, seed_everything
+from pcavmae_cli.engine.train.runtime import (
+    capture_rng, keep_started_precision, resolve_runtime, restore_rng, seed_everything,
+)
 from pcavmae_cli.engine.train.schedule import Schedule, StepSchedule
 from pcavmae_cli.engine.train.stop import StopRequests, call_on_step, run_stoppable
 from pcavmae_cli.engine.train.validation import eval_shard, shared_clip_scores
@@ -209,7 +211,7 @@ class FineTuner:
         self.started = time.perf_counter()
         self.cfg, self.reporter, self.on_step = cfg, reporter, on_step
         self.plan = check_finetune(cfg, world_from_env().world_size)  # before any work, the group included
-        self.rt = resolve_runtime(cfg.train)
+        self.rt = resolve_runtime(cfg.train, cfg.model)
         ft, data, loader_cfg = cfg.finetune, cfg.data, cfg.data.loader
         self.run_dir = Path(cfg.train.run_dir)
         init_folder = None
@@ -316,6 +318,9 @@ class FineTuner:
                 f"key 'data.loader.batch_size' is {self.cfg.data.loader.batch_size} but {folder} stopped "
                 f"mid-epoch with batches of {saved['batch_size']}; resume with the same batch size"
             )
+        switched = keep_started_precision(self.rt, self.cfg.train.precision, saved.get("precision"))
+        if switched:
+            self.reporter.warning(switched)
         ckpt.load_module(folder / "model.safetensors", self.model, self.rt.device)
         self.optimizer.load_state_dict(saved["optimizer"])
         self.state = FinetuneState(**saved["train"])
@@ -353,6 +358,7 @@ class FineTuner:
             "window_meter": self.window_meter.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "batch_size": self.cfg.data.loader.batch_size,
+            "precision": self.rt.precision,  # a resumed run keeps it (runtime.keep_started_precision)
             "settings": self._settings(),
         }
         files: dict[str, Any] = {"model": self.model if weights is None else weights}

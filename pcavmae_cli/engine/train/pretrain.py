@@ -92,7 +92,9 @@ from pcavmae_cli.engine.train.objective import BatchObjective, batch_losses
 from pcavmae_cli.engine.train.optim import build_optimizer, set_lr
 from pcavmae_cli.engine.train.pending import PendingLosses, finite_weights
 from pcavmae_cli.engine.train.replicas import Replicas, replica_count
-from pcavmae_cli.engine.train.runtime import capture_rng, resolve_runtime, restore_rng, seed_everything
+from pcavmae_cli.engine.train.runtime import (
+    capture_rng, keep_started_precision, resolve_runtime, restore_rng, seed_everything,
+)
 from pcavmae_cli.engine.train.schedule import Schedule
 from pcavmae_cli.engine.train.stop import StopRequests, call_on_step, run_stoppable
 
@@ -183,7 +185,7 @@ class Trainer:
         self.started = time.perf_counter()
         self.cfg, self.reporter, self.on_step = cfg, reporter, on_step
         self.plan = check_recipe(cfg, world_from_env().world_size)  # before any work, the group included
-        self.rt = resolve_runtime(cfg.train)
+        self.rt = resolve_runtime(cfg.train, cfg.model)
         self.run_dir = Path(cfg.train.run_dir)
         resume_from = self._check_run_dir()
         data, loader_cfg = cfg.data, cfg.data.loader
@@ -284,6 +286,9 @@ class Trainer:
                 f"key 'data.loader.batch_size' is {self.cfg.data.loader.batch_size} but {folder} stopped "
                 f"mid-epoch with batches of {saved['batch_size']}; resume with the same batch size"
             )
+        switched = keep_started_precision(self.rt, self.cfg.train.precision, saved.get("precision"))
+        if switched:
+            self.reporter.warning(switched)
         ckpt.load_weights(folder, self.model, self.momentum, self.rt.device)
         self.optimizer.load_state_dict(saved["optimizer"])
         self.state = TrainState(**saved["train"])
@@ -316,6 +321,7 @@ class Trainer:
             "window_meter": self.window_meter.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "batch_size": self.cfg.data.loader.batch_size,
+            "precision": self.rt.precision,  # a resumed run keeps it (runtime.keep_started_precision)
             "model_config": dataclasses.asdict(self.cfg.model),
         }
         path = ckpt.save_checkpoint(

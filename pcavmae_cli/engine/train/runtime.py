@@ -5,11 +5,14 @@ pass; the losses run in fp32 themselves, see ``engine/losses.py``; no gradient s
 needed for bf16), or ``auto``:
 
 - on CUDA, bf16 when the GPU supports it (``torch.cuda.is_bf16_supported``), else fp32;
-- on CPU, fp32. Measured on a 2-core Xeon with AVX512-BF16 (no AMX), torch 2.9.1, one
-  optimiser step (forward, backward, AdamW) of the full-size inputs (1024 x 128 fbank, 224 px):
-  the demo model (64-d, batch 8) took 0.13 s in fp32 and 0.25 s with bf16 autocast; the paper's
-  ViT-B model (batch 2) 2.8 s in fp32 and 4.3 s with bf16. bf16 autocast on such a CPU only
-  adds casts, so ``auto`` does not pick it; ``bf16`` can still be asked for explicitly.
+- on CPU, bf16 where a matrix product of the model's width (``embed_dim`` x its MLP width, at
+  least 256 x 1024) runs at least 1.5x as fast in bf16 as in fp32, measured in the process
+  (``bf16_speed.py``), else fp32. CPUs differ: on a 2-core Xeon with AVX512-BF16 and no AMX
+  bf16 products ran at 0.6x fp32 and one step of the paper's model took 4.3 s with bf16
+  autocast against 2.8 s in fp32; on 2-core AMD EPYCs bf16 products ran at 2.2x (Zen 4) and
+  4.2x (Zen 5) and the step 1.8-2.0x and 3.1x as fast as in fp32 (docs/benchmarks.md, "bf16 or
+  fp32 on a CPU"). The run header says what was chosen and the measured ratio; a resumed run
+  keeps the precision it started with.
 
 Under torchrun (``engine/train/distributed.py``) the runtime joins the process group: rank and
 world size come from torchrun's environment, the device is ``cuda:LOCAL_RANK`` on GPUs, and only
@@ -25,8 +28,10 @@ from typing import Any
 
 import torch
 
+from pcavmae_cli.engine import bf16_speed
+from pcavmae_cli.engine.bf16_speed import VIT_B_MLP
 from pcavmae_cli.engine.errors import UserError
-from pcavmae_cli.engine.schema import TrainConfig
+from pcavmae_cli.engine.schema import ModelConfig, TrainConfig
 from pcavmae_cli.engine.train.allocator import keep_freed_memory
 from pcavmae_cli.engine.train.distributed import init_from_env, world_from_env
 from pcavmae_cli.engine.train.threads import thread_plan
@@ -66,8 +71,16 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
-def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
-    """``train.precision`` on ``device``: the autocast dtype, or ``None`` for fp32 (module docstring)."""
+def model_width(model: ModelConfig | None) -> tuple[int, int]:
+    """The encoder's MLP product (``embed_dim``, hidden width): the shape ``auto`` probes."""
+    if model is None:
+        return VIT_B_MLP
+    return model.embed_dim, round(model.embed_dim * model.mlp_ratio)
+
+
+def resolve_precision(name: str, device: torch.device, width: tuple[int, int] = VIT_B_MLP) -> torch.dtype | None:
+    """``train.precision`` on ``device``: the autocast dtype, or ``None`` for fp32 (module
+    docstring); ``width`` is the product ``auto`` times on a CPU (``model_width``)."""
     if name == "fp32":
         return None
     cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -75,12 +88,26 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
         if device.type == "cuda" and not cuda_bf16:
             raise UserError("key 'train.precision' is 'bf16' but this GPU does not support bfloat16; use 'fp32'")
         return torch.bfloat16
-    return torch.bfloat16 if cuda_bf16 else None  # auto: fp32 on CPU, as measured above
+    return torch.bfloat16 if bf16_speed.bf16_is_fast(device, width) else None
 
 
-def resolve_runtime(cfg: TrainConfig) -> Runtime:
-    """Device, precision and, under torchrun, rank and world size (joining the process group);
-    sets torch's compute threads to the CPUs this process may use (``threads.thread_plan``)."""
+def describe_precision(name: str, device: torch.device, width: tuple[int, int] = VIT_B_MLP) -> str:
+    """``fp32``, ``bf16``, and for ``auto`` on a CPU why: ``bf16 (auto: bf16 products 4.4x fp32's
+    here)``, ``fp32 (auto: no bf16 instructions)``, ``fp32 (auto: 64 x 256 products, too narrow
+    to gain)``."""
+    precision = "bf16" if resolve_precision(name, device, width) == torch.bfloat16 else "fp32"
+    if name != "auto" or device.type != "cpu":
+        return precision
+    if not bf16_speed.probed(width):
+        narrow = f"{width[0]} x {width[1]} products, too narrow to gain"
+        return f"{precision} (auto: {narrow if bf16_speed.native_bf16() else 'no bf16 instructions'})"
+    return f"{precision} (auto: bf16 products {bf16_speed.cpu_bf16_speedup(*width):.1f}x fp32's here)"
+
+
+def resolve_runtime(cfg: TrainConfig, model: ModelConfig | None = None) -> Runtime:
+    """Device, precision (``auto`` probes ``model``'s width, ``model_width``) and, under torchrun,
+    rank and world size (joining the process group); sets torch's compute threads to the CPUs this
+    process may use (``threads.thread_plan``)."""
     if cfg.threads is not None and cfg.threads < 1:
         raise UserError(f"key 'train.threads' must be >= 1 or null, got {cfg.threads}")
     torch.set_num_threads(thread_plan(cfg.threads).threads)
@@ -89,12 +116,11 @@ def resolve_runtime(cfg: TrainConfig) -> Runtime:
     device = resolve_device(cfg.device)
     if device.type == "cpu":
         keep_freed_memory()  # no page faults for the buffers each step frees and takes again
-    return Runtime(
-        device=device, dtype=resolve_precision(cfg.precision, device), rank=world.rank, world_size=world.world_size
-    )
+    dtype = resolve_precision(cfg.precision, device, model_width(model))
+    return Runtime(device=device, dtype=dtype, rank=world.rank, world_size=world.world_size)
 
 
-def describe_runtime(cfg: TrainConfig, micro_batch: int | None = None) -> str:
+def describe_runtime(cfg: TrainConfig, micro_batch: int | None = None, model: ModelConfig | None = None) -> str:
     """The run header's line: ``cpu, fp32, 2 compute threads (2 CPUs)`` (what ``resolve_runtime``
     will choose, without joining a process group); for pre-training (``micro_batch``: its
     ``data.loader.batch_size``), the threads a micro-batch is split over when there are several
@@ -103,13 +129,27 @@ def describe_runtime(cfg: TrainConfig, micro_batch: int | None = None) -> str:
 
     device = resolve_device(cfg.device)
     plan = thread_plan(cfg.threads)
-    precision = "bf16" if resolve_precision(cfg.precision, device) == torch.bfloat16 else "fp32"
+    precision = describe_precision(cfg.precision, device, model_width(model))
     line = f"{device}, {precision}, {plan.threads} compute thread{'s' * (plan.threads != 1)} ({plan.reason})"
     world = world_from_env().world_size
     replicas = 1 if micro_batch is None else replica_count(cfg, device, world, plan.threads, micro_batch)
     if replicas > 1:
         line += f", each micro-batch split over {replicas} threads of {max(1, plan.threads // replicas)}"
     return line
+
+
+def keep_started_precision(rt: Runtime, asked: str, started: str | None) -> str | None:
+    """On resume, a run whose recipe says ``auto`` goes on in the precision it started in (``auto``
+    measures, and another machine, or this one under load, may answer otherwise; a resumed run
+    should equal an uninterrupted one). Sets ``rt``; returns a warning when that overrides this
+    process's own answer. ``started``: the checkpoint's ``precision`` (absent in older ones)."""
+    if asked != "auto" or started not in ("bf16", "fp32") or started == rt.precision:
+        return None
+    if started == "bf16" and rt.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return None  # this GPU cannot: fp32, as auto chose
+    mine = rt.precision
+    rt.dtype = torch.bfloat16 if started == "bf16" else None
+    return f"train.precision is auto: resuming in {started}, as the run started ({mine} would be chosen here)"
 
 
 def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
