@@ -114,3 +114,17 @@ def test_a_run_resumed_where_auto_answers_otherwise_ends_as_the_uninterrupted_ru
     assert resumed.resumed_from_step == 5 and resumed.precision == "bf16"
     mine, theirs = tensors_of(tmp_path / "resumed/checkpoints/last"), tensors_of(tmp_path / "whole/checkpoints/last")
     assert [k for k in mine if not torch.equal(mine[k], theirs[k])] == []
+
+
+def test_ranks_run_bf16_only_if_every_rank_chose_it(monkeypatch):
+    import dataclasses
+
+    from pcavmae_cli.engine import config
+
+    machine(monkeypatch, native=True, speedup=3.0)
+    train = dataclasses.replace(config.load_recipe("demo").train, device="cpu", threads=torch.get_num_threads())
+    paper = config.load_recipe("pretrain_audioset").model  # 768 x 3072: probed
+    monkeypatch.setattr(runtime, "agree", lambda flag, device: flag)  # every rank as this one
+    assert runtime.resolve_runtime(train, paper).dtype == torch.bfloat16
+    monkeypatch.setattr(runtime, "agree", lambda flag, device: True)  # another rank chose fp32
+    assert runtime.resolve_runtime(train, paper).dtype is None

@@ -33,7 +33,7 @@ from pcavmae_cli.engine.bf16_speed import VIT_B_MLP
 from pcavmae_cli.engine.errors import UserError
 from pcavmae_cli.engine.schema import ModelConfig, TrainConfig
 from pcavmae_cli.engine.train.allocator import keep_freed_memory
-from pcavmae_cli.engine.train.distributed import init_from_env, world_from_env
+from pcavmae_cli.engine.train.distributed import agree, init_from_env, world_from_env
 from pcavmae_cli.engine.train.threads import thread_plan
 
 
@@ -117,6 +117,8 @@ def resolve_runtime(cfg: TrainConfig, model: ModelConfig | None = None) -> Runti
     if device.type == "cpu":
         keep_freed_memory()  # no page faults for the buffers each step frees and takes again
     dtype = resolve_precision(cfg.precision, device, model_width(model))
+    if cfg.precision == "auto" and device.type == "cpu" and agree(dtype is None, device):
+        dtype = None  # each rank measured for itself: fp32 everywhere unless every rank chose bf16
     return Runtime(device=device, dtype=dtype, rank=world.rank, world_size=world.world_size)
 
 
