@@ -9,7 +9,8 @@ products, or with those products on all heads at once (``bf16-allheads``) instea
 cache-sized groups of heads (``--precisions`` picks). The settings are run in turn, A, B, C,
 ..., A, ..., for ``--repeats`` rounds in one process; each prints min and median clips/s,
 FLOPs per clip (counted, attention included), and MFU against the matmul peak of its precision
-measured in the same run, before and after. Not a test: run it on a quiet machine.
+measured in the same run, before and after. The process keeps freed memory as ``pcav embed``'s
+does (``train/allocator.py``, set by ``resolve_runtime``). Not a test: run it on a quiet machine.
 
     python benchmarks/inference_throughput.py --recipe cavmae_base --batch 4 --repeats 3
 """
@@ -28,6 +29,7 @@ from pcavmae_cli.engine.bench.flops import count
 from pcavmae_cli.engine.bench.peak import device_peak
 from pcavmae_cli.engine.evaluate.predict import backbone_features
 from pcavmae_cli.engine.model import PCAVMAE, blocks
+from pcavmae_cli.engine.train.allocator import keep_freed_memory
 
 
 def main() -> None:
@@ -39,6 +41,7 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "bf16-sdpa"],
                         choices=["fp32", "bf16", "bf16-sdpa", "bf16-allheads"])  # fmt: skip
     args = parser.parse_args()
+    keep_freed_memory()  # as pcav embed / predict run (resolve_runtime)
     cpu = torch.device("cpu")
     cfg = config.load_recipe(args.recipe)
     m = cfg.model
