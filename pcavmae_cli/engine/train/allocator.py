@@ -9,7 +9,7 @@ system time per 7.5-8.5 s step. Raising the mmap threshold to glibc's maximum (3
 trim threshold to 1 GiB keeps such blocks on the heap for reuse: 1.6-2.3 thousand faults,
 0.05 s of system time, and steps about 8 % faster (docs/benchmarks.md). Blocks above 32 MiB
 would still be mapped afresh each time; inference of 10 frames per clip (the joint layer's
-activations of 4 clips x 10 frames x 708 tokens, 40-170 MB each) spent 5-11 s of system time per
+activations of 4 clips x 10 frames x 708 tokens, 87-174 MB each) spent 5-11 s of system time per
 process and ran 1.2x slower (median of five alternated pairs, docs/benchmarks.md) until mmap was
 switched off altogether (``M_MMAP_MAX`` = 0: every block from the heap). The cost is that the
 process keeps its peak heap until it exits, which is what a training or embedding process does
