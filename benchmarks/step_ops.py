@@ -26,7 +26,9 @@ from pcavmae_cli.engine import config
 from pcavmae_cli.engine.bench.peak import device_peak
 from pcavmae_cli.engine.bench.step import PRECISIONS, build_step
 
-SPLIT_BY_SHAPE = ("mm", "addmm", "bmm", "_to_copy", "_softmax", "_softmax_backward_data", "copy_", "clone", "add", "native_layer_norm")
+SPLIT_BY_SHAPE = (
+    "mm", "addmm", "bmm", "_to_copy", "_softmax", "_softmax_backward_data", "copy_", "clone", "add", "native_layer_norm",
+)  # fmt: skip
 
 
 def product_flops(name: str, args: tuple) -> int:

@@ -101,7 +101,7 @@ def test_a_resumed_run_keeps_the_precision_it_started_in():
     assert keep_started_precision(rt, "fp32", "bf16") is None and rt.dtype is None  # asked for: the recipe wins
 
 
-def test_a_run_resumed_where_auto_answers_otherwise_ends_as_the_uninterrupted_run(corpus, tmp_path, monkeypatch):  # noqa: F811
+def test_a_resumed_run_where_auto_answers_otherwise_equals_the_uninterrupted_one(corpus, tmp_path, monkeypatch):  # noqa: F811
     wide = ("model.embed_dim=64", "model.mlp_ratio=64.0")  # a product of 64 x 4096: probed
     machine(monkeypatch, native=True, speedup=3.0)
     whole = pretrain(recipe(corpus, tmp_path / "whole", *wide))

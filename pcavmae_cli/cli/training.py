@@ -26,7 +26,8 @@ def run_as_rank(run: Callable[..., Any], cfg: Any, *, pretraining: bool = False)
     main = world_from_env().rank == 0
     if main and getattr(cfg, "train", None) is not None:
         micro_batch = cfg.data.loader.batch_size if pretraining else None
-        console.print(f"runtime: {describe_runtime(cfg.train, micro_batch, getattr(cfg, 'model', None))}", highlight=False)
+        line = describe_runtime(cfg.train, micro_batch, getattr(cfg, "model", None))
+        console.print(f"runtime: {line}", highlight=False)
     try:
         result = run(cfg, RichReporter(bar_width=None) if main else SilentReporter())
     except Interrupted as stop:

@@ -4,9 +4,9 @@ CPUs with the same bf16 instructions differ by a factor of seven in what bf16 bu
 2-core VMs with AVX512-BF16 (docs/benchmarks.md, "bf16 or fp32 on a CPU"): an Intel Xeon without
 AMX ran bf16 products at 0.6x its fp32 rate, an AMD EPYC of family 25 (Zen 4) at 2.2x, one of
 family 26 (Zen 5) at 2.6-4.6x. So ``precision: auto`` asks the machine: a product of the model's
-own width (if not narrow: ``MIN_PRODUCT``) in both precisions on one core, alternated, best of three, takes about 0.15 s for
-the paper's model and is made once per process and shape; bf16 is used where it is at least
-``MIN_SPEEDUP`` times as fast. A CPU without native bf16 instructions is not asked (there
+own width (unless narrower than ``MIN_PRODUCT``) in both precisions on one core, alternated, best
+of three, takes about 0.15 s for the paper's model and is made once per process and shape; bf16
+is used where it is at least ``MIN_SPEEDUP`` times as fast. A CPU without native bf16 instructions is not asked (there
 bf16 is emulated and slower). On a GPU the answer is whether it supports bf16.
 """
 

@@ -221,7 +221,9 @@ class TrainConfig:
 
     run_dir: str  # runs/<name>: config.yaml, metrics.jsonl, checkpoints/, prototypes/, plots/
     device: Literal["auto", "cpu", "cuda"]  # auto: cuda when available
-    precision: Literal["auto", "bf16", "fp32"]  # auto: bf16 autocast on GPUs with bf16 and on CPUs whose bf16 products of the model's width run >= 1.5x fp32 (bf16_speed.py)
+    # auto: bf16 autocast on GPUs with bf16, and on CPUs whose bf16 products of the model's width
+    # run >= 1.5x as fast as fp32 ones (bf16_speed.py, measured when the run starts); else fp32
+    precision: Literal["auto", "bf16", "fp32"]
     log_every: int  # optimiser steps between metrics lines
     save_every_epochs: int  # checkpoint period; `last` is always written at the end of a stage
     resume: bool  # continue from checkpoints/last in run_dir
