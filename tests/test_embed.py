@@ -7,6 +7,7 @@ The checkpoints are tiny CAV-MAE models imported with `pcav convert` (no trainin
 from __future__ import annotations
 
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -61,6 +62,8 @@ def test_a_clip_embeds_the_same_from_a_manifest_or_its_video_file(setup, tmp_pat
     assert index_ids(tmp_path / "m" / "index.csv") == index_ids(tmp_path / "v.csv") == ["clip_0", "clip_1", "clip_2"]
     assert not np.allclose(a["audio"][0], a["audio"][1])  # different sounds, different embeddings
     assert not work_folder(tmp_path / "v.safetensors").exists()
+    sidecar = json.loads((tmp_path / "m" / "embed.json").read_text())
+    assert sidecar["precision"] == "fp32" and sidecar["widths"]["joint"] == 32  # a 32-wide model: fp32 everywhere
 
 
 def test_an_interrupted_run_resumes_from_its_chunks(setup, tmp_path):

@@ -261,6 +261,7 @@ def embed(
     from pcavmae_cli.engine.search import meta_path  # the sidecar pcav search reads: which model made this
 
     meta = {"checkpoint": str(cp.folder.resolve()), "kind": cp.kind, "frames": policy, "source": source,
+            "precision": rt.precision,  # precision auto follows the machine (runtime.py)
             "widths": {name: int(v.shape[1]) for name, v in feats.items()}}  # fmt: skip
     files.append(atomic_write_text(meta_path(out), json.dumps(meta, indent=2) + "\n"))
     if failures is not None and n_failed:
