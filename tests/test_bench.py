@@ -82,6 +82,7 @@ def test_pcav_bench_prints_and_appends_sane_positive_figures(corpus, tmp_path): 
     assert result.returncode == 0, result.stderr
     for title in ("Matrix-multiply peak", "Pre-training step", "Data loader", "E-step"):
         assert title in result.stdout
+    assert "train.precision auto: fp32 (auto: " in result.stdout  # what a run would choose (tiny: fp32)
     text = out.read_text()
     assert text.startswith("# Benchmarks") and "### pcav bench" in text and "load average" in text
     assert "`pcav bench --recipe demo" in text

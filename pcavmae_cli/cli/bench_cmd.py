@@ -44,7 +44,8 @@ def bench(
     MFU is the step's achieved FLOP/s over the matrix-multiply peak measured in the same run
     (fp32 and bf16; the faster of a ViT-B MLP-shaped and a large square product). The step uses
     synthetic full-size inputs; "plain" is the eager step with torch's default AdamW, "fast" the
-    recipe's settings with fused AdamW (add train.compile=true to compile it).
+    recipe's settings with fused AdamW (add train.compile=true to compile it). The first lines say
+    which precision the recipe's train.precision (auto: measured on a CPU) takes on this machine.
 
     Example: pcav bench --recipe pretrain_cavmae --batch 4 --estep-n 200000 --append docs/benchmarks.md
     """
@@ -52,7 +53,7 @@ def bench(
 
     from pcavmae_cli.engine.bench import kmeans as kmeans_bench
     from pcavmae_cli.engine.bench import loader_section, peak, report, step
-    from pcavmae_cli.engine.train.runtime import resolve_device
+    from pcavmae_cli.engine.train.runtime import describe_precision, model_width, resolve_device
 
     precisions = precision or list(PRECISIONS)
     for p in precisions:
@@ -64,6 +65,9 @@ def bench(
     dev = resolve_device(device)
     tables: list[tuple[str, list[str], list[list[str]]]] = []
     console.print(f"[bold]pcav bench[/] recipe {recipe}, device {dev}; {report.machine()}; load {report.load()}")
+    if cfg.train is not None and cfg.model is not None:  # what a run of this recipe would train in here
+        chosen = describe_precision(cfg.train.precision, dev, model_width(cfg.model))
+        console.print(f"train.precision {cfg.train.precision}: {chosen}", highlight=False)
 
     if step_part:
         peaks = {p: peak.device_peak(step.PRECISIONS[p] or torch.float32, dev, seconds=peak_seconds) for p in precisions}
