@@ -323,6 +323,7 @@ def test_an_imported_finetuned_model_predicts_a_video_with_given_labels(tmp_path
     write_label_csv(labels, LabelSet([f"/m/{k}" for k in range(5)], [f"sound {k}" for k in range(5)]))
     # fp32, as CAV-MAE's forward below (precision auto could choose bf16 on this CPU)
     model = pcavmae_cli.load(result.out, device="cpu", labels=labels, overrides=["train.precision=fp32"])
+    assert model.precision == "fp32" and repr(model).endswith(", cpu, fp32)")
     pred = model.predict(video, top_k=3)
     assert [t.name for t in pred.top] == [model.labels[i] for i in np.argsort(-pred.scores)[:3]]
     clip = model.read_video(video)

@@ -79,11 +79,17 @@ class Model:
 
     def __repr__(self) -> str:
         classes = f", {len(self.label_set.mids)} classes" if self.label_set else ""
-        return f"Model({self.checkpoint.folder}, {self.kind}{classes}, {self.device})"
+        return f"Model({self.checkpoint.folder}, {self.kind}{classes}, {self.device}, {self.precision})"
 
     @property
     def device(self) -> torch.device:
         return self.rt.device
+
+    @property
+    def precision(self) -> str:
+        """``bf16`` or ``fp32``: what the forward pass computes in (``train.precision``; ``auto``
+        follows the machine, ``runtime.resolve_precision``)."""
+        return self.rt.precision
 
     @property
     def labels(self) -> list[str]:
