@@ -3,9 +3,9 @@
 For each width (k, n), the product ``pcavmae_cli.engine.bf16_speed`` times -- (512, k) @ (k, n),
 one core, fp32 and bf16 alternated, best of three -- made ``--repeats`` times afresh (the cache
 cleared), printed as min / median / max of the ratio, with the decision ``auto`` takes for a
-model of that width; then, for the widest, the two precisions' rates on all compute threads (alternated, best of
-five).
-The load average is printed before and after. Not a test.
+model of that width; then, for the widest, the two precisions' rates on all compute threads
+(``bf16_speed.best_product_seconds``: alternated, best of five). The load average is printed
+before and after. Not a test.
 
     python benchmarks/bf16_ratio.py --repeats 8
 """
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 import torch
 
@@ -25,21 +24,10 @@ WIDTHS = [(16, 32), (32, 64), (64, 256), (128, 512), (256, 1024), (384, 1536), (
 
 
 def rates(k: int, n: int, rounds: int = 5) -> dict[torch.dtype, float]:
-    """Best GFLOP/s of a (512, k) @ (k, n) product in fp32 and bf16, alternated, on the current
-    compute threads."""
-    a, b = torch.randn(512, k), torch.randn(k, n)
-    operands = {torch.float32: (a, b), torch.bfloat16: (a.bfloat16(), b.bfloat16())}
-    best = dict.fromkeys(operands, float("inf"))
-    for _ in range(rounds):
-        for dtype, (x, y) in operands.items():
-            best[dtype] = min(best[dtype], _timed(x, y))
-    return {dtype: 2 * 512 * k * n / seconds / 1e9 for dtype, seconds in best.items()}
-
-
-def _timed(a: torch.Tensor, b: torch.Tensor) -> float:
-    start = time.perf_counter()
-    torch.mm(a, b)
-    return time.perf_counter() - start
+    """Best GFLOP/s of the probe's product in fp32 and bf16, alternated, on the current compute
+    threads."""
+    best = bf16_speed.best_product_seconds(k, n, rounds)
+    return {dtype: 2 * bf16_speed.PROBE_ROWS * k * n / seconds / 1e9 for dtype, seconds in best.items()}
 
 
 def main() -> None:

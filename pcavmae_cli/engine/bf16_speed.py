@@ -6,8 +6,9 @@ AMX ran bf16 products at 0.6x its fp32 rate, an AMD EPYC of family 25 (Zen 4) at
 family 26 (Zen 5) at 2.6-4.6x. So ``precision: auto`` asks the machine: a product of the model's
 own width (unless narrower than ``MIN_PRODUCT``) in both precisions on one core, alternated, best
 of three, takes about 0.15 s for the paper's model and is made once per process and shape; bf16
-is used where it is at least ``MIN_SPEEDUP`` times as fast. A CPU without native bf16 instructions is not asked (there
-bf16 is emulated and slower). On a GPU the answer is whether it supports bf16.
+is used where it is at least ``MIN_SPEEDUP`` times as fast. A CPU without native bf16
+instructions is not asked (there bf16 is emulated and slower). On a GPU the answer is whether it
+supports bf16.
 """
 
 from __future__ import annotations
@@ -44,24 +45,27 @@ def cpu_bf16_speedup(k: int, n: int) -> float:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _one_thread_speedup(k, n)
+        best = best_product_seconds(k, n)
     finally:
         torch.set_num_threads(threads)
+    return best[torch.float32] / best[torch.bfloat16]
 
 
-def _one_thread_speedup(k: int, n: int) -> float:
+def best_product_seconds(k: int, n: int, rounds: int = PROBE_ROUNDS) -> dict[torch.dtype, float]:
+    """The best time of a (``PROBE_ROWS``, k) @ (k, n) product in fp32 and in bf16 over ``rounds``
+    rounds, the two alternated, on the current compute threads."""
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(PROBE_ROWS, k, generator=g), torch.randn(k, n, generator=g)
     operands = {torch.float32: (a, b), torch.bfloat16: (a.bfloat16(), b.bfloat16())}
     for x, y in operands.values():
         torch.mm(x, y)  # the first call of a shape sets up its kernel
     best = dict.fromkeys(operands, math.inf)
-    for _ in range(PROBE_ROUNDS):  # alternated: a machine that slows down slows both
+    for _ in range(rounds):  # alternated: a machine that slows down slows both
         for dtype, (x, y) in operands.items():
             start = time.perf_counter()
             torch.mm(x, y)
             best[dtype] = min(best[dtype], time.perf_counter() - start)
-    return best[torch.float32] / best[torch.bfloat16]
+    return best
 
 
 def bf16_is_fast(device: torch.device, width: tuple[int, int] = VIT_B_MLP) -> bool:
