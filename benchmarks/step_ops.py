@@ -89,7 +89,7 @@ def main() -> None:
         start = time.perf_counter()
         step()
         timed = time.perf_counter() - start
-    peak = device_peak(PRECISIONS[args.precision] or torch.float32, cpu).best / 1e9
+    peak = device_peak(PRECISIONS[args.precision] or torch.float32, cpu).best
     in_ops = sum(timer.seconds.values())
     print(f"{args.recipe}, batch {args.batch}, {args.precision}, {torch.get_num_threads()} threads; "
           f"load average {os.getloadavg()}")  # fmt: skip

@@ -170,6 +170,19 @@ def test_patch_embedding_order_matches_patchify():
     torch.testing.assert_close(tokens, expected)
 
 
+def test_unmasked_token_stream_is_row_major():
+    """Inference runs every token unmasked: the encoders' residual stream must be (B, N, D) in
+    row-major memory, not the convolution's transposed view, whose layout every add kept and on
+    which each LayerNorm and add ran several times slower."""
+    m = model()
+    audio, frames = inputs(SMALL)
+    enc = m.backbone.encoder_a
+    tokens = enc.embed(audio_image(audio))
+    assert tokens.is_contiguous()
+    assert enc(tokens).is_contiguous()
+    assert m.backbone.encoder_v.embed(frames).is_contiguous()
+
+
 def test_sincos_positions_fixed_distinct_and_as_mae_lays_them_out():
     pe = sincos_2d(16, 3, 5)
     assert pe.shape == (15, 16) and pe.dtype == torch.float32

@@ -53,8 +53,11 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: ``(B, C, H, W)`` -> ``(B, h * w, dim)``."""
-        return self.proj(x).flatten(2).transpose(1, 2)
+        """x: ``(B, C, H, W)`` -> ``(B, h * w, dim)``, contiguous: the transposed view of the
+        convolution's ``(B, dim, h * w)`` output would pass its layout (tokens innermost) on to
+        every residual add of the encoder, where each LayerNorm and each add then ran on strided
+        memory, several times slower (unmasked inference: all tokens)."""
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()
 
 
 def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
