@@ -22,6 +22,7 @@ from pcavmae_cli.engine.embed import embed, work_folder
 from pcavmae_cli.engine.errors import UserError
 from tests.cavmae_reference import checkpoint_state
 from tests.cli_helpers import pcav
+from tests.tiny_corpus import TINY_MODEL
 from tests.test_cavmae_import import OVERRIDES, reference_finetune, reference_pretrain
 
 RUN = [*OVERRIDES, "data.loader.batch_size=2", "data.loader.num_workers=0", "train.device=cpu", "data.preprocess.jobs=2"]
@@ -120,3 +121,41 @@ def test_converted_checkpoints_work_with_finetune_and_evaluate(setup, tmp_path):
     scored = evaluate("classification", tmp_path / "ft", train, out=tmp_path / "c")
     assert scored.checkpoint.kind == "finetune" and scored.record["n_clips"] == 4
     assert (tmp_path / "c" / "metrics.json").is_file()
+
+
+def test_bf16_embedding_casts_each_weight_once_for_all_batches():
+    """``embed_chunk`` runs its batches in one autocast context, so a weight is cast to bf16 on
+    the first batch and taken from autocast's cache after it: the casts of three batches are
+    those of one."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from pcavmae_cli.engine.embed import embed_chunk
+    from pcavmae_cli.engine.model import PCAVMAE
+    from pcavmae_cli.engine.train.runtime import Runtime
+
+    cfg = config.load_recipe("demo", TINY_MODEL)
+    backbone = PCAVMAE(cfg.model).backbone.eval()
+    weight_shapes = {tuple(p.shape) for p in backbone.parameters() if p.dim() == 2}
+
+    class CountCasts(TorchDispatchMode):
+        casts = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ == "_to_copy" and tuple(args[0].shape) in weight_shapes:
+                CountCasts.casts += 1
+            return func(*args, **(kwargs or {}))
+
+    def batch(index: int) -> dict:
+        g = torch.Generator().manual_seed(index)
+        frames = torch.randint(0, 255, (2, 3, 16, 16), generator=g, dtype=torch.uint8)
+        return {"fbank": torch.randn(2, 32, 8, generator=g), "frames": frames, "index": torch.tensor([2 * index, 2 * index + 1])}
+
+    rt = Runtime(torch.device("cpu"), torch.bfloat16)
+    counts = []
+    for batches in (1, 3):
+        CountCasts.casts = 0
+        with CountCasts():
+            feats = embed_chunk(backbone, [batch(i) for i in range(batches)], 0, 2 * batches, rt, cfg.data)
+        counts.append(CountCasts.casts)
+        assert feats["joint"].shape == (2 * batches, 16) and feats["joint"].abs().sum(1).min() > 0
+    assert counts[0] > 0 and counts[1] == counts[0]

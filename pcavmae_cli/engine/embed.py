@@ -109,17 +109,17 @@ def embed_chunk(
     ``check`` runs before each batch (``StopRequests.check``: Ctrl-C stops within a batch).
     """
     out: dict[str, torch.Tensor] = {}
-    for batch in loader:
-        if check is not None:
-            check()
-        inputs = model_inputs(batch, data, rt.device)
-        with rt.autocast():
+    with rt.autocast():  # one context for all batches: autocast casts each weight once, not per batch
+        for batch in loader:
+            if check is not None:
+                check()
+            inputs = model_inputs(batch, data, rt.device)
             feats = backbone_features(backbone, inputs["fbank"], _frames_5d(inputs["frames"]))
-        rows = batch["index"] - start
-        for name, value in feats.items():
-            if name not in out:
-                out[name] = torch.zeros(n, value.shape[1])
-            out[name][rows] = value.float().cpu()
+            rows = batch["index"] - start
+            for name, value in feats.items():
+                if name not in out:
+                    out[name] = torch.zeros(n, value.shape[1])
+                out[name][rows] = value.float().cpu()
     return out
 
 

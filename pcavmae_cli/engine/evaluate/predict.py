@@ -83,18 +83,18 @@ def clip_scores(
     model.eval()
     n = len(loader.dataset) if rows is None else rows
     scores = targets = None
-    for batch in loader:
-        inputs = model_inputs(batch, data, rt.device)
-        with rt.autocast():
-            logits = model.frame_logits(inputs["fbank"], _frames_5d(inputs["frames"]))  # (B, K, C)
-        probs = activation(logits, label_mode).mean(dim=1).cpu()  # (B, C): the mean over frames
-        label = batch["label"]
-        if scores is None:
-            scores = torch.zeros(n, probs.shape[1])
-            targets = torch.zeros((n, *label.shape[1:]), dtype=label.dtype)
-        index = batch["index"]
-        scores[index], targets[index] = probs, label
-        advance(1)
+    with rt.autocast():  # one context for all batches: autocast casts each weight once, not per batch
+        for batch in loader:
+            inputs = model_inputs(batch, data, rt.device)
+            logits = model.frame_logits(inputs["fbank"], _frames_5d(inputs["frames"])).float()  # (B, K, C)
+            probs = activation(logits, label_mode).mean(dim=1).cpu()  # (B, C): the mean over frames
+            label = batch["label"]
+            if scores is None:
+                scores = torch.zeros(n, probs.shape[1])
+                targets = torch.zeros((n, *label.shape[1:]), dtype=label.dtype)
+            index = batch["index"]
+            scores[index], targets[index] = probs, label
+            advance(1)
     return scores, targets
 
 
@@ -135,14 +135,14 @@ def clip_features(
     backbone.eval()
     n = len(loader.dataset) if rows is None else rows
     out: dict[str, Tensor] = {}
-    for batch in loader:
-        inputs = model_inputs(batch, data, rt.device)
-        with rt.autocast():
+    with rt.autocast():  # one context for all batches: autocast casts each weight once, not per batch
+        for batch in loader:
+            inputs = model_inputs(batch, data, rt.device)
             feats = backbone_features(backbone, inputs["fbank"], _frames_5d(inputs["frames"]))
-        index = batch["index"]
-        for name, value in feats.items():
-            if name not in out:
-                out[name] = torch.zeros(n, value.shape[1])
-            out[name][index] = value.float().cpu()
-        advance(1)
+            index = batch["index"]
+            for name, value in feats.items():
+                if name not in out:
+                    out[name] = torch.zeros(n, value.shape[1])
+                out[name][index] = value.float().cpu()
+            advance(1)
     return out
