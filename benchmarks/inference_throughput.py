@@ -10,7 +10,9 @@ cache-sized groups of heads (``--precisions`` picks). The settings are run in tu
 ..., A, ..., for ``--repeats`` rounds in one process; each prints min and median clips/s,
 FLOPs per clip (counted, attention included), and MFU against the matmul peak of its precision
 measured in the same run, before and after. The process keeps freed memory as ``pcav embed``'s
-does (``train/allocator.py``, set by ``resolve_runtime``). Not a test: run it on a quiet machine.
+does (``train/allocator.py``, set by ``resolve_runtime``), and each timing's ``--calls`` forwards
+share one autocast context as the batches of an embedding chunk do (the weights' bf16 casts are
+paid once per timing). Not a test: run it on a quiet machine.
 
     python benchmarks/inference_throughput.py --recipe cavmae_base --batch 4 --repeats 3
 """
@@ -52,11 +54,14 @@ def main() -> None:
     settings = [(p, k) for p in args.precisions for k in (10, 1)]
     group_bytes = blocks.ATTENTION_GROUP_BYTES
 
-    def forward(precision: str, k: int) -> None:
+    def forward(precision: str, k: int, calls: int = 1) -> None:
+        """``calls`` forwards in one autocast context, as ``pcav embed`` runs a chunk's batches:
+        the weights are cast to bf16 on the first and taken from autocast's cache after it."""
         blocks.EXPLICIT_CPU_BF16 = precision in ("bf16", "bf16-allheads")
         blocks.ATTENTION_GROUP_BYTES = 0 if precision == "bf16-allheads" else group_bytes
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "fp32"):
-            backbone_features(backbone, fbank, frames[k])
+            for _ in range(calls):
+                backbone_features(backbone, fbank, frames[k])
 
     flops = {k: count(lambda k=k: forward("fp32", k)) / args.batch for k in (10, 1)}
     print(f"{time.strftime('%Y-%m-%d %H:%M:%S')}; {args.recipe}, batch {args.batch}, {torch.get_num_threads()} threads, "
@@ -68,8 +73,7 @@ def main() -> None:
     for _ in range(args.repeats):
         for s in settings:
             start = time.perf_counter()
-            for _ in range(args.calls):
-                forward(*s)
+            forward(*s, calls=args.calls)
             seconds[s].append((time.perf_counter() - start) / (args.calls * args.batch))
     peaks_after = {p: device_peak(dt, cpu).best for p, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     print("in-run matmul peak, before / after: "
