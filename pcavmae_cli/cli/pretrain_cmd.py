@@ -73,7 +73,7 @@ def pretrain(
     from pcavmae_cli.engine.train.pretrain import pretrain as run  # imports torch: not for --help
 
     cfg = config.load_recipe(recipe, overrides or [])
-    result = run_as_rank(run, cfg, pretraining=True)
+    result = run_as_rank(run, cfg)
     if result is None:  # not rank 0
         return
     if result.epochs:

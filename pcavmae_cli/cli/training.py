@@ -12,9 +12,9 @@ from pcavmae_cli.cli.console import RichReporter, console, err_console
 from pcavmae_cli.engine.progress import SilentReporter
 
 
-def run_as_rank(run: Callable[..., Any], cfg: Any, *, pretraining: bool = False) -> Any | None:
+def run_as_rank(run: Callable[..., Any], cfg: Any) -> Any | None:
     """``run(cfg, reporter)`` in this process; the result on rank 0, ``None`` on the other ranks.
-    ``pretraining``: the header names the threads a micro-batch is split over (``train.replicas``).
+    The header names the threads a micro-batch is split over (``train.replicas``).
 
     Ctrl-C / SIGTERM: the loop has written ``checkpoints/last``; rank 0 says where and how to go on.
     """
@@ -25,8 +25,7 @@ def run_as_rank(run: Callable[..., Any], cfg: Any, *, pretraining: bool = False)
 
     main = world_from_env().rank == 0
     if main and getattr(cfg, "train", None) is not None:
-        micro_batch = cfg.data.loader.batch_size if pretraining else None
-        line = describe_runtime(cfg.train, micro_batch, getattr(cfg, "model", None))
+        line = describe_runtime(cfg.train, cfg.data.loader.batch_size, getattr(cfg, "model", None))
         console.print(f"runtime: {line}", highlight=False)
     try:
         result = run(cfg, RichReporter(bar_width=None) if main else SilentReporter())

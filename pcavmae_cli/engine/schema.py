@@ -232,7 +232,7 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute block activations in backward (large batches)
     tensorboard: bool = True  # event files in run_dir/tensorboard/ mirroring metrics.jsonl (tensorboard_log.py)
     threads: int | None = None  # CPU compute threads; null: OMP_NUM_THREADS, else the CPUs the process may use (threads.py)
-    replicas: int | None = None  # pre-training on a CPU: threads each running a slice of a micro-batch (replicas.py); null: 2 with 2 compute threads, else 1
+    replicas: int | None = None  # training on a CPU: threads each running a slice of a micro-batch (replicas.py); null: 2 with 2 compute threads, else 1
     wandb: bool = False  # also log to Weights & Biases (wandb_log.py; the 'wandb' extra; WANDB_MODE=offline works offline)
 
 

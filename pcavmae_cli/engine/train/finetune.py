@@ -73,6 +73,7 @@ from pcavmae_cli.engine.train.optim import build_finetune_optimizer, set_lr
 from pcavmae_cli.engine.train.pending import PendingLosses, finite_weights
 from pcavmae_cli.engine.progress import default_reporter
 from pcavmae_cli.engine.train.pretrain import ProgressReporter, StepInfo, TrainingDiverged
+from pcavmae_cli.engine.train.replicas import Replicas, replica_count
 from pcavmae_cli.engine.train.runtime import (
     capture_rng, keep_started_precision, resolve_runtime, restore_rng, seed_everything,
 )
@@ -273,6 +274,9 @@ class FineTuner:
         self.net: torch.nn.Module = self.model  # under torchrun: the DDP wrapper, built at the first epoch
         set_activation_checkpointing(self.model, cfg.train.activation_checkpointing)
         self.compiler = StepCompiler(cfg.train.compile)  # the training forward; validation stays eager
+        threads = torch.get_num_threads()
+        n_replicas = replica_count(cfg.train, self.rt.device, self.rt.world_size, threads, loader_cfg.batch_size)
+        self.replicas = Replicas(self.model, n_replicas, threads) if n_replicas > 1 else None  # replicas.py
         self.optimizer = build_finetune_optimizer(
             self.model, cfg.optim, head_lr_multiplier=ft.head_lr_multiplier, layer_decay=ft.layer_decay
         )
@@ -376,6 +380,8 @@ class FineTuner:
         def close_loaders() -> None:
             close_loader(self.loader)
             close_loader(self.eval_loader)
+            if self.replicas is not None:
+                self.replicas.close()
             self.logs.close()
 
         run_stoppable(self._epoch, lambda: self.state.epoch >= self.plan.total_epochs,
@@ -417,8 +423,11 @@ class FineTuner:
         if ft.audio_noise:
             fbank = augment.fbank_noise(fbank)
         targets = augment.smooth_targets(targets, ft.label_smoothing)
-        with self.rt.autocast():
-            logits = self.compiler(self.net)(fbank, frames)
+        if self.replicas is not None:  # the batch's rows in slices on threads (replicas.py)
+            logits = self.replicas.forward_rows(fbank.shape[0], self.rt, lambda net, rows: net(fbank[rows], frames[rows]))
+        else:
+            with self.rt.autocast():
+                logits = self.compiler(self.net)(fbank, frames)
         return augment.classification_loss(logits, targets, self.label_mode)
 
     def _wrap(self) -> None:
@@ -463,6 +472,8 @@ class FineTuner:
                     if shard is not None:
                         loss = loss * shard.local_weight  # DDP averages: sum_r n_r / B grad(L_r)
                     (loss / group).backward()
+                    if self.replicas is not None:
+                        self.replicas.backward()
                 epoch_samples += n
                 in_group += 1
                 if in_group < group:
@@ -518,6 +529,8 @@ class FineTuner:
             raise self._diverged(flushed.batches[0].step, "the weights are not finite (another process's loss diverged)")
 
     def _optimizer_step(self) -> float:
+        if self.replicas is not None:
+            self.replicas.collect_grads()
         if self.cfg.optim.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
         lr = self.schedule.lr(self.state.step)

@@ -1,5 +1,8 @@
 """Data parallelism inside one CPU process: each micro-batch split over threads, one model.
 
+Pre-training (``forward``, below) and fine-tuning (``forward_rows``: the classifier's logits,
+each row its own clip's) both use it.
+
 On a 2-core CPU a matrix product split over two threads runs about 8 points further from the
 peak than one thread running it alone (docs/benchmarks.md, "One thread per process"), and DDP
 across one-thread processes gives that back in its all-reduce. ``Replicas`` keeps one process
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from threading import Barrier
 
@@ -47,14 +51,15 @@ MIN_CLIPS_PER_THREAD = 4  # below this a thread's products are too small to gain
 
 
 def replica_count(train: TrainConfig, device: torch.device, world_size: int, threads: int, micro_batch: int) -> int:
-    """How many threads split a pre-training micro-batch: ``train.replicas``, where it applies.
+    """How many threads split a training micro-batch: ``train.replicas``, where it applies.
 
     Only a CPU process running alone uses them: on GPUs, under torchrun (DDP already splits the
     batch) and with ``train.compile`` (the compiled module runs whole batches) it is one.
     ``null`` is two on exactly two compute threads when each gets at least
     ``MIN_CLIPS_PER_THREAD`` clips of the ``micro_batch``, else one: measured on 2 cores (bf16,
-    the paper's model), micro-batches of 8 ran 1.05-1.21x faster in two threads and micro-batches
-    of 4 0.92-0.95x as fast. More replicas than compute threads are not useful.
+    the paper's model), pre-training micro-batches of 8 ran 1.05-1.21x faster in two threads and
+    micro-batches of 4 0.92-0.95x as fast; fine-tuning (all tokens, no masking) 1.34-1.35x with 8
+    and 16 clips, 0.99x with 4. More replicas than compute threads are not useful.
     """
     if train.replicas is not None and train.replicas < 1:
         raise UserError(f"key 'train.replicas' must be >= 1 or null, got {train.replicas}")
@@ -122,11 +127,15 @@ class Replicas:
             self.fresh = True
         return self.copies
 
+    def _slices(self, total: int) -> list[tuple[int, int]]:
+        """Each thread's contiguous rows of a batch of ``total`` (no empty slice)."""
+        return [bounds(total, self.n, t) for t in range(min(self.n, total))]
+
     def forward(self, batch: dict[str, Tensor], rt: Runtime, **model_kwargs) -> PCAVMAEOutput:
-        """The model's output on the whole ``batch``, computed in slices by the threads."""
+        """The pre-training model's output on the whole ``batch``, computed in slices by the threads."""
         copies = self._replica_modules()
         total = batch["fbank"].shape[0]
-        slices = [bounds(total, self.n, t) for t in range(min(self.n, total))]  # no empty slice
+        slices = self._slices(total)
         noise = SharedNoise()
 
         def run(t: int) -> PCAVMAEOutput:
@@ -142,15 +151,27 @@ class Replicas:
             for field in dataclasses.fields(out):
                 value = getattr(out, field.name)
                 if isinstance(value, Tensor) and value.requires_grad:
-                    leaf = value.detach().requires_grad_()
-                    graph[0].append(value)
-                    graph[1].append(leaf)
-                    setattr(out, field.name, leaf)
+                    setattr(out, field.name, _cut(value, graph))
             self._graphs.append(graph)
         return PCAVMAEOutput(**{
             f.name: None if getattr(outs[0], f.name) is None else torch.cat([getattr(o, f.name) for o in outs])
             for f in dataclasses.fields(PCAVMAEOutput)
         })  # fmt: skip
+
+    def forward_rows(self, total: int, rt: Runtime, call: Callable[[nn.Module, slice], Tensor]) -> Tensor:
+        """``call(module, rows)`` for each thread's rows of a batch of ``total``, concatenated: the
+        output of a model whose rows depend on their own inputs only (the fine-tuning classifier's
+        logits), with one leaf per slice for ``backward``."""
+        copies = self._replica_modules()
+        slices = self._slices(total)
+
+        def run(t: int) -> Tensor:
+            with rt.autocast():
+                return call(copies[t], slice(*slices[t]))
+
+        outs = self._on_threads(run, range(len(slices)))
+        self._graphs = [([], []) for _ in outs]
+        return torch.cat([_cut(out, graph) for out, graph in zip(outs, self._graphs)])
 
     def backward(self) -> None:
         """Back-propagate the gradients the losses left on each slice's output leaves (call after
@@ -189,3 +210,13 @@ class Replicas:
     def close(self) -> None:
         for thread in self.threads:
             thread.shutdown(wait=True)
+
+
+def _cut(value: Tensor, graph: tuple[list[Tensor], list[Tensor]]) -> Tensor:
+    """A new leaf with ``value``'s data, the pair noted in ``graph`` (outputs, leaves): the loss's
+    backward pass stops at the leaf, and ``Replicas.backward`` carries its gradient on into the
+    thread's graph."""
+    leaf = value.detach().requires_grad_()
+    graph[0].append(value)
+    graph[1].append(leaf)
+    return leaf

@@ -124,7 +124,7 @@ def resolve_runtime(cfg: TrainConfig, model: ModelConfig | None = None) -> Runti
 
 def describe_runtime(cfg: TrainConfig, micro_batch: int | None = None, model: ModelConfig | None = None) -> str:
     """The run header's line: ``cpu, fp32, 2 compute threads (2 CPUs)`` (what ``resolve_runtime``
-    will choose, without joining a process group); for pre-training (``micro_batch``: its
+    will choose, without joining a process group); for training (``micro_batch``: its
     ``data.loader.batch_size``), the threads a micro-batch is split over when there are several
     (``train.replicas``)."""
     from pcavmae_cli.engine.train.replicas import replica_count  # replicas.py imports this module
