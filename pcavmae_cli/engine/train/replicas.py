@@ -58,8 +58,8 @@ def replica_count(train: TrainConfig, device: torch.device, world_size: int, thr
     ``null`` is two on exactly two compute threads when each gets at least
     ``MIN_CLIPS_PER_THREAD`` clips of the ``micro_batch``, else one: measured on 2 cores (bf16,
     the paper's model), pre-training micro-batches of 8 ran 1.05-1.21x faster in two threads and
-    micro-batches of 4 0.92-0.95x as fast; fine-tuning (all tokens, no masking) 1.34-1.35x with 8
-    and 16 clips, 0.99x with 4. More replicas than compute threads are not useful.
+    micro-batches of 4 0.92-0.95x as fast; fine-tuning (all tokens, no masking) 1.30x with 8 clips
+    in bf16 and 1.11x in fp32, 0.98x with 4. More replicas than compute threads are not useful.
     """
     if train.replicas is not None and train.replicas < 1:
         raise UserError(f"key 'train.replicas' must be >= 1 or null, got {train.replicas}")
