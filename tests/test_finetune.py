@@ -443,11 +443,13 @@ def test_kill_and_resume_ends_with_exactly_the_same_weights(corpus, pretrained, 
     assert [e["val_top1"] for e in result.epochs] == [e["val_top1"] for e in ref.epochs]
 
 
-@pytest.mark.parametrize("n", [2, 3])
-def test_threads_give_the_classifiers_logits_and_gradients(n):
+@pytest.mark.parametrize("n, slice_clips", [(2, 8), (3, 8), (2, 2)])
+def test_threads_give_the_classifiers_logits_and_gradients(n, slice_clips, monkeypatch):
     """Fine-tuning on threads (``Replicas.forward_rows``): each thread's rows of the batch, put
     back together, are the whole batch's logits, and the gradients collected from the threads the
-    whole batch's, to rounding; the threads' own gradients are collected, not kept."""
+    whole batch's, to rounding; the threads' own gradients are collected, not kept.
+    ``slice_clips`` 2: each thread runs its rows in two slices, one after the other."""
+    monkeypatch.setattr("pcavmae_cli.engine.train.replicas.SLICE_CLIPS", slice_clips)
     cfg = tiny_model_cfg()
     torch.manual_seed(0)
     model = Classifier(cfg, 4, "av").train()

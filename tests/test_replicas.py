@@ -35,8 +35,22 @@ def gradients(model, batch, protos, loss, replicas, micro_batches=1):
     return grads, objective.loss_values(logged), torch.rand(3)
 
 
-@pytest.mark.parametrize("n", [2, 3])
-def test_threads_give_the_whole_batchs_losses_and_gradients(corpus, tmp_path, n):  # noqa: F811
+def test_each_thread_runs_its_rows_in_slices_of_at_most_slice_clips(monkeypatch):
+    model = torch.nn.Linear(2, 2)
+    replicas = Replicas(model, 2, 2)
+    try:
+        assert replicas._slices(7) == [(0, 4, 0), (4, 7, 1)]
+        assert replicas._slices(48) == [(0, 8, 0), (8, 16, 0), (16, 24, 0), (24, 32, 1), (32, 40, 1), (40, 48, 1)]
+        assert replicas._slices(1) == [(0, 1, 0)]  # no empty slice
+        monkeypatch.setattr("pcavmae_cli.engine.train.replicas.SLICE_CLIPS", 2)
+        assert replicas._slices(7) == [(0, 2, 0), (2, 4, 0), (4, 6, 1), (6, 7, 1)]
+    finally:
+        replicas.close()
+
+
+@pytest.mark.parametrize("n, slice_clips", [(2, 8), (3, 8), (2, 2)])
+def test_threads_give_the_whole_batchs_losses_and_gradients(corpus, tmp_path, n, slice_clips, monkeypatch):  # noqa: F811
+    monkeypatch.setattr("pcavmae_cli.engine.train.replicas.SLICE_CLIPS", slice_clips)  # 2: two slices per thread
     cfg, model = tiny_model(corpus, tmp_path)
     batch, protos, loss = fixed_batch(cfg, n=7), fixed_prototypes(cfg, n=7), cfg.stages[0].loss
     whole, whole_losses, whole_rng = gradients(model, batch, protos, loss, None)
@@ -55,7 +69,9 @@ def test_threads_give_the_whole_batchs_losses_and_gradients(corpus, tmp_path, n)
     assert all(p.grad is None for c in replicas.copies for p in c.parameters())  # collected, not kept
 
 
-def test_threads_are_deterministic_and_accumulate_micro_batches(corpus, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("slice_clips", [8, 2])
+def test_threads_are_deterministic_and_accumulate_micro_batches(corpus, tmp_path, slice_clips, monkeypatch):  # noqa: F811
+    monkeypatch.setattr("pcavmae_cli.engine.train.replicas.SLICE_CLIPS", slice_clips)
     cfg, model = tiny_model(corpus, tmp_path)
     batch, protos, loss = fixed_batch(cfg), fixed_prototypes(cfg), cfg.stages[0].loss
     replicas = Replicas(model, 2, 2)
@@ -105,8 +121,9 @@ def test_replica_count_applies_to_one_cpu_process_only(corpus, tmp_path):  # noq
         replica_count(dataclasses.replace(train, replicas=0), cpu, 1, 2, 8)
 
 
-def test_a_run_on_threads_stopped_and_resumed_ends_with_the_uninterrupted_weights(corpus, tmp_path):  # noqa: F811
-    threads = ("train.threads=2", "train.replicas=2")
+def test_a_run_on_threads_stopped_and_resumed_ends_with_the_uninterrupted_weights(corpus, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setattr("pcavmae_cli.engine.train.replicas.SLICE_CLIPS", 1)  # 2 clips a thread: two slices each
+    threads = ("train.threads=2", "train.replicas=2", "data.loader.batch_size=4")
     whole = pretrain(recipe(corpus, tmp_path / "whole", *threads))
     with pytest.raises(Interrupted):
         pretrain(recipe(corpus, tmp_path / "resumed", *threads), on_step=stop_at(5))
@@ -115,7 +132,7 @@ def test_a_run_on_threads_stopped_and_resumed_ends_with_the_uninterrupted_weight
     mine, theirs = tensors_of(tmp_path / "resumed/checkpoints/last"), tensors_of(tmp_path / "whole/checkpoints/last")
     assert [k for k in mine if not torch.equal(mine[k], theirs[k])] == []
     # against one thread on the whole batch: the same run to rounding
-    single = pretrain(recipe(corpus, tmp_path / "single", "train.threads=2", "train.replicas=1"))
+    single = pretrain(recipe(corpus, tmp_path / "single", "train.threads=2", "train.replicas=1", "data.loader.batch_size=4"))
     for mine_epoch, single_epoch in zip(whole.epochs, single.epochs):
         assert mine_epoch["loss_total"] == pytest.approx(single_epoch["loss_total"], rel=1e-3)
 

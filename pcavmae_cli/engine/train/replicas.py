@@ -10,14 +10,15 @@ and one copy of the weights: ``n`` threads of one compute thread each (or ``thre
 run the forward and backward pass of a contiguous slice of the micro-batch, and the losses are
 computed once, by the caller, on the whole batch put back together:
 
-1. ``forward``: thread t runs its own copy of the model on its slice, a copy whose parameters
+1. ``forward``: thread t runs its own copy of the model on its rows (in slices of at most
+   ``SLICE_CLIPS`` clips, one after the other, when it has more), a copy whose parameters
    are leaves on the model's storage (no copy of the weights, an own ``.grad``), its masks drawn as rows
    of the whole batch's from noise the threads share (``masking.shared_noise``), so the masks
    and the RNG are those of one forward pass of the whole batch; the slices' outputs come back as
    leaves concatenated into one ``PCAVMAEOutput``;
 2. the caller computes the losses on it as in one thread (the contrastive losses see the whole
    batch) and back-propagates to those leaves (cheap: the losses' own graph);
-3. ``backward``: thread t back-propagates its leaves' gradients through its slice's graph into
+3. ``backward``: thread t back-propagates its leaves' gradients through its slices' graphs into
    its own parameter leaves, where gradients also accumulate over micro-batches;
 4. ``collect_grads`` (before the optimiser step): the threads' gradients are summed in thread
    order into the parameters' ``.grad``.
@@ -48,6 +49,10 @@ from pcavmae_cli.engine.train.runtime import Runtime
 
 
 MIN_CLIPS_PER_THREAD = 4  # below this a thread's products are too small to gain (docs/benchmarks.md)
+# At most this many clips per pass of a thread: a thread with more runs its rows in slices of
+# this size one after the other, whose activations stay in cache longer (pre-training's micro-batch
+# of 48 on two threads: 24 clips per pass ran about 10 % slower per clip than 8 or 12).
+SLICE_CLIPS = 8
 
 
 def replica_count(train: TrainConfig, device: torch.device, world_size: int, threads: int, micro_batch: int) -> int:
@@ -103,6 +108,7 @@ class Replicas:
         self.copies: list[nn.Module] | None = None  # per thread (_replica_modules)
         self.fresh = False  # whether the copies' gradients are clear (until the next collect_grads)
         self._graphs: list[tuple[list[Tensor], list[Tensor]]] = []  # per slice: outputs, their leaves
+        self._graph_threads: list[int] = []  # per slice: the thread that ran it
 
     def _leaves_on_storage(self) -> dict[int, object]:
         """A ``deepcopy`` memo that maps each parameter to a new leaf on the same storage."""
@@ -127,9 +133,15 @@ class Replicas:
             self.fresh = True
         return self.copies
 
-    def _slices(self, total: int) -> list[tuple[int, int]]:
-        """Each thread's contiguous rows of a batch of ``total`` (no empty slice)."""
-        return [bounds(total, self.n, t) for t in range(min(self.n, total))]
+    def _slices(self, total: int) -> list[tuple[int, int, int]]:
+        """``(start, stop, thread)`` of each slice of a batch of ``total``: each thread's contiguous
+        rows (none empty), cut into slices of at most ``SLICE_CLIPS`` that it runs in turn."""
+        slices = []
+        for t in range(min(self.n, total)):
+            start, stop = bounds(total, self.n, t)
+            pieces = -(-(stop - start) // SLICE_CLIPS)
+            slices += [(start + a, start + b, t) for a, b in (bounds(stop - start, pieces, i) for i in range(pieces))]
+        return slices
 
     def forward(self, batch: dict[str, Tensor], rt: Runtime, **model_kwargs) -> PCAVMAEOutput:
         """The pre-training model's output on the whole ``batch``, computed in slices by the threads."""
@@ -138,13 +150,14 @@ class Replicas:
         slices = self._slices(total)
         noise = SharedNoise()
 
-        def run(t: int) -> PCAVMAEOutput:
-            start, stop = slices[t]
+        def run(i: int) -> PCAVMAEOutput:
+            start, stop, t = slices[i]
             rows = slice(start, stop)
             with global_batch_rows(start, total), shared_noise(noise), rt.autocast():
                 return copies[t](batch["fbank"][rows], batch["frames"][rows], **model_kwargs)
 
-        outs = self._on_threads(run, range(len(slices)))
+        self._graph_threads = [t for _, _, t in slices]
+        outs = self._on_threads(run, self._graph_threads)
         self._graphs = []
         for out in outs:
             graph: tuple[list[Tensor], list[Tensor]] = ([], [])
@@ -165,11 +178,13 @@ class Replicas:
         copies = self._replica_modules()
         slices = self._slices(total)
 
-        def run(t: int) -> Tensor:
+        def run(i: int) -> Tensor:
+            start, stop, t = slices[i]
             with rt.autocast():
-                return call(copies[t], slice(*slices[t]))
+                return call(copies[t], slice(start, stop))
 
-        outs = self._on_threads(run, range(len(slices)))
+        self._graph_threads = [t for _, _, t in slices]
+        outs = self._on_threads(run, self._graph_threads)
         self._graphs = [([], []) for _ in outs]
         return torch.cat([_cut(out, graph) for out, graph in zip(outs, self._graphs)])
 
@@ -183,7 +198,7 @@ class Replicas:
                 torch.autograd.backward([p[0] for p in pairs], [p[1] for p in pairs])
 
         graphs, self._graphs = self._graphs, []
-        self._on_threads(lambda t: run(graphs[t]), range(len(graphs)))
+        self._on_threads(lambda i: run(graphs[i]), self._graph_threads)
 
     def collect_grads(self) -> None:
         """Sum the threads' gradients, in thread order, into the parameters' ``.grad``; the next
@@ -202,9 +217,10 @@ class Replicas:
                 rp.grad = None
         self.fresh = False
 
-    def _on_threads(self, fn, slices) -> list:
-        """``fn(t)`` for each slice ``t`` on thread ``t``, all at once; their results in order."""
-        futures = [self.threads[t].submit(fn, t) for t in slices]
+    def _on_threads(self, fn, threads: list[int]) -> list:
+        """``fn(i)`` for each slice ``i`` on its thread ``threads[i]``: the threads at once, each
+        thread's slices in turn, in order; their results in slice order."""
+        futures = [self.threads[t].submit(fn, i) for i, t in enumerate(threads)]
         return [f.result() for f in futures]
 
     def close(self) -> None:
