@@ -102,7 +102,8 @@ def main() -> None:
     print(f"{time.strftime('%Y-%m-%d %H:%M:%S')}; fine-tuning {args.recipe}, batch {args.batch}, {args.precision}, "
           f"{os.cpu_count()} CPUs; load average {os.getloadavg()}", flush=True)  # fmt: skip
     here = os.path.dirname(os.path.abspath(__file__))
-    workers = [Worker(side, WORKER, [side, args.recipe, args.precision, str(args.batch), here]) for side in ("whole", "threads")]
+    argv = [args.recipe, args.precision, str(args.batch), here]
+    workers = [Worker(side, WORKER, [side, *argv]) for side in ("whole", "threads")]
     flops = workers[0].info["flops"]
     peaks = [workers[0].ask("peak")["peak"]]
     results = alternate(workers, args.repeats, key="samples_per_s")
@@ -117,7 +118,8 @@ def main() -> None:
     for w in workers:
         low, medians[w.side] = summary([r["samples_per_s"] for r in results[w.side]])
         split = "2 x 1" if w.side == "threads" else str(w.info["threads"])
-        print(f"| {w.side} | {split} | {low:.3f} | {medians[w.side]:.3f} | {100 * flops * medians[w.side] / 1e9 / max(peaks):.0f} % |")
+        mfu = 100 * flops * medians[w.side] / 1e9 / max(peaks)
+        print(f"| {w.side} | {split} | {low:.3f} | {medians[w.side]:.3f} | {mfu:.0f} % |")
     print(f"threads / whole (median): {medians['threads'] / medians['whole']:.2f}x; load average {os.getloadavg()}")
 
 

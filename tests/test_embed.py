@@ -148,7 +148,8 @@ def test_bf16_embedding_casts_each_weight_once_for_all_batches():
     def batch(index: int) -> dict:
         g = torch.Generator().manual_seed(index)
         frames = torch.randint(0, 255, (2, 3, 16, 16), generator=g, dtype=torch.uint8)
-        return {"fbank": torch.randn(2, 32, 8, generator=g), "frames": frames, "index": torch.tensor([2 * index, 2 * index + 1])}
+        index_rows = torch.tensor([2 * index, 2 * index + 1])
+        return {"fbank": torch.randn(2, 32, 8, generator=g), "frames": frames, "index": index_rows}
 
     rt = Runtime(torch.device("cpu"), torch.bfloat16)
     counts = []

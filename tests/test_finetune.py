@@ -454,7 +454,8 @@ def test_threads_give_the_classifiers_logits_and_gradients(n, slice_clips, monke
     torch.manual_seed(0)
     model = Classifier(cfg, 4, "av").train()
     g = torch.Generator().manual_seed(2)
-    fbank, frames, targets = torch.randn(7, 32, 8, generator=g), torch.randn(7, 3, 16, 16, generator=g), torch.rand(7, 4, generator=g)
+    fbank, frames = torch.randn(7, 32, 8, generator=g), torch.randn(7, 3, 16, 16, generator=g)
+    targets = torch.rand(7, 4, generator=g)
 
     def gradients(replicas):
         model.zero_grad(set_to_none=True)

@@ -132,7 +132,9 @@ def test_a_run_on_threads_stopped_and_resumed_ends_with_the_uninterrupted_weight
     mine, theirs = tensors_of(tmp_path / "resumed/checkpoints/last"), tensors_of(tmp_path / "whole/checkpoints/last")
     assert [k for k in mine if not torch.equal(mine[k], theirs[k])] == []
     # against one thread on the whole batch: the same run to rounding
-    single = pretrain(recipe(corpus, tmp_path / "single", "train.threads=2", "train.replicas=1", "data.loader.batch_size=4"))
+    single = pretrain(
+        recipe(corpus, tmp_path / "single", "train.threads=2", "train.replicas=1", "data.loader.batch_size=4")
+    )
     for mine_epoch, single_epoch in zip(whole.epochs, single.epochs):
         assert mine_epoch["loss_total"] == pytest.approx(single_epoch["loss_total"], rel=1e-3)
 

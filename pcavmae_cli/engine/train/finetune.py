@@ -424,7 +424,9 @@ class FineTuner:
             fbank = augment.fbank_noise(fbank)
         targets = augment.smooth_targets(targets, ft.label_smoothing)
         if self.replicas is not None:  # the batch's rows in slices on threads (replicas.py)
-            logits = self.replicas.forward_rows(fbank.shape[0], self.rt, lambda net, rows: net(fbank[rows], frames[rows]))
+            logits = self.replicas.forward_rows(
+                fbank.shape[0], self.rt, lambda net, rows: net(fbank[rows], frames[rows])
+            )
         else:
             with self.rt.autocast():
                 logits = self.compiler(self.net)(fbank, frames)
