@@ -124,12 +124,12 @@ def test_converted_checkpoints_work_with_finetune_and_evaluate(setup, tmp_path):
 
 
 def test_bf16_embedding_casts_each_weight_once_for_all_batches():
-    """``embed_chunk`` runs its batches in one autocast context, so a weight is cast to bf16 on
-    the first batch and taken from autocast's cache after it: the casts of three batches are
-    those of one."""
+    """``clip_features`` (what ``pcav embed`` runs per chunk) runs its batches in one autocast
+    context, so a weight is cast to bf16 on the first batch and taken from autocast's cache after
+    it: the casts of three batches are those of one."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from pcavmae_cli.engine.embed import embed_chunk
+    from pcavmae_cli.engine.evaluate.predict import clip_features
     from pcavmae_cli.engine.model import PCAVMAE
     from pcavmae_cli.engine.train.runtime import Runtime
 
@@ -156,7 +156,7 @@ def test_bf16_embedding_casts_each_weight_once_for_all_batches():
     for batches in (1, 3):
         CountCasts.casts = 0
         with CountCasts():
-            feats = embed_chunk(backbone, [batch(i) for i in range(batches)], 0, 2 * batches, rt, cfg.data)
+            feats = clip_features(backbone, [batch(i) for i in range(batches)], rt, data=cfg.data, rows=2 * batches)
         counts.append(CountCasts.casts)
         assert feats["joint"].shape == (2 * batches, 16) and feats["joint"].abs().sum(1).min() > 0
     assert counts[0] > 0 and counts[1] == counts[0]

@@ -33,25 +33,24 @@ from typing import Literal
 import numpy as np
 import safetensors.torch as st
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 
 from pcavmae_cli.engine.chunks import chunk_key, run_chunks
 from pcavmae_cli.engine.data.dataset import AudioVisualDataset
 from pcavmae_cli.engine.data.manifest import atomic_write_text
-from pcavmae_cli.engine.data.model_inputs import model_inputs
 from pcavmae_cli.engine.data.preprocess import preprocess
 from pcavmae_cli.engine.errors import UserError
 from pcavmae_cli.engine.files import atomic_write
-from pcavmae_cli.engine.evaluate.predict import FEATURES, _frames_5d, backbone_features
+from pcavmae_cli.engine.evaluate.predict import FEATURES, clip_features
 from pcavmae_cli.engine.evaluate.runner import Checkpoint, checkpoint_recipe, open_checkpoint
 from pcavmae_cli.engine.model import PCAVMAE, Backbone
 from pcavmae_cli.engine.progress import ProgressReporter as Reporter
 from pcavmae_cli.engine.progress import default_reporter
-from pcavmae_cli.engine.schema import DataConfig, Recipe
+from pcavmae_cli.engine.schema import Recipe
 from pcavmae_cli.engine.tensor_io import read_safetensors, save_safetensors
 from pcavmae_cli.engine.train import checkpoint as ckpt
 from pcavmae_cli.engine.train.data import close_loader, embed_loader
-from pcavmae_cli.engine.train.runtime import Runtime, resolve_runtime
+from pcavmae_cli.engine.train.runtime import resolve_runtime
 
 Format = Literal["npy", "safetensors"]
 
@@ -91,36 +90,6 @@ def feature_backbone(cp: Checkpoint, cfg: Recipe) -> Backbone:
 
 def work_folder(out: Path) -> Path:
     return out.parent / f".{out.name}.work"
-
-
-@torch.no_grad()
-def embed_chunk(
-    backbone: Backbone,
-    loader: DataLoader,
-    start: int,
-    n: int,
-    rt: Runtime,
-    data: DataConfig,
-    check: Callable[[], None] | None = None,
-) -> dict[str, torch.Tensor]:
-    """``backbone_features`` of clips ``start .. start + n - 1``: ``{name: (n, width)}`` float32.
-
-    ``loader`` yields compact samples, normalised on the device with ``data``'s statistics.
-    ``check`` runs before each batch (``StopRequests.check``: Ctrl-C stops within a batch).
-    """
-    out: dict[str, torch.Tensor] = {}
-    with rt.autocast():  # one context for all batches: autocast casts each weight once, not per batch
-        for batch in loader:
-            if check is not None:
-                check()
-            inputs = model_inputs(batch, data, rt.device)
-            feats = backbone_features(backbone, inputs["fbank"], _frames_5d(inputs["frames"]))
-            rows = batch["index"] - start
-            for name, value in feats.items():
-                if name not in out:
-                    out[name] = torch.zeros(n, value.shape[1])
-                out[name][rows] = value.float().cpu()
-    return out
 
 
 def _save_chunk(path: Path, feats: dict[str, torch.Tensor], ids: list[str], key: str) -> None:
@@ -244,7 +213,7 @@ def embed(
         start, stop = starts[number], min(starts[number] + chunk, n)
         loader = embed_loader(Subset(dataset, range(start, stop)), cfg.data.loader, rt)
         try:
-            feats = embed_chunk(backbone, loader, start, stop - start, rt, cfg.data, check=check)
+            feats = clip_features(backbone, loader, rt, data=cfg.data, rows=stop - start, first_row=start, check=check)
         finally:
             close_loader(loader)
         _save_chunk(chunk_path(number), feats, chunk_ids(number), key)

@@ -86,7 +86,7 @@ def clip_scores(
     with rt.autocast():  # one context for all batches: autocast casts each weight once, not per batch
         for batch in loader:
             inputs = model_inputs(batch, data, rt.device)
-            logits = model.frame_logits(inputs["fbank"], _frames_5d(inputs["frames"])).float()  # (B, K, C)
+            logits = model.frame_logits(inputs["fbank"], _frames_5d(inputs["frames"]))  # (B, K, C)
             probs = activation(logits, label_mode).mean(dim=1).cpu()  # (B, C): the mean over frames
             label = batch["label"]
             if scores is None:
@@ -126,20 +126,25 @@ def clip_features(
     *,
     data: DataConfig,
     rows: int | None = None,
+    first_row: int = 0,
+    check: Callable[[], None] | None = None,
 ) -> dict[str, Tensor]:
     """``backbone_features`` of every clip of ``loader``'s dataset (compact samples, normalised
     with ``data``'s statistics): ``{name: (N, width)}`` float32, CPU.
 
     ``rows``: the height of the matrices when the loader holds a shard of a manifest (a clip's
-    row is its manifest row, other rows stay zero); default the dataset's length."""
+    row is its manifest row minus ``first_row``, other rows stay zero); default the dataset's
+    length. ``check`` runs before each batch (``StopRequests.check``: Ctrl-C stops within a batch)."""
     backbone.eval()
     n = len(loader.dataset) if rows is None else rows
     out: dict[str, Tensor] = {}
     with rt.autocast():  # one context for all batches: autocast casts each weight once, not per batch
         for batch in loader:
+            if check is not None:
+                check()
             inputs = model_inputs(batch, data, rt.device)
             feats = backbone_features(backbone, inputs["fbank"], _frames_5d(inputs["frames"]))
-            index = batch["index"]
+            index = batch["index"] - first_row
             for name, value in feats.items():
                 if name not in out:
                     out[name] = torch.zeros(n, value.shape[1])
