@@ -33,7 +33,7 @@ from pcavmae_cli.engine.train.allocator import keep_freed_memory
 from pcavmae_cli.engine.train.fast import StepCompiler, set_activation_checkpointing
 from pcavmae_cli.engine.train.objective import batch_losses
 from pcavmae_cli.engine.train.optim import build_optimizer
-from pcavmae_cli.engine.train.replicas import Replicas, replica_count
+from pcavmae_cli.engine.train.replicas import replicas_for
 from pcavmae_cli.engine.train.runtime import Runtime
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
@@ -99,9 +99,7 @@ def build_step(
     protos = fake_prototypes(batch_size, cfg.model.proj_dim, 64, device) if cfg.prototypes else None
     rt = Runtime(device=device, dtype=PRECISIONS[precision])
     batch = synthetic_batch(cfg, batch_size, device)
-    threads = torch.get_num_threads()
-    n_replicas = replica_count(cfg.train, device, 1, threads, batch_size) if fast else 1
-    replicas = Replicas(model, n_replicas, threads) if n_replicas > 1 else None
+    replicas = replicas_for(model, cfg.train, device, 1, batch_size) if fast else None
 
     def step() -> None:
         total, _ = batch_losses(net, batch, stage.loss, protos, rt, replicas=replicas)

@@ -73,7 +73,7 @@ from pcavmae_cli.engine.train.optim import build_finetune_optimizer, set_lr
 from pcavmae_cli.engine.train.pending import PendingLosses, finite_weights
 from pcavmae_cli.engine.progress import default_reporter
 from pcavmae_cli.engine.train.pretrain import ProgressReporter, StepInfo, TrainingDiverged
-from pcavmae_cli.engine.train.replicas import Replicas, replica_count
+from pcavmae_cli.engine.train.replicas import replicas_for
 from pcavmae_cli.engine.train.runtime import (
     capture_rng, keep_started_precision, resolve_runtime, restore_rng, seed_everything,
 )
@@ -274,9 +274,7 @@ class FineTuner:
         self.net: torch.nn.Module = self.model  # under torchrun: the DDP wrapper, built at the first epoch
         set_activation_checkpointing(self.model, cfg.train.activation_checkpointing)
         self.compiler = StepCompiler(cfg.train.compile)  # the training forward; validation stays eager
-        threads = torch.get_num_threads()
-        n_replicas = replica_count(cfg.train, self.rt.device, self.rt.world_size, threads, loader_cfg.batch_size)
-        self.replicas = Replicas(self.model, n_replicas, threads) if n_replicas > 1 else None  # replicas.py
+        self.replicas = replicas_for(self.model, cfg.train, self.rt.device, self.rt.world_size, loader_cfg.batch_size)
         self.optimizer = build_finetune_optimizer(
             self.model, cfg.optim, head_lr_multiplier=ft.head_lr_multiplier, layer_decay=ft.layer_decay
         )

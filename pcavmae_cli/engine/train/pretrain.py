@@ -91,7 +91,7 @@ from pcavmae_cli.engine.train.metrics import Meter, MetricsLog, format_losses, l
 from pcavmae_cli.engine.train.objective import BatchObjective, batch_losses
 from pcavmae_cli.engine.train.optim import build_optimizer, set_lr
 from pcavmae_cli.engine.train.pending import PendingLosses, finite_weights
-from pcavmae_cli.engine.train.replicas import Replicas, replica_count
+from pcavmae_cli.engine.train.replicas import replicas_for
 from pcavmae_cli.engine.train.runtime import (
     capture_rng, keep_started_precision, resolve_runtime, restore_rng, seed_everything,
 )
@@ -223,9 +223,7 @@ class Trainer:
         self.momentum = MomentumEncoder(self.model).to(self.rt.device)
         set_activation_checkpointing(self.model, cfg.train.activation_checkpointing)
         self.compiler = StepCompiler(cfg.train.compile)  # train.compile: eager fallback, fast.py
-        threads = torch.get_num_threads()
-        n_replicas = replica_count(cfg.train, self.rt.device, self.rt.world_size, threads, loader_cfg.batch_size)
-        self.replicas = Replicas(self.model, n_replicas, threads) if n_replicas > 1 else None  # replicas.py
+        self.replicas = replicas_for(self.model, cfg.train, self.rt.device, self.rt.world_size, loader_cfg.batch_size)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.ddp: DistributedDataParallel | None = None  # built per stage (what trains), world > 1
         self.ddp_parts: tuple[str, ...] | None = None

@@ -75,6 +75,16 @@ def replica_count(train: TrainConfig, device: torch.device, world_size: int, thr
     return min(train.replicas, threads)
 
 
+def replicas_for(
+    model: nn.Module, train: TrainConfig, device: torch.device, world_size: int, micro_batch: int
+) -> Replicas | None:
+    """The threads that split ``model``'s micro-batches (``replica_count`` on this process's
+    compute threads), or ``None`` where the whole micro-batch runs in one pass."""
+    threads = torch.get_num_threads()
+    n = replica_count(train, device, world_size, threads, micro_batch)
+    return Replicas(model, n, threads) if n > 1 else None
+
+
 def set_compute_threads(n: int) -> None:
     """This thread's compute threads, leaving the ones of threads already running as they are."""
     torch.get_num_threads()  # ATen's per-thread set-up first: done later, it resets the count to the process's
