@@ -11,7 +11,8 @@ with fused AdamW (``pcav bench`` runs the same steps). A variant ending in ``-sd
 (``fast-sdpa:bf16``) runs bf16 attention on the CPU through torch's fused kernel instead of
 ``cpu_attention.grouped_attention``'s explicit products; one ending in ``-allheads`` runs those
 products on all heads at once instead of in cache-sized groups of heads
-(``blocks.ATTENTION_GROUP_BYTES``); one ending in ``-compile``
+(``blocks.ATTENTION_GROUP_BYTES``), one ending in ``-group<MiB>`` (``fast-group4:bf16``) in groups
+of that many MiB of weights; one ending in ``-compile``
 (``fast-compile:bf16``) sets ``train.compile`` (inductor; the first step compiles, minutes on a
 CPU); one ending in ``-onereplica`` (``fast-onereplica:bf16``) sets ``train.replicas=1``, the
 whole micro-batch in one thread that splits each product over all compute threads. A side written ``CHECKOUT@VARIANT:PRECISION`` imports ``pcavmae_cli`` from another checkout
@@ -31,7 +32,7 @@ import time
 from alternate import Worker, alternate, summary
 
 WORKER = r"""
-import json, sys, time
+import json, re, sys, time
 if sys.argv[7] != "-":  # another checkout's code (a side written CHECKOUT@VARIANT:PRECISION)
     sys.path.insert(0, sys.argv[7])
 import torch
@@ -46,6 +47,10 @@ if variant.endswith("-sdpa"):  # torch's fused attention kernel also for bf16 on
 if variant.endswith("-allheads"):  # the explicit bf16 attention on all heads at once
     blocks.ATTENTION_GROUP_BYTES = 0
     variant = variant[: -len("-allheads")]
+group = re.search(r"-group(\d+)$", variant)
+if group:  # the explicit bf16 attention in groups of heads of this many MiB of weights
+    blocks.ATTENTION_GROUP_BYTES = int(group[1]) * 2**20
+    variant = variant[: group.start()]
 cpu = torch.device("cpu")
 cfg = config.load_recipe(recipe)
 if variant.endswith("-onereplica"):  # the whole micro-batch in one thread of all the compute threads
@@ -77,8 +82,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="steps per timing")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sides", nargs="+", default=["plain:fp32", "fast:fp32", "plain:bf16", "fast:bf16"],
-                        help="[CHECKOUT@]VARIANT:PRECISION, variant plain, fast, plain-sdpa, fast-sdpa, fast-allheads "
-                             "or fast-compile; CHECKOUT: another checkout's code (e.g. a git worktree)")  # fmt: skip
+                        help="[CHECKOUT@]VARIANT:PRECISION, variant plain, fast, plain-sdpa, fast-sdpa, fast-allheads, "
+                             "fast-group<MiB>, fast-onereplica or fast-compile; CHECKOUT: another checkout's code (e.g. a git worktree)")  # fmt: skip
     args = parser.parse_args()
     print(f"{time.strftime('%Y-%m-%d %H:%M:%S')}; {args.recipe}, batch {args.batch}, {os.cpu_count()} CPUs; "
           f"load average {os.getloadavg()}", flush=True)  # fmt: skip
