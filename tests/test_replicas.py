@@ -48,6 +48,24 @@ def test_each_thread_runs_its_rows_in_slices_of_at_most_slice_clips(monkeypatch)
         replicas.close()
 
 
+def test_an_error_in_one_thread_is_raised_and_the_others_do_not_wait_for_it():
+    """The threads leave their context together (``_on_threads``); a slice that fails must not
+    leave the other threads waiting for it."""
+    replicas = Replicas(torch.nn.Linear(2, 2), 2, 2)
+
+    def fn(i: int) -> int:
+        if i == 1:
+            raise ValueError("slice 1 failed")
+        return i
+
+    try:
+        with pytest.raises(ValueError, match="slice 1 failed"):
+            replicas._on_threads(fn, [0, 0, 1, 1])
+        assert replicas._on_threads(lambda i: 10 * i, [0, 0, 1, 1]) == [0, 10, 20, 30]  # the threads still serve
+    finally:
+        replicas.close()
+
+
 @pytest.mark.parametrize("n, slice_clips", [(2, 8), (3, 8), (2, 2)])
 def test_threads_give_the_whole_batchs_losses_and_gradients(corpus, tmp_path, n, slice_clips, monkeypatch):  # noqa: F811
     monkeypatch.setattr("pcavmae_cli.engine.train.replicas.SLICE_CLIPS", slice_clips)  # 2: two slices per thread
@@ -67,6 +85,50 @@ def test_threads_give_the_whole_batchs_losses_and_gradients(corpus, tmp_path, n,
     for name, g in whole.items():
         assert torch.allclose(split[name], g, rtol=1e-4, atol=1e-6 * g.abs().max().item()), name
     assert all(p.grad is None for c in replicas.copies for p in c.parameters())  # collected, not kept
+
+
+def test_a_threads_slices_share_one_autocast_context(corpus, tmp_path, monkeypatch):  # noqa: F811
+    """In bf16 a thread casts each weight once per pass however many slices it runs: autocast's
+    cache lasts for one context, and the graph keeps each context's bf16 copy of the weights for
+    the backward pass (a context per slice held a copy per slice)."""
+    from contextlib import ExitStack
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    cfg, model = tiny_model(corpus, tmp_path)
+    batch, protos, loss = fixed_batch(cfg, n=8), fixed_prototypes(cfg, n=8), cfg.stages[0].loss
+    weight_shapes = {tuple(p.shape) for p in model.parameters() if p.dim() == 2}
+    casts: list[tuple[int, ...]] = []
+
+    class CountCasts(TorchDispatchMode):  # entered in each thread: dispatch modes are per thread
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ == "_to_copy" and tuple(args[0].shape) in weight_shapes:
+                casts.append(tuple(args[0].shape))
+            return func(*args, **(kwargs or {}))
+
+    class CountingRuntime(Runtime):
+        def autocast(self):
+            stack = ExitStack()
+            stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
+            stack.enter_context(CountCasts())
+            return stack
+
+    bf16 = CountingRuntime(torch.device("cpu"), torch.bfloat16)
+    counts = []
+    for slice_clips, slices in ((8, 2), (2, 4)):  # one slice per thread (4 clips each), then two
+        monkeypatch.setattr("pcavmae_cli.engine.train.replicas.SLICE_CLIPS", slice_clips)
+        replicas = Replicas(model, 2, 2)
+        try:
+            casts.clear()
+            torch.manual_seed(1)
+            total, _ = objective.batch_losses(model, batch, loss, protos, bf16, replicas=replicas)
+            assert len(replicas._graph_threads) == slices
+            total.backward()
+            replicas.backward()
+        finally:
+            replicas.close()
+        counts.append(len(casts))
+    assert counts[0] > 0 and counts[1] == counts[0]
 
 
 @pytest.mark.parametrize("slice_clips", [8, 2])

@@ -11,11 +11,11 @@ run the forward and backward pass of a contiguous slice of the micro-batch, and 
 computed once, by the caller, on the whole batch put back together:
 
 1. ``forward``: thread t runs its own copy of the model on its rows (in slices of at most
-   ``SLICE_CLIPS`` clips, one after the other, when it has more), a copy whose parameters
-   are leaves on the model's storage (no copy of the weights, an own ``.grad``), its masks drawn as rows
-   of the whole batch's from noise the threads share (``masking.shared_noise``), so the masks
-   and the RNG are those of one forward pass of the whole batch; the slices' outputs come back as
-   leaves concatenated into one ``PCAVMAEOutput``;
+   ``SLICE_CLIPS`` clips, one after the other in one autocast context, when it has more), a
+   copy whose parameters are leaves on the model's storage (no copy of the weights, an own
+   ``.grad``), its masks drawn as rows of the whole batch's from noise the threads share
+   (``masking.shared_noise``), so the masks and the RNG are those of one forward pass of the
+   whole batch; the slices' outputs come back as leaves concatenated into one ``PCAVMAEOutput``;
 2. the caller computes the losses on it as in one thread (the contrastive losses see the whole
    batch) and back-propagates to those leaves (cheap: the losses' own graph);
 3. ``backward``: thread t back-propagates its leaves' gradients through its slices' graphs into
@@ -34,8 +34,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from concurrent.futures import ThreadPoolExecutor
-from threading import Barrier
+from threading import Barrier, BrokenBarrierError
 
 import torch
 from torch import Tensor, nn
@@ -163,11 +164,11 @@ class Replicas:
         def run(i: int) -> PCAVMAEOutput:
             start, stop, t = slices[i]
             rows = slice(start, stop)
-            with global_batch_rows(start, total), shared_noise(noise), rt.autocast():
+            with global_batch_rows(start, total), shared_noise(noise):
                 return copies[t](batch["fbank"][rows], batch["frames"][rows], **model_kwargs)
 
         self._graph_threads = [t for _, _, t in slices]
-        outs = self._on_threads(run, self._graph_threads)
+        outs = self._on_threads(run, self._graph_threads, rt.autocast)
         self._graphs = []
         for out in outs:
             graph: tuple[list[Tensor], list[Tensor]] = ([], [])
@@ -190,11 +191,10 @@ class Replicas:
 
         def run(i: int) -> Tensor:
             start, stop, t = slices[i]
-            with rt.autocast():
-                return call(copies[t], slice(start, stop))
+            return call(copies[t], slice(start, stop))
 
         self._graph_threads = [t for _, _, t in slices]
-        outs = self._on_threads(run, self._graph_threads)
+        outs = self._on_threads(run, self._graph_threads, rt.autocast)
         self._graphs = [([], []) for _ in outs]
         return torch.cat([_cut(out, graph) for out, graph in zip(outs, self._graphs)])
 
@@ -227,11 +227,39 @@ class Replicas:
                 rp.grad = None
         self.fresh = False
 
-    def _on_threads(self, fn, threads: list[int]) -> list:
+    def _on_threads(self, fn, threads: list[int], around: Callable[[], AbstractContextManager] = nullcontext) -> list:
         """``fn(i)`` for each slice ``i`` on its thread ``threads[i]``: the threads at once, each
-        thread's slices in turn, in order; their results in slice order."""
-        futures = [self.threads[t].submit(fn, i) for i, t in enumerate(threads)]
-        return [f.result() for f in futures]
+        thread's slices in turn, in order, inside one ``around()`` context per thread that no
+        thread leaves before every thread is done; their results in slice order.
+
+        For autocast (``around=rt.autocast``): a weight is cast to bf16 once per context and the
+        graph keeps that copy for the backward pass, so a context per slice cast the weights again
+        for each slice and held a copy per slice (pre-training's micro-batch of 48 on two threads:
+        six copies of the paper's 190 M weights, 2.3 GB, where two do). The cache of casts is one
+        for the process and a thread leaving its outermost context empties it, the other threads'
+        casts included: hence the threads leave together."""
+        mine: dict[int, list[int]] = {}
+        for i, t in enumerate(threads):
+            mine.setdefault(t, []).append(i)
+        together = Barrier(len(mine))
+
+        def run(indices: list[int]) -> list:
+            with around():
+                try:
+                    results = [fn(i) for i in indices]
+                except BaseException:
+                    together.abort()  # the other threads stop waiting
+                    raise
+                together.wait()
+            return results
+
+        futures = {t: self.threads[t].submit(run, indices) for t, indices in mine.items()}
+        errors = [f.exception() for f in futures.values()]
+        first = next((e for e in errors if e is not None and not isinstance(e, BrokenBarrierError)), None)
+        if first is not None:
+            raise first
+        results = {i: out for t, indices in mine.items() for i, out in zip(indices, futures[t].result())}
+        return [results[i] for i in range(len(threads))]
 
     def close(self) -> None:
         for thread in self.threads:
