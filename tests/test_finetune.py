@@ -412,6 +412,7 @@ def test_the_fine_tuning_run_folder(reference, pretrained):
     epochs = [r for r in lines if r["kind"] == "epoch"]
     assert [e["epoch"] for e in epochs] == [1, 2, 3]
     assert all(0 <= e["val_top1"] <= 1 and e["val_top5"] == 1.0 and e["loss"] > 0 for e in epochs)
+    assert all(e["peak_memory_gb"] > 0 for e in epochs)  # the process's peak (memory.py), on Linux
     assert result.averaged["averaged_epochs"] == [2, 3] and "val_top1" in result.averaged
     state = ckpt.load_state(last)
     assert state["train"]["averaged_epochs"] == 2 and state["train"]["epoch"] == 3

@@ -30,8 +30,9 @@ def test_a_line_names_every_part_and_the_epoch_as_written():
     line = log_line(record, total_epochs=34, total_steps=200, eta=3725.0)
     assert line == ("step 7/200  epoch 1/34  stage joint  loss 5.25  nce 2.1  r 3.15  lr 0.00025  0.41 samples/s  "
                     "ETA run 1h02m")  # fmt: skip
-    epoch = log_line({**record, "kind": "epoch", "val_top1": 0.5}, 34, 200, None)
+    epoch = log_line({**record, "kind": "epoch", "val_top1": 0.5, "peak_memory_gb": 19.9}, 34, 200, None)
     assert epoch.startswith("epoch 1/34 done  step 7/200") and "val_top1 0.5" in epoch and epoch.endswith("ETA run -")
+    assert "0.41 samples/s  mem 19.9 GB  ETA" in epoch
 
 
 def test_pretrain_writes_step_lines_to_a_log_file_before_the_first_epoch_ends(tmp_path):

@@ -327,6 +327,7 @@ def test_the_run_folder_holds_config_metrics_checkpoints_prototypes(reference):
     assert encoders["loss_r"] is None and encoders["loss_pcpe"] is None and encoders["loss_pje"] is not None
     assert joint["loss_r"] == pytest.approx(joint["loss_r_a"] + joint["loss_r_v"])
     assert joint["num_prototypes"] == [2, 3]
+    assert all(e["peak_memory_gb"] > 0 for e in result.epochs)  # the process's peak (memory.py), on Linux
     assert sorted(p.name for p in (run_dir / "prototypes").iterdir()) == [
         "prototypes-epoch0002.safetensors", "prototypes-epoch0003.safetensors"]  # fmt: skip
     assert len(load_prototypes(run_dir / "prototypes", 1)[0].assignments) == N_CLIPS

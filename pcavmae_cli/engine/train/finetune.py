@@ -67,6 +67,7 @@ from pcavmae_cli.engine.train.data import EpochBatchSampler, balanced_weights, c
 from pcavmae_cli.engine.train.distributed import BatchShard, check_batches_fit_world, comm_device, split, world_from_env
 from pcavmae_cli.engine.train.fast import StepCompiler, set_activation_checkpointing
 from pcavmae_cli.engine.train.log_lines import RunClock, significant, tell
+from pcavmae_cli.engine.train.memory import FirstStepMemory, gigabytes, peak_bytes
 from pcavmae_cli.engine.train.experiment_logs import ExperimentLogs
 from pcavmae_cli.engine.train.metrics import Meter, MetricsLog, read_metrics
 from pcavmae_cli.engine.train.optim import build_finetune_optimizer, set_lr
@@ -278,6 +279,7 @@ class FineTuner:
         self.optimizer = build_finetune_optimizer(
             self.model, cfg.optim, head_lr_multiplier=ft.head_lr_multiplier, layer_decay=ft.layer_decay
         )
+        self.first_step_memory = FirstStepMemory(self.rt.device, self.rt.is_main, reporter.warning)
         self.state = FinetuneState()
         self.epoch_meter, self.window_meter = Meter(("loss",)), Meter(("loss",))
         self.pending = PendingLosses()  # losses not read from the device yet (pending.py)
@@ -537,6 +539,7 @@ class FineTuner:
         set_lr(self.optimizer, lr)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.first_step_memory.after_step()
         return lr
 
     def validate(self, model: Classifier, title: str) -> dict[str, float] | None:
@@ -573,7 +576,8 @@ class FineTuner:
         st.epoch, st.position = epoch + 1, 0
         self.epoch_meter, self.window_meter = Meter(("loss",)), Meter(("loss",))
         self.boundary = self._snapshot()
-        extra = {"seconds": round(seconds, 3), "eval_seconds": round(eval_seconds, 3), "metric": self.metric}
+        extra = {"seconds": round(seconds, 3), "eval_seconds": round(eval_seconds, 3), "metric": self.metric,
+                 "peak_memory_gb": gigabytes(peak_bytes(self.rt.device))}  # fmt: skip
         self._log("epoch", epoch, lr, means["loss"], samples / max(seconds, 1e-9), val=val, **extra)
         if (epoch + 1) % self.cfg.train.save_every_epochs == 0 or final:
             self._save("last")

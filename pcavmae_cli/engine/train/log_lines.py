@@ -71,6 +71,8 @@ def log_line(record: dict[str, Any], total_epochs: int, total_steps: int, eta: f
     parts += [f"{k} {v:.4g}" for k, v in record.items() if k.startswith("val_") and isinstance(v, float)]
     parts.append(f"lr {record['lr']:.3g}")
     parts.append(f"{significant(record['samples_per_s'])} samples/s")
+    if record.get("peak_memory_gb") is not None:  # epoch lines: the process's peak (memory.py)
+        parts.append(f"mem {record['peak_memory_gb']:.1f} GB")
     parts.append(f"ETA run {duration(eta)}" if eta is not None else "ETA run -")
     return "  ".join(parts)
 

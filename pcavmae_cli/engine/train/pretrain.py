@@ -85,6 +85,7 @@ from pcavmae_cli.engine.train.estep import health_shard, measure_health, run_est
 from pcavmae_cli.engine.train.pretrain_validation import PretrainValidation
 from pcavmae_cli.engine.train.validation_figures import draw_epoch_figures, epoch_folder
 from pcavmae_cli.engine.train.fast import StepCompiler, set_activation_checkpointing
+from pcavmae_cli.engine.train.memory import FirstStepMemory, gigabytes, peak_bytes
 from pcavmae_cli.engine.train.log_lines import RunClock, significant, tell
 from pcavmae_cli.engine.train.experiment_logs import ExperimentLogs
 from pcavmae_cli.engine.train.metrics import Meter, MetricsLog, format_losses, loss_fields, read_metrics
@@ -225,6 +226,7 @@ class Trainer:
         self.compiler = StepCompiler(cfg.train.compile)  # train.compile: eager fallback, fast.py
         self.replicas = replicas_for(self.model, cfg.train, self.rt.device, self.rt.world_size, loader_cfg.batch_size)
         self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.first_step_memory = FirstStepMemory(self.rt.device, self.rt.is_main, reporter.warning)
         self.ddp: DistributedDataParallel | None = None  # built per stage (what trains), world > 1
         self.ddp_parts: tuple[str, ...] | None = None
         self.state = TrainState()
@@ -574,6 +576,7 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.momentum.update(self.model, self.cfg.model.momentum)
+        self.first_step_memory.after_step()
         return lr
 
     def _validate(self, epoch: int, protos: list[Prototypes] | None, stop: StopRequests) -> dict[str, Any] | None:
@@ -610,6 +613,7 @@ class Trainer:
         extra = {
             "seconds": round(seconds, 3),
             "estep_seconds": round(estep_seconds, 3),
+            "peak_memory_gb": gigabytes(peak_bytes(self.rt.device)),
             "num_prototypes": None if protos is None else [int(p.centroids.shape[0]) for p in protos],
             **estep_figures(protos),
         }

@@ -44,6 +44,7 @@ TITLES = {
     "loss_pcpe": "L_PCPE, decoder prototype contrast (eq. 3)",
     "lr": "learning rate",
     "samples_per_s": "throughput (samples / s)",
+    "peak_memory_gb": "the process's peak memory (GB)",
     "num_prototypes": "prototypes per granularity",
     "proto_largest_share": "largest prototype's share of the clips",
     "proto_gamma_min": "eq. 2 concentration gamma (min, max)",
@@ -58,8 +59,8 @@ TITLES = {
     "val_nmi": "validation: prototype NMI",
 }
 ORDER = ("loss_total", "loss_infonce", "loss_r", "loss_pje", "loss_pcpe", "val_knn_joint", "val_a2v_r1", "val_purity",
-         "val_nmi", "lr", "samples_per_s", "num_prototypes", "proto_largest_share", "proto_gamma_min", "seconds",
-         "health_cos_a", "health_rank_a", "health_spread_a", "health_agree_a")  # fmt: skip
+         "val_nmi", "lr", "samples_per_s", "peak_memory_gb", "num_prototypes", "proto_largest_share", "proto_gamma_min",
+         "seconds", "health_cos_a", "health_rank_a", "health_spread_a", "health_agree_a")  # fmt: skip
 KIND_STYLE = {"step": dict(lw=0.9, alpha=0.45), "epoch": dict(marker="o", ms=4, lw=1.6)}
 KIND_NAMES = {"step": "per log step", "epoch": "epoch mean"}
 

@@ -1,0 +1,97 @@
+"""The memory a training run reports: the process's peak, the limit it may reach, the warning."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from pcavmae_cli.engine.train import memory
+from pcavmae_cli.engine.train.metrics import read_metrics
+from pcavmae_cli.engine.train.pretrain import pretrain
+from tests.test_pretrain import corpus, recipe  # noqa: F401
+
+CPU = torch.device("cpu")
+
+
+def write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+@pytest.mark.parametrize("name, text, limit", [
+    ("memory.max", "max\n", None),  # cgroup v2, no limit
+    ("memory.max", "8589934592\n", 8589934592),  # v2, 8 GiB
+    ("memory/memory.limit_in_bytes", "9223372036854771712\n", None),  # v1, unlimited
+    ("memory/memory.limit_in_bytes", "4294967296\n", 4294967296),  # v1, 4 GiB
+])  # fmt: skip
+def test_the_cgroup_limit_is_read_from_v2_or_v1(tmp_path, name, text, limit):
+    write(tmp_path / name, text)
+    assert memory.cgroup_limit(tmp_path) == limit
+
+
+def test_no_cgroup_files_means_no_limit(tmp_path):
+    assert memory.cgroup_limit(tmp_path) is None
+
+
+def test_proc_fields_are_read_in_bytes(tmp_path):
+    write(tmp_path / "self" / "status", "Name:\tpython\nVmHWM:\t 2048 kB\nVmRSS:\t 1024 kB\n")
+    write(tmp_path / "meminfo", "MemTotal:  4096 kB\nMemAvailable:  3072 kB\n")
+    assert memory._status_kib("VmHWM", tmp_path) == 2048 * 1024
+    assert memory._status_kib("VmRSS", tmp_path) == 1024 * 1024
+    assert memory._meminfo("MemAvailable", tmp_path) == 3072 * 1024
+    assert memory._status_kib("VmHWM", tmp_path / "absent") is None  # off Linux: unknown, not an error
+
+
+def test_the_limit_is_the_machine_or_the_cgroup_whichever_is_lower(monkeypatch):
+    fields = {"VmRSS": 2 * 10**9, "MemAvailable": 6 * 10**9}
+    monkeypatch.setattr(memory, "_status_kib", lambda f, proc=memory.PROC: fields.get(f))
+    monkeypatch.setattr(memory, "_meminfo", lambda f, proc=memory.PROC: fields.get(f))
+    monkeypatch.setattr(memory, "cgroup_limit", lambda root=memory.CGROUP: None)
+    assert memory.limit_bytes(CPU) == 8 * 10**9  # what this process holds plus what is available
+    monkeypatch.setattr(memory, "cgroup_limit", lambda root=memory.CGROUP: 5 * 10**9)
+    assert memory.limit_bytes(CPU) == 5 * 10**9
+
+
+def test_this_process_reports_a_peak_and_a_limit_on_linux():
+    peak, limit = memory.peak_bytes(CPU), memory.limit_bytes(CPU)
+    assert peak is not None and limit is not None and 0 < peak < 2 * limit
+    assert memory.gigabytes(peak) == round(peak / 1e9, 2) and memory.gigabytes(None) is None
+
+
+def test_the_warning_comes_past_the_headroom_only_and_names_the_way_out():
+    assert memory.headroom_warning(80 * 10**8, 10**10, CPU) is None  # 80 %
+    assert memory.headroom_warning(None, 10**10, CPU) is None and memory.headroom_warning(10**10, None, CPU) is None
+    message = memory.headroom_warning(9 * 10**9, 10**10, CPU)
+    assert message.startswith("memory: the first step peaked at 9.0 GB of what this process may use 10.0 GB")
+    assert "killed without a message" in message
+    assert "data.loader.batch_size" in message and "train.activation_checkpointing=true" in message
+    gpu = memory.headroom_warning(9 * 10**9, 10**10, torch.device("cuda", 0))
+    assert "of the GPU's 10.0 GB" in gpu and "killed" not in gpu
+
+
+def test_the_first_step_warns_once_and_only_on_rank_0(monkeypatch):
+    monkeypatch.setattr(memory, "peak_bytes", lambda device: 95)
+    monkeypatch.setattr(memory, "limit_bytes", lambda device: 100)
+    said: list[str] = []
+    watch = memory.FirstStepMemory(CPU, True, said.append)
+    for _ in range(3):
+        watch.after_step()
+    assert len(said) == 1 and said[0].startswith("memory: the first step peaked")
+    other_rank: list[str] = []
+    watch = memory.FirstStepMemory(CPU, False, other_rank.append)
+    watch.after_step()
+    assert other_rank == []
+
+
+def test_a_run_near_its_limit_says_so_once_and_logs_its_peak(corpus, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(memory, "HEADROOM", 0.0)  # any peak is past it
+    run = tmp_path / "run"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pretrain(recipe(corpus, run, "stages.0.epochs=1", "stages.1.epochs=1"), None)
+    said = [str(w.message) for w in caught if str(w.message).startswith("memory: ")]
+    assert len(said) == 1 and "the first step peaked at" in said[0]
+    epochs = read_metrics(run / "metrics.jsonl", "epoch")
+    assert epochs and all(e["peak_memory_gb"] > 0 for e in epochs)
