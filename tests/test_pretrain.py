@@ -30,7 +30,7 @@ from pcavmae_cli.engine.train import objective
 from pcavmae_cli.engine.train.data import EpochBatchSampler, sample_seed
 from pcavmae_cli.engine.train.metrics import LOSS_PARTS, Meter, read_metrics
 from pcavmae_cli.engine.train.optim import build_optimizer
-from pcavmae_cli.engine.train.pretrain import StepInfo, TrainingDiverged, pretrain
+from pcavmae_cli.engine.train.pretrain import StepInfo, Trainer, TrainingDiverged, pretrain
 from pcavmae_cli.engine.train.runtime import Runtime
 from pcavmae_cli.engine.train.schedule import Schedule, lr_at
 from pcavmae_cli.engine.train.stop import Interrupted
@@ -275,6 +275,8 @@ def poison_batch_6(monkeypatch):
         return value * float("nan") if calls["n"] == 2 * 6 else value
 
     monkeypatch.setattr(objective, "reconstruction_loss", poisoned)
+    # the memory estimate's dry forward passes (memory.py) would count as batches here
+    monkeypatch.setattr(Trainer, "_estimate_step", lambda self, stage: None)
 
 
 # log_every 1: read at step 4's step line; 100: at the end of epoch 2 (step 6), two steps later

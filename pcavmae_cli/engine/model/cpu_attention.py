@@ -26,8 +26,26 @@ its backward kernel on the same bf16 tensors), so the two agree to bf16 rounding
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch.autograd.function import once_differentiable
+
+_kept = threading.local()  # bytes of weights kept for the backward pass while counted (kept_weights)
+
+
+@contextmanager
+def kept_weights() -> Iterator[list[int]]:
+    """Counts, in this thread, the bytes of attention weights ``grouped_attention`` keeps for the
+    backward pass (``[bytes]``, filled as it runs): they live on the autograd node, where
+    autograd's saved-tensor hooks do not see them (``train/memory.py``'s estimate)."""
+    _kept.count = [0]
+    try:
+        yield _kept.count
+    finally:
+        _kept.count = None
 
 
 def _group_slices(heads: int, tokens: int, group_bytes: int) -> list[slice]:
@@ -56,6 +74,8 @@ class GroupedAttention(torch.autograd.Function):
                 torch.bmm(w, v[g], out=out[g])
                 if ctx.needs_input_grad[0]:  # inference keeps no weights
                     weights.append(w)
+                    if getattr(_kept, "count", None) is not None:
+                        _kept.count[0] += w.nbytes
         ctx.save_for_backward(packed)
         ctx.groups, ctx.weights, ctx.scale = groups, weights, scale
         return out.view(B, H, N, D).transpose(1, 2).reshape(B, N, H * D)

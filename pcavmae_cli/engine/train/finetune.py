@@ -67,7 +67,7 @@ from pcavmae_cli.engine.train.data import EpochBatchSampler, balanced_weights, c
 from pcavmae_cli.engine.train.distributed import BatchShard, check_batches_fit_world, comm_device, split, world_from_env
 from pcavmae_cli.engine.train.fast import StepCompiler, set_activation_checkpointing
 from pcavmae_cli.engine.train.log_lines import RunClock, significant, tell
-from pcavmae_cli.engine.train.memory import FirstStepMemory, gigabytes, peak_bytes
+from pcavmae_cli.engine.train.memory import MemoryCheck, StepEstimate, estimate_step, gigabytes, peak_bytes
 from pcavmae_cli.engine.train.experiment_logs import ExperimentLogs
 from pcavmae_cli.engine.train.metrics import Meter, MetricsLog, read_metrics
 from pcavmae_cli.engine.train.optim import build_finetune_optimizer, set_lr
@@ -279,7 +279,7 @@ class FineTuner:
         self.optimizer = build_finetune_optimizer(
             self.model, cfg.optim, head_lr_multiplier=ft.head_lr_multiplier, layer_decay=ft.layer_decay
         )
-        self.first_step_memory = FirstStepMemory(self.rt.device, self.rt.is_main, reporter.warning)
+        self.memory = MemoryCheck(self.rt.device, self.rt.is_main, reporter.warning)  # memory.py
         self.state = FinetuneState()
         self.epoch_meter, self.window_meter = Meter(("loss",)), Meter(("loss",))
         self.pending = PendingLosses()  # losses not read from the device yet (pending.py)
@@ -451,6 +451,7 @@ class FineTuner:
         epoch = st.epoch
         self.model.train()
         self._wrap()
+        self.memory.before_first_step(self._estimate_step)
         if st.position == 0:
             self.epoch_meter, self.window_meter = Meter(("loss",)), Meter(("loss",))
         accum, n_batches = self.plan.accum_steps, self.sampler.batches_per_epoch
@@ -530,6 +531,22 @@ class FineTuner:
         if self.rt.world_size > 1 and not finite_weights(self.model):
             raise self._diverged(flushed.batches[0].step, "the weights are not finite (another process's loss diverged)")
 
+    def _estimate_step(self) -> StepEstimate | None:
+        """What a step of this process's micro-batch will hold (``memory.estimate_step``), from
+        dry forward passes of the classifier on synthetic clips."""
+        from pcavmae_cli.engine.bench.step import synthetic_batch
+
+        def forward(clips: int) -> torch.Tensor:
+            batch = synthetic_batch(self.cfg, clips, self.rt.device)
+            with self.rt.autocast():
+                return self.model(batch["fbank"], batch["frames"])
+
+        largest = min(self.cfg.data.loader.batch_size, len(self.dataset))  # a micro-batch, this rank's share
+        clips = -(-largest // self.rt.world_size)
+        threads = 1 if self.replicas is None else self.replicas.n
+        return estimate_step(self.model, forward, clips, self.rt.device, threads=threads,
+                             bf16=self.rt.dtype is not None, optimizer=self.optimizer)  # fmt: skip
+
     def _optimizer_step(self) -> float:
         if self.replicas is not None:
             self.replicas.collect_grads()
@@ -539,7 +556,7 @@ class FineTuner:
         set_lr(self.optimizer, lr)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.first_step_memory.after_step()
+        self.memory.after_step()
         return lr
 
     def validate(self, model: Classifier, title: str) -> dict[str, float] | None:

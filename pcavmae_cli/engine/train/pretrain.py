@@ -85,7 +85,7 @@ from pcavmae_cli.engine.train.estep import health_shard, measure_health, run_est
 from pcavmae_cli.engine.train.pretrain_validation import PretrainValidation
 from pcavmae_cli.engine.train.validation_figures import draw_epoch_figures, epoch_folder
 from pcavmae_cli.engine.train.fast import StepCompiler, set_activation_checkpointing
-from pcavmae_cli.engine.train.memory import FirstStepMemory, gigabytes, peak_bytes
+from pcavmae_cli.engine.train.memory import MemoryCheck, StepEstimate, estimate_step, gigabytes, peak_bytes
 from pcavmae_cli.engine.train.log_lines import RunClock, significant, tell
 from pcavmae_cli.engine.train.experiment_logs import ExperimentLogs
 from pcavmae_cli.engine.train.metrics import Meter, MetricsLog, format_losses, loss_fields, read_metrics
@@ -226,7 +226,7 @@ class Trainer:
         self.compiler = StepCompiler(cfg.train.compile)  # train.compile: eager fallback, fast.py
         self.replicas = replicas_for(self.model, cfg.train, self.rt.device, self.rt.world_size, loader_cfg.batch_size)
         self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.first_step_memory = FirstStepMemory(self.rt.device, self.rt.is_main, reporter.warning)
+        self.memory = MemoryCheck(self.rt.device, self.rt.is_main, reporter.warning)  # memory.py
         self.ddp: DistributedDataParallel | None = None  # built per stage (what trains), world > 1
         self.ddp_parts: tuple[str, ...] | None = None
         self.state = TrainState()
@@ -425,6 +425,7 @@ class Trainer:
         stage_index, stage = stage_of(cfg, epoch)
         self.model.set_trainable(stage.trainable)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.memory.before_first_step(lambda: self._estimate_step(stage))
         net = self.compiler(self._wrapped(stage))
         if st.position == 0:
             self.epoch_meter, self.window_meter = Meter(), Meter()
@@ -565,6 +566,21 @@ class Trainer:
         elif agree(stop.reason is not None, self.rt.device):
             raise KeyboardInterrupt(stop.reason or "another process stopped")
 
+    def _estimate_step(self, stage: StageConfig) -> StepEstimate | None:
+        """What a step of this process's micro-batch will hold (``memory.estimate_step``), from
+        dry forward passes of synthetic clips through this stage's losses (no prototypes)."""
+        from pcavmae_cli.engine.bench.step import synthetic_batch
+
+        def forward(clips: int) -> torch.Tensor:
+            batch = synthetic_batch(self.cfg, clips, self.rt.device)
+            return batch_losses(self.model, batch, stage.loss, None, self.rt)[0]
+
+        largest = min(self.cfg.data.loader.batch_size, len(self.dataset))  # a micro-batch, this rank's share
+        clips = -(-largest // self.rt.world_size)
+        threads = 1 if self.replicas is None else self.replicas.n
+        return estimate_step(self.model, forward, clips, self.rt.device, threads=threads,
+                             bf16=self.rt.dtype is not None, optimizer=self.optimizer)  # fmt: skip
+
     def _optimizer_step(self, trainable: list[torch.nn.Parameter]) -> float:
         """Clip, step AdamW at the scheduled rate, clear gradients, move the momentum encoder."""
         if self.replicas is not None:
@@ -576,7 +592,7 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.momentum.update(self.model, self.cfg.model.momentum)
-        self.first_step_memory.after_step()
+        self.memory.after_step()
         return lr
 
     def _validate(self, epoch: int, protos: list[Prototypes] | None, stop: StopRequests) -> dict[str, Any] | None:
