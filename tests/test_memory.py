@@ -20,19 +20,22 @@ def write(path, text):
     path.write_text(text)
 
 
-@pytest.mark.parametrize("name, text, limit", [
-    ("memory.max", "max\n", None),  # cgroup v2, no limit
-    ("memory.max", "8589934592\n", 8589934592),  # v2, 8 GiB
-    ("memory/memory.limit_in_bytes", "9223372036854771712\n", None),  # v1, unlimited
-    ("memory/memory.limit_in_bytes", "4294967296\n", 4294967296),  # v1, 4 GiB
+@pytest.mark.parametrize("cgroup, name, text, limit", [
+    ("0::/\n", "memory.max", "max\n", None),  # cgroup v2, no limit
+    ("0::/\n", "memory.max", "8589934592\n", 8589934592),  # v2, 8 GiB
+    ("0::/job/step\n", "job/memory.max", "8589934592\n", 8589934592),  # v2, on a parent of the process's cgroup
+    ("9:memory:/\n", "memory/memory.limit_in_bytes", "9223372036854771712\n", None),  # v1, unlimited
+    ("9:memory:/\n", "memory/memory.limit_in_bytes", "4294967296\n", 4294967296),  # v1, 4 GiB
 ])  # fmt: skip
-def test_the_cgroup_limit_is_read_from_v2_or_v1(tmp_path, name, text, limit):
-    write(tmp_path / name, text)
-    assert memory.cgroup_limit(tmp_path) == limit
+def test_the_cgroup_limit_is_read_from_v2_or_v1(tmp_path, cgroup, name, text, limit):
+    write(tmp_path / "proc_cgroup", cgroup)
+    write(tmp_path / "fs" / name, text)
+    assert memory.cgroup_limit(tmp_path / "fs", tmp_path / "proc_cgroup") == limit
 
 
 def test_no_cgroup_files_means_no_limit(tmp_path):
-    assert memory.cgroup_limit(tmp_path) is None
+    write(tmp_path / "proc_cgroup", "0::/\n")
+    assert memory.cgroup_limit(tmp_path / "fs", tmp_path / "proc_cgroup") is None
 
 
 def test_proc_fields_are_read_in_bytes(tmp_path):
@@ -48,10 +51,13 @@ def test_the_limit_is_the_machine_or_the_cgroup_whichever_is_lower(monkeypatch):
     fields = {"VmRSS": 2 * 10**9, "MemAvailable": 6 * 10**9}
     monkeypatch.setattr(memory, "_status_kib", lambda f, proc=memory.PROC: fields.get(f))
     monkeypatch.setattr(memory, "_meminfo", lambda f, proc=memory.PROC: fields.get(f))
-    monkeypatch.setattr(memory, "cgroup_limit", lambda root=memory.CGROUP: None)
+    monkeypatch.setattr(memory, "cgroup_limit", lambda *a: None)
     assert memory.limit_bytes(CPU) == 8 * 10**9  # what this process holds plus what is available
-    monkeypatch.setattr(memory, "cgroup_limit", lambda root=memory.CGROUP: 5 * 10**9)
+    monkeypatch.setattr(memory, "cgroup_limit", lambda *a: 5 * 10**9)
     assert memory.limit_bytes(CPU) == 5 * 10**9
+    monkeypatch.setattr(memory, "cgroup_limit", lambda *a: None)
+    fields["MemTotal"] = 7 * 10**9  # shared pages count in the resident set and in what is available
+    assert memory.limit_bytes(CPU) == 7 * 10**9
 
 
 def test_this_process_reports_a_peak_and_a_limit_on_linux():

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from pcavmae_cli.engine.model.cpu_attention import kept_weights
+from pcavmae_cli.engine.train.threads import cgroup_folders
 
 HEADROOM = 0.85  # past this share of the limit, the first step warns
 PROC = Path("/proc")
@@ -66,25 +67,20 @@ def _meminfo(field: str, proc: Path = PROC) -> int | None:
     return None
 
 
-def cgroup_limit(root: Path = CGROUP) -> int | None:
-    """The memory limit of this process's cgroup in bytes, or ``None`` where there is none.
-
-    v2 keeps it in ``memory.max`` ("max" when unlimited), v1 in ``memory.limit_in_bytes`` (a
-    huge number when unlimited). Read at the mount point: a container sees its own cgroup there.
-    """
-    for name in ("memory.max", "memory/memory.limit_in_bytes"):
-        try:
-            text = (root / name).read_text().strip()
-        except OSError:
-            continue
-        if text == "max":
-            return None
-        try:
-            value = int(text)
-        except ValueError:
-            continue
-        return value if value < 2**60 else None
-    return None
+def cgroup_limit(root: Path = CGROUP, proc_cgroup: Path = PROC / "self" / "cgroup") -> int | None:
+    """The memory limit of this process's cgroup and its parents in bytes (the lowest), or
+    ``None`` where there is none: v2 ``memory.max`` ("max" when unlimited), v1
+    ``memory.limit_in_bytes`` (a huge number when unlimited)."""
+    limits = []
+    for folder in cgroup_folders(root, proc_cgroup, "memory"):
+        for name in ("memory.max", "memory.limit_in_bytes"):
+            try:
+                text = (folder / name).read_text().strip()
+            except OSError:
+                continue
+            if text.isdigit() and int(text) < 2**60:
+                limits.append(int(text))
+    return min(limits) if limits else None
 
 
 def peak_bytes(device: torch.device) -> int | None:

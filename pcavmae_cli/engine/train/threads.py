@@ -38,7 +38,7 @@ def cgroup_cpu_limit(root: Path = CGROUP_ROOT, proc_cgroup: Path = Path("/proc/s
     unknown. Reads cgroup v2 ``cpu.max`` ("QUOTA PERIOD" or "max PERIOD") in the process's own
     cgroup and its parents, else cgroup v1 ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``."""
     limits = []
-    for folder in _cgroup_folders(root, proc_cgroup):
+    for folder in cgroup_folders(root, proc_cgroup, "cpu"):
         v2 = folder / "cpu.max"
         if v2.is_file():
             parts = v2.read_text().split()
@@ -53,9 +53,10 @@ def cgroup_cpu_limit(root: Path = CGROUP_ROOT, proc_cgroup: Path = Path("/proc/s
     return min(limits) if limits else None
 
 
-def _cgroup_folders(root: Path, proc_cgroup: Path) -> list[Path]:
-    """The process's CPU cgroup folders (v2: the unified one; v1: the ``cpu`` controller's), each
-    followed by its parents up to the hierarchy's root: a quota anywhere above applies too."""
+def cgroup_folders(root: Path, proc_cgroup: Path, controller: str) -> list[Path]:
+    """The process's cgroup folders for ``controller`` (``cpu``, ``memory``; v2: the unified
+    one; v1: the controller's), each followed by its parents up to the hierarchy's root: a limit
+    anywhere above applies too."""
     try:
         lines = proc_cgroup.read_text().splitlines()
     except OSError:
@@ -68,8 +69,8 @@ def _cgroup_folders(root: Path, proc_cgroup: Path) -> list[Path]:
         controllers, rel = fields[1], fields[2].lstrip("/")
         if controllers == "":
             bases = [root]
-        elif "cpu" in controllers.split(","):
-            bases = [root / controllers, root / "cpu"]
+        elif controller in controllers.split(","):
+            bases = [root / controllers, root / controller]
         else:
             continue
         for base in bases:
