@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pcavmae_cli.engine.data import demo_corpus as demo
+from pcavmae_cli.engine.train.data import loader_workers
 from pcavmae_cli.engine.train.metrics import LOSS_PARTS, read_metrics
 from tests.cli_helpers import pcav
 
@@ -27,11 +28,15 @@ def test_pretrain_demo_recipe_end_to_end(tmp_path):
         f"data.label_csv={corpus.label_csv}", f"train.run_dir={run}",
         "data.loader.batch_size=4", "optim.effective_batch=4", "prototypes.num_clusters=[2, 4]",
         "prototypes.warmup_epochs=2", "stages.0.epochs=5", "stages.1.epochs=2",
+        "data.loader.num_workers=512",  # more than any machine here: capped at the CPUs (data.loader_workers)
     ]  # fmt: skip
     result = pcav("pretrain", "--recipe", "demo", *overrides)
     assert result.returncode == 0, result.stderr
     assert "pcav pretrain" in result.stdout and f"run folder: {run}" in result.stdout
     assert "runtime: cpu, fp32 (auto: " in result.stdout and " compute thread" in result.stdout  # the run header
+    workers = loader_workers(512)
+    assert f"loader: {workers} worker process{'es' * (workers != 1)} per loader (data.loader.num_workers 512" in result.stdout
+    assert "DataLoader will create" not in result.stderr  # torch's warning about more workers than CPUs
 
     assert sorted(p.name for p in run.iterdir()) == ["README.md", "checkpoints", "config.yaml", "labels.csv",
                                                     "metrics.jsonl", "prototypes", "tensorboard"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 from pcavmae_cli.engine.train.threads import cgroup_cpu_limit, thread_plan, usable_cpus
 
@@ -71,3 +72,23 @@ def test_resolve_runtime_applies_the_plan_and_refuses_zero_threads():
         torch.set_num_threads(before)
     with pytest.raises(UserError, match="key 'train.threads' must be >= 1"):
         resolve_runtime(dataclasses.replace(train, device="cpu", threads=0))
+
+
+def test_loader_workers_are_at_most_the_cpus_this_process_may_use(monkeypatch):
+    """More worker processes than CPUs take turns on them and each holds memory (data.loader_workers)."""
+    import dataclasses
+
+    from pcavmae_cli.engine import config
+    from pcavmae_cli.engine.train import data
+    from pcavmae_cli.engine.train.runtime import Runtime
+
+    monkeypatch.setattr(data, "usable_cpus", lambda: (2, "2 CPUs"))
+    assert data.loader_workers(8, {}) == 2 and data.loader_workers(1, {}) == 1
+    assert data.loader_workers(0, {}) == 0  # 0: the main process loads, as asked
+    assert data.loader_workers(8, {"LOCAL_WORLD_SIZE": "2"}) == 1  # two torchrun processes share the 2 CPUs
+    assert data.loader_workers(8, {"LOCAL_WORLD_SIZE": "4"}) == 1  # a cap never turns workers into none
+    loader_cfg = dataclasses.replace(config.load_recipe("demo").data.loader, num_workers=8)
+    loader = data.embed_loader(list(range(4)), loader_cfg, Runtime(torch.device("cpu"), None))
+    assert loader.num_workers == 2
+    monkeypatch.setattr(data, "usable_cpus", lambda: (64, "64 CPUs"))
+    assert data.loader_workers(8, {}) == 8

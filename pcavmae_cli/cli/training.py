@@ -21,12 +21,18 @@ def run_as_rank(run: Callable[..., Any], cfg: Any) -> Any | None:
     from pcavmae_cli.engine.train.distributed import shutdown, world_from_env  # imports torch: not for --help
     from pcavmae_cli.engine.train.stop import Interrupted
 
+    from pcavmae_cli.engine.train.data import loader_workers
     from pcavmae_cli.engine.train.runtime import describe_runtime
 
     main = world_from_env().rank == 0
     if main and getattr(cfg, "train", None) is not None:
         line = describe_runtime(cfg.train, cfg.data.loader.batch_size, getattr(cfg, "model", None))
         console.print(f"runtime: {line}", highlight=False)
+        asked, workers = cfg.data.loader.num_workers, loader_workers(cfg.data.loader.num_workers)
+        if workers < asked:
+            console.print(f"loader: {workers} worker process{'es' * (workers != 1)} per loader "
+                          f"(data.loader.num_workers {asked}, at most the CPUs this process may use)",
+                          highlight=False)  # fmt: skip
     try:
         result = run(cfg, RichReporter(bar_width=None) if main else SilentReporter())
     except Interrupted as stop:

@@ -10,6 +10,9 @@ the process that happens to make it:
   clip matters, and persistent workers need no ``set_epoch`` of their dataset copy;
 - a resumed epoch starts at the batch where the checkpoint stopped (``set_epoch(epoch, start)``).
 
+So the number of worker processes changes no result, and ``loader_workers`` caps the recipe's
+``data.loader.num_workers`` at the CPUs the process may use.
+
 Several processes: every rank draws the same epoch order and the same global batches (the
 recipe's ``data.loader.batch_size`` clips); rank r keeps its contiguous slice of each
 (``distributed.split``), so the global batch, the per-clip seeds and a resume position (in
@@ -19,6 +22,7 @@ global batches) are the same at any world size.
 from __future__ import annotations
 
 import math
+import os
 import signal
 from collections.abc import Iterator
 
@@ -28,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from pcavmae_cli.engine.schema import LoaderConfig
 from pcavmae_cli.engine.train.distributed import bounds
 from pcavmae_cli.engine.train.runtime import Runtime
+from pcavmae_cli.engine.train.threads import usable_cpus
 
 _MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant: distinct (seed, epoch, index) give distinct seeds
 
@@ -111,8 +116,19 @@ def _ignore_ctrl_c(_worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def loader_workers(asked: int, environ: dict[str, str] | None = None) -> int:
+    """Worker processes per loader: ``data.loader.num_workers``, at most the CPUs this process
+    may use (``threads.usable_cpus``, shared among the processes torchrun started on this
+    machine). More workers than CPUs only take turns on them, and each persistent worker is a
+    process with memory of its own: the paper's recipes ask 8 for each of up to three loaders,
+    24 processes on a 2-CPU machine, where torch warns about them too."""
+    env = os.environ if environ is None else environ
+    local = max(1, int(env.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, min(asked, max(1, usable_cpus()[0] // local)))
+
+
 def _loader_kwargs(cfg: LoaderConfig, rt: Runtime) -> dict:
-    workers = cfg.num_workers
+    workers = loader_workers(cfg.num_workers)
     return dict(
         num_workers=workers,
         persistent_workers=workers > 0,
