@@ -90,5 +90,7 @@ def test_loader_workers_are_at_most_the_cpus_this_process_may_use(monkeypatch):
     loader_cfg = dataclasses.replace(config.load_recipe("demo").data.loader, num_workers=8)
     loader = data.embed_loader(list(range(4)), loader_cfg, Runtime(torch.device("cpu"), None))
     assert loader.num_workers == 2
+    # started from a fork server, not forked from the training process (data.worker_context)
+    assert loader.multiprocessing_context.get_start_method() == "forkserver"
     monkeypatch.setattr(data, "usable_cpus", lambda: (64, "64 CPUs"))
     assert data.loader_workers(8, {}) == 8
