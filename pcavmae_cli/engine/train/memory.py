@@ -23,7 +23,9 @@ CPU attention keeps itself: ``cpu_attention.kept_weights``); to the memory the p
 now it adds the gradients (one set per thread of ``replicas.py``), AdamW's two moments where
 they do not exist yet, one bf16 copy of the weights per further thread, and the kept bytes of
 the whole micro-batch. Measured on the 2-core CPU for the paper's model (docs/benchmarks.md,
-"Memory of pre-training on a CPU"): 20.2 GB estimated against a 19.9 GB peak at 48 clips.
+"Memory of pre-training on a CPU"): 0.95-0.96 of the measured peak (20.84 against 22.05 GB at 48
+clips), 0.82 with activation checkpointing, whose backward pass recomputes a block's activations
+on top of what the graph keeps; hence the warning's headroom.
 
 Off Linux (no ``/proc``) the CPU figures are ``None`` and nothing is said.
 """
