@@ -75,6 +75,24 @@ def test_all_frames_for_evaluation_in_order(corpus, cfg):
     assert "label" not in ds[0]
 
 
+def test_an_embedding_batch_holds_the_micro_batchs_frames_not_clips(corpus, cfg):
+    """``embed_loader``: with every frame of a clip, a batch takes batch_size // frames clips
+    (at least one), so evaluation feeds the model as many frames at once as a training step."""
+    import dataclasses
+
+    from torch.utils.data import Subset
+
+    from pcavmae_cli.engine.train.data import clips_per_batch, embed_loader
+    from pcavmae_cli.engine.train.runtime import Runtime
+
+    every, middle = (AudioVisualDataset(corpus / "manifest.jsonl", cfg, f) for f in ("all", "middle"))
+    assert every.frames_per_clip == N_FRAMES and middle.frames_per_clip == 1
+    assert clips_per_batch(every, 4 * N_FRAMES + 1) == 4 and clips_per_batch(Subset(every, [0]), 4 * N_FRAMES) == 4
+    assert clips_per_batch(every, 1) == 1 and clips_per_batch(middle, 7) == 7 and clips_per_batch([1, 2, 3], 7) == 7
+    loader_cfg = dataclasses.replace(cfg.loader, batch_size=2 * N_FRAMES, num_workers=0)
+    assert embed_loader(every, loader_cfg, Runtime(torch.device("cpu"), None)).batch_size == 2
+
+
 def test_random_frame_varies_and_chosen_index_is_exact(corpus, cfg):
     torch.manual_seed(0)
     ds = AudioVisualDataset(corpus / "manifest.jsonl", cfg, "random")

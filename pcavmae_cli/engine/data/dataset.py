@@ -98,6 +98,11 @@ class AudioVisualDataset(Dataset):
         view.compact = True
         return view
 
+    @property
+    def frames_per_clip(self) -> int:
+        """Frames each sample feeds the model: ``data.video.n_frames`` for ``"all"``, else one."""
+        return self.cfg.video.n_frames if self.frames == "all" else 1
+
     def _frame_indices(self, record: ClipRecord, generator: torch.Generator | None = None) -> list[int]:
         n = record.n_frames
         if n < 1:

@@ -37,7 +37,7 @@ import signal
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from pcavmae_cli.engine.schema import LoaderConfig
 from pcavmae_cli.engine.train.distributed import bounds
@@ -167,8 +167,25 @@ def train_loader(dataset: Dataset, sampler: EpochBatchSampler, cfg: LoaderConfig
 
 
 def embed_loader(dataset: Dataset, cfg: LoaderConfig, rt: Runtime) -> DataLoader:
-    """The E-step's loader: every clip once, in manifest order, so row i of the embeddings is clip i."""
-    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, **_loader_kwargs(cfg, rt))
+    """The loader of embedding passes (E-step, health, validation, ``pcav embed / evaluate /
+    predict``): every clip once, in manifest order, so row i of the embeddings is clip i.
+
+    A batch holds ``data.loader.batch_size`` frames rather than clips (``clips_per_batch``):
+    with every frame of a clip (``eval_frames: all``, 10 frames) a batch of the training
+    micro-batch's 48 clips fed 480 frames to the model at once, and fine-tuning the paper's
+    model, which peaked at 20.8 GB in its training step, reached 23.7 GB in validation and was
+    killed by the kernel validating its averaged weights (docs/benchmarks.md)."""
+    return DataLoader(dataset, batch_size=clips_per_batch(dataset, cfg.batch_size), shuffle=False,
+                      **_loader_kwargs(cfg, rt))  # fmt: skip
+
+
+def clips_per_batch(dataset: Dataset, frames: int) -> int:
+    """Clips whose frames make at most ``frames`` (at least one clip): ``frames`` over the
+    frames each of ``dataset``'s samples feeds the model (``frames_per_clip``; one for datasets
+    without it), looked up through ``Subset``s."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return max(1, frames // getattr(dataset, "frames_per_clip", 1))
 
 
 def close_loader(loader: DataLoader | None) -> None:
