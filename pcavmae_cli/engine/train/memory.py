@@ -1,7 +1,7 @@
 """What a training run holds in memory, and how close that is to what it may hold.
 
 Why: the paper's model on a CPU is at the edge of common machines (pre-training's micro-batch
-of 48 peaks near 20 GB, fine-tuning's about the same; docs/benchmarks.md), and a CPU process
+of 48 peaks near 22 GB, fine-tuning's about the same; docs/benchmarks.md), and a CPU process
 that goes over is ended by the kernel's OOM killer with a bare "Killed", nothing of ours. So
 each epoch line carries the process's peak (``peak_memory_gb``), and after the first optimiser
 step, when the peak of a step is known, a run past ``HEADROOM`` of its limit says so once,
@@ -42,31 +42,30 @@ from torch import nn
 from pcavmae_cli.engine.model.cpu_attention import kept_weights
 from pcavmae_cli.engine.train.threads import cgroup_folders
 
-HEADROOM = 0.85  # past this share of the limit, the first step warns
+HEADROOM = 0.85  # past this share of the limit, the estimate or the first step's peak warns
 PROC = Path("/proc")
 CGROUP = Path("/sys/fs/cgroup")
 
 
-def _status_kib(field: str, proc: Path = PROC) -> int | None:
-    """A ``kB`` field of ``/proc/self/status`` in bytes (``VmHWM``, ``VmRSS``)."""
+def _kib_field(path: Path, field: str) -> int | None:
+    """A ``Field:  N kB`` line of a ``/proc`` file in bytes, or ``None`` (no such file or field)."""
     try:
-        for line in (proc / "self" / "status").read_text().splitlines():
+        for line in path.read_text().splitlines():
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def _status_kib(field: str, proc: Path = PROC) -> int | None:
+    """This process's ``VmHWM`` / ``VmRSS`` in bytes."""
+    return _kib_field(proc / "self" / "status", field)
 
 
 def _meminfo(field: str, proc: Path = PROC) -> int | None:
-    """A ``kB`` field of ``/proc/meminfo`` in bytes (``MemAvailable``)."""
-    try:
-        for line in (proc / "meminfo").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
+    """The machine's ``MemAvailable`` / ``MemTotal`` in bytes."""
+    return _kib_field(proc / "meminfo", field)
 
 
 def cgroup_limit(root: Path = CGROUP, proc_cgroup: Path = PROC / "self" / "cgroup") -> int | None:
