@@ -33,6 +33,9 @@ def test_a_line_names_every_part_and_the_epoch_as_written():
     epoch = log_line({**record, "kind": "epoch", "val_top1": 0.5, "peak_memory_gb": 19.9}, 34, 200, None)
     assert epoch.startswith("epoch 1/34 done  step 7/200") and "val_top1 0.5" in epoch and epoch.endswith("ETA run -")
     assert "0.41 samples/s  mem 19.9 GB  ETA" in epoch
+    averaged = {"kind": "averaged", "step": 9, "epoch": 3, "stage": "finetune", "lr": 0.0, "loss": None,
+                "samples_per_s": 0.0, "val_mAP": 0.4187, "averaged_epochs": [2, 3]}  # fmt: skip
+    assert log_line(averaged, 3, 9, None) == "averaged weights of epochs 2-3  val_mAP 0.4187"
 
 
 def test_pretrain_writes_step_lines_to_a_log_file_before_the_first_epoch_ends(tmp_path):

@@ -63,12 +63,16 @@ class RunClock:
 
 def log_line(record: dict[str, Any], total_epochs: int, total_steps: int, eta: float | None) -> str:
     """One metrics record as a line a person reads in a log file (its epoch, 1-based, as written)."""
+    validation = [f"{k} {v:.4g}" for k, v in record.items() if k.startswith("val_") and isinstance(v, float)]
+    if record["kind"] == "averaged":  # fine-tuning's averaged weights: validation figures only
+        first, last = record["averaged_epochs"]
+        return "  ".join([f"averaged weights of epochs {first}-{last}", *validation])
     step, epoch = f"step {record['step']}/{total_steps}", f"epoch {record['epoch']}/{total_epochs}"
     # a step line: the means since the last one; an epoch line: the epoch's means
     parts = [step, epoch] if record["kind"] == "step" else [f"{epoch} done", step]
     parts.append(f"stage {record['stage']}")
     parts += [f"{label} {record[key]:.4g}" for key, label in SHORT.items() if record.get(key) is not None]
-    parts += [f"{k} {v:.4g}" for k, v in record.items() if k.startswith("val_") and isinstance(v, float)]
+    parts += validation
     parts.append(f"lr {record['lr']:.3g}")
     parts.append(f"{significant(record['samples_per_s'])} samples/s")
     if record.get("peak_memory_gb") is not None:  # epoch lines: the process's peak (memory.py)
