@@ -67,7 +67,7 @@ from pcavmae_cli.engine.train.data import EpochBatchSampler, balanced_weights, c
 from pcavmae_cli.engine.train.distributed import BatchShard, check_batches_fit_world, comm_device, split, world_from_env
 from pcavmae_cli.engine.train.fast import StepCompiler, set_activation_checkpointing
 from pcavmae_cli.engine.train.log_lines import RunClock, significant, tell
-from pcavmae_cli.engine.train.memory import MemoryCheck, StepEstimate, estimate_step, gigabytes, peak_bytes
+from pcavmae_cli.engine.train.memory import MemoryCheck, StepEstimate, estimate_loop_step, gigabytes, peak_bytes
 from pcavmae_cli.engine.train.experiment_logs import ExperimentLogs
 from pcavmae_cli.engine.train.metrics import Meter, MetricsLog, read_metrics
 from pcavmae_cli.engine.train.optim import build_finetune_optimizer, set_lr
@@ -541,11 +541,9 @@ class FineTuner:
             with self.rt.autocast():
                 return self.model(batch["fbank"], batch["frames"])
 
-        largest = min(self.cfg.data.loader.batch_size, len(self.dataset))  # a micro-batch, this rank's share
-        clips = -(-largest // self.rt.world_size)
         threads = 1 if self.replicas is None else self.replicas.n
-        return estimate_step(self.model, forward, clips, self.rt.device, threads=threads,
-                             bf16=self.rt.dtype is not None, optimizer=self.optimizer)  # fmt: skip
+        return estimate_loop_step(self.model, forward, self.cfg.data.loader.batch_size, len(self.dataset), self.rt,
+                                  threads, self.optimizer)  # fmt: skip
 
     def _optimizer_step(self) -> float:
         if self.replicas is not None:

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from pcavmae_cli.engine.model.cpu_attention import kept_weights
+from pcavmae_cli.engine.train.runtime import Runtime
 from pcavmae_cli.engine.train.threads import cgroup_folders
 
 HEADROOM = 0.85  # past this share of the limit, the estimate or the first step's peak warns
@@ -171,6 +172,17 @@ def estimate_step(
     if bf16:
         state += 2 * weights * (max(1, threads) - 1)
     return StepEstimate(now, state, one - per_clip, per_clip, micro_batch)
+
+
+def estimate_loop_step(
+    model: nn.Module, forward_of: Callable[[int], object], batch_size: int, clips_in_data: int, rt: Runtime,
+    threads: int, optimizer: torch.optim.Optimizer,
+) -> StepEstimate | None:  # fmt: skip
+    """``estimate_step`` for a training loop: its largest micro-batch (``data.loader.batch_size``,
+    at most the clips there are), this rank's share of it, on ``threads`` threads."""
+    clips = -(-min(batch_size, clips_in_data) // rt.world_size)
+    return estimate_step(model, forward_of, clips, rt.device, threads=threads, bf16=rt.dtype is not None,
+                         optimizer=optimizer)  # fmt: skip
 
 
 def estimate_warning(estimate: StepEstimate | None, limit: int | None, device: torch.device) -> str | None:

@@ -85,7 +85,7 @@ from pcavmae_cli.engine.train.estep import health_shard, measure_health, run_est
 from pcavmae_cli.engine.train.pretrain_validation import PretrainValidation
 from pcavmae_cli.engine.train.validation_figures import draw_epoch_figures, epoch_folder
 from pcavmae_cli.engine.train.fast import StepCompiler, set_activation_checkpointing
-from pcavmae_cli.engine.train.memory import MemoryCheck, StepEstimate, estimate_step, gigabytes, peak_bytes
+from pcavmae_cli.engine.train.memory import MemoryCheck, StepEstimate, estimate_loop_step, gigabytes, peak_bytes
 from pcavmae_cli.engine.train.log_lines import RunClock, significant, tell
 from pcavmae_cli.engine.train.experiment_logs import ExperimentLogs
 from pcavmae_cli.engine.train.metrics import Meter, MetricsLog, format_losses, loss_fields, read_metrics
@@ -575,11 +575,9 @@ class Trainer:
             batch = synthetic_batch(self.cfg, clips, self.rt.device)
             return batch_losses(self.model, batch, stage.loss, None, self.rt)[0]
 
-        largest = min(self.cfg.data.loader.batch_size, len(self.dataset))  # a micro-batch, this rank's share
-        clips = -(-largest // self.rt.world_size)
         threads = 1 if self.replicas is None else self.replicas.n
-        return estimate_step(self.model, forward, clips, self.rt.device, threads=threads,
-                             bf16=self.rt.dtype is not None, optimizer=self.optimizer)  # fmt: skip
+        return estimate_loop_step(self.model, forward, self.cfg.data.loader.batch_size, len(self.dataset), self.rt,
+                                  threads, self.optimizer)  # fmt: skip
 
     def _optimizer_step(self, trainable: list[torch.nn.Parameter]) -> float:
         """Clip, step AdamW at the scheduled rate, clear gradients, move the momentum encoder."""
