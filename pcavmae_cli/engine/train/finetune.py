@@ -532,18 +532,15 @@ class FineTuner:
             raise self._diverged(flushed.batches[0].step, "the weights are not finite (another process's loss diverged)")
 
     def _estimate_step(self) -> StepEstimate | None:
-        """What a step of this process's micro-batch will hold (``memory.estimate_step``), from
-        dry forward passes of the classifier on synthetic clips."""
-        from pcavmae_cli.engine.bench.step import synthetic_batch
+        """What a step of this process's micro-batch will hold (``memory.estimate_loop_step``):
+        dry passes of the classifier."""
 
-        def forward(clips: int) -> torch.Tensor:
-            batch = synthetic_batch(self.cfg, clips, self.rt.device)
+        def forward(batch: dict[str, torch.Tensor]) -> torch.Tensor:
             with self.rt.autocast():
                 return self.model(batch["fbank"], batch["frames"])
 
-        threads = 1 if self.replicas is None else self.replicas.n
-        return estimate_loop_step(self.model, forward, self.cfg.data.loader.batch_size, len(self.dataset), self.rt,
-                                  threads, self.optimizer)  # fmt: skip
+        return estimate_loop_step(self.model, forward, self.cfg, len(self.dataset), self.rt, self.replicas,
+                                  self.optimizer)  # fmt: skip
 
     def _optimizer_step(self) -> float:
         if self.replicas is not None:

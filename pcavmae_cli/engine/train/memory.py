@@ -39,11 +39,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pcavmae_cli.engine.bench.step import synthetic_batch
 from pcavmae_cli.engine.model.cpu_attention import kept_weights
+from pcavmae_cli.engine.schema import Recipe
+from pcavmae_cli.engine.train.replicas import Replicas
 from pcavmae_cli.engine.train.runtime import Runtime
 from pcavmae_cli.engine.train.threads import cgroup_folders
 
 HEADROOM = 0.85  # past this share of the limit, the estimate or the first step's peak warns
+WAY_OUT = ("a smaller data.loader.batch_size (the contrastive batch too) or train.activation_checkpointing=true "
+           "lowers it")  # the warnings' last words
 PROC = Path("/proc")
 CGROUP = Path("/sys/fs/cgroup")
 
@@ -114,9 +119,7 @@ def headroom_warning(peak: int | None, limit: int | None, device: torch.device) 
     where = "the GPU's" if device.type == "cuda" else "what this process may use"
     ending = ("" if device.type == "cuda" else
               "; a CPU process that goes over is killed without a message")  # fmt: skip
-    return (f"memory: the first step peaked at {peak / 1e9:.1f} GB of {where} {limit / 1e9:.1f} GB{ending}; "
-            "a smaller data.loader.batch_size (the contrastive batch too) or train.activation_checkpointing=true "
-            "lowers it")  # fmt: skip
+    return f"memory: the first step peaked at {peak / 1e9:.1f} GB of {where} {limit / 1e9:.1f} GB{ending}; {WAY_OUT}"
 
 
 def kept_bytes(forward: Callable[[], object]) -> int:
@@ -175,14 +178,18 @@ def estimate_step(
 
 
 def estimate_loop_step(
-    model: nn.Module, forward_of: Callable[[int], object], batch_size: int, clips_in_data: int, rt: Runtime,
-    threads: int, optimizer: torch.optim.Optimizer,
+    model: nn.Module, forward: Callable[[dict[str, torch.Tensor]], object], cfg: Recipe, clips_in_data: int,
+    rt: Runtime, replicas: Replicas | None, optimizer: torch.optim.Optimizer,
 ) -> StepEstimate | None:  # fmt: skip
-    """``estimate_step`` for a training loop: its largest micro-batch (``data.loader.batch_size``,
-    at most the clips there are), this rank's share of it, on ``threads`` threads."""
-    clips = -(-min(batch_size, clips_in_data) // rt.world_size)
-    return estimate_step(model, forward_of, clips, rt.device, threads=threads, bf16=rt.dtype is not None,
-                         optimizer=optimizer)  # fmt: skip
+    """``estimate_step`` for a training loop whose ``forward(batch)`` runs the model (and its
+    losses) on a batch: on synthetic batches of ``cfg``'s inputs (``bench.step.synthetic_batch``)
+    for its largest micro-batch (``data.loader.batch_size``, at most the clips there are), this
+    rank's share of it, on the threads of ``replicas``."""
+    clips = -(-min(cfg.data.loader.batch_size, clips_in_data) // rt.world_size)
+    return estimate_step(
+        model, lambda n: forward(synthetic_batch(cfg, n, rt.device)), clips, rt.device,
+        threads=1 if replicas is None else replicas.n, bf16=rt.dtype is not None, optimizer=optimizer,
+    )  # fmt: skip
 
 
 def estimate_warning(estimate: StepEstimate | None, limit: int | None, device: torch.device) -> str | None:
@@ -195,8 +202,7 @@ def estimate_warning(estimate: StepEstimate | None, limit: int | None, device: t
             "past it the kernel kills a CPU process without a message")  # fmt: skip
     return (f"memory: a step of {estimate.micro_batch} clips (data.loader.batch_size) needs about "
             f"{estimate.total / 1e9:.1f} GB by a dry run of 1 and 2 clips, {100 * estimate.total / limit:.0f} % of "
-            f"{where} {limit / 1e9:.1f} GB; {fate}; a smaller data.loader.batch_size (the contrastive batch too) "
-            "or train.activation_checkpointing=true lowers it")  # fmt: skip
+            f"{where} {limit / 1e9:.1f} GB; {fate}; {WAY_OUT}")  # fmt: skip
 
 
 class MemoryCheck:

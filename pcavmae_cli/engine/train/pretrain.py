@@ -567,17 +567,12 @@ class Trainer:
             raise KeyboardInterrupt(stop.reason or "another process stopped")
 
     def _estimate_step(self, stage: StageConfig) -> StepEstimate | None:
-        """What a step of this process's micro-batch will hold (``memory.estimate_step``), from
-        dry forward passes of synthetic clips through this stage's losses (no prototypes)."""
-        from pcavmae_cli.engine.bench.step import synthetic_batch
-
-        def forward(clips: int) -> torch.Tensor:
-            batch = synthetic_batch(self.cfg, clips, self.rt.device)
-            return batch_losses(self.model, batch, stage.loss, None, self.rt)[0]
-
-        threads = 1 if self.replicas is None else self.replicas.n
-        return estimate_loop_step(self.model, forward, self.cfg.data.loader.batch_size, len(self.dataset), self.rt,
-                                  threads, self.optimizer)  # fmt: skip
+        """What a step of this process's micro-batch will hold (``memory.estimate_loop_step``):
+        dry passes through this stage's losses (no prototypes)."""
+        return estimate_loop_step(
+            self.model, lambda batch: batch_losses(self.model, batch, stage.loss, None, self.rt)[0], self.cfg,
+            len(self.dataset), self.rt, self.replicas, self.optimizer,
+        )  # fmt: skip
 
     def _optimizer_step(self, trainable: list[torch.nn.Parameter]) -> float:
         """Clip, step AdamW at the scheduled rate, clear gradients, move the momentum encoder."""
